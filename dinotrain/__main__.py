@@ -1,0 +1,7 @@
+"""`python -m dinotrain ...` (what `torchrun -m dinotrain train ...` runs)."""
+
+import sys
+
+from dinotrain.cli import main
+
+sys.exit(main())

@@ -1,0 +1,202 @@
+"""The `dinotrain` command: train, eval, convert, embed, tiny-dataset.
+
+Errors a user can fix (bad config, missing file, wrong weights) print one clear line and exit 2;
+`--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from dinotrain.config import ConfigError
+    from dinotrain.distributed.checkpoint import CheckpointError
+    from dinotrain.models.state_dict import WeightsError
+    from dinotrain.train.loop import TrainingDiverged
+
+    return ConfigError, WeightsError, CheckpointError, TrainingDiverged, FileNotFoundError, ValueError
+
+
+# ---- train ------------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from dinotrain.config import load_config
+    from dinotrain.distributed.env import destroy_distributed
+    from dinotrain.train.loop import Trainer
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    cfg = load_config(args.config, overrides)
+    try:
+        Trainer(cfg, cfg.train.output_dir, resume=not args.no_resume).run()
+    finally:
+        destroy_distributed()
+    return 0
+
+
+# ---- eval -------------------------------------------------------------------------------------------
+def _backbone_from_args(weights: str | None, model: str | None, seed: int = 0):
+    import torch
+
+    from dinotrain.export.convert import load_backbone
+    from dinotrain.models.presets import build_preset
+
+    if weights:
+        path = Path(weights)
+        if path.is_dir() and (path / "teacher_backbone.pth").is_file():
+            path = path / "teacher_backbone.pth"  # a run directory
+        return load_backbone(path)
+    if not model:
+        raise ValueError("give --weights PATH (a .pth, .safetensors, HF directory or run directory) or --model NAME")
+    torch.manual_seed(seed)
+    return build_preset(model)
+
+
+def cmd_eval_knn(args: argparse.Namespace) -> int:
+    import torch
+
+    from dinotrain.eval.features import extract_features
+    from dinotrain.eval.knn import knn_accuracy
+    from dinotrain.models.vision_transformer import vit_from_spec
+
+    train_root, val_root = args.train, args.val
+    if args.tiny:
+        from dinotrain.data.tiny import ensure_tiny_dataset
+
+        root = ensure_tiny_dataset()
+        train_root, val_root = str(root / "train"), str(root / "val")
+    if not train_root or not val_root:
+        raise ValueError("give --train DIR and --val DIR (labelled ImageFolders), or --tiny for the built-in dataset")
+    torch.set_num_threads(args.threads) if args.threads else None
+    model = _backbone_from_args(args.weights, args.model)
+    size = args.image_size or model.spec.img_size
+    candidates = {"model": model}
+    if args.baseline_random:
+        torch.manual_seed(args.seed)
+        candidates["random_init"] = vit_from_spec(model.spec)
+    results = {}
+    for name, net in candidates.items():
+        tr_f, tr_y = extract_features(net, train_root, size, args.batch_size)
+        va_f, va_y = extract_features(net, val_root, size, args.batch_size)
+        results[name] = knn_accuracy(tr_f, tr_y, va_f, va_y, ks=args.k, temperature=args.temperature)
+    for name, accs in results.items():
+        print(f"k-NN top-1 ({name}): " + "  ".join(f"k={k}: {acc:.2f}%" for k, acc in accs.items()))
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({n: {str(k): v for k, v in a.items()} for n, a in results.items()}, indent=1))
+        print(f"written to {out}")
+    return 0
+
+
+# ---- convert / embed / tiny-dataset -------------------------------------------------------------------
+def cmd_convert(args: argparse.Namespace) -> int:
+    from dinotrain.export.convert import convert
+
+    out = convert(args.src, args.dst, args.to)
+    print(f"converted {args.src} -> {out} ({args.to})")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import torch
+
+    from dinotrain.data.augmentations import make_eval_transform
+    from dinotrain.data.datasets import load_rgb
+
+    model = _backbone_from_args(args.weights, args.model).eval()
+    transform = make_eval_transform(resize_size=args.image_size, crop_size=args.image_size)
+    rows = []
+    with torch.inference_mode():
+        for image in args.images:
+            x = transform(load_rgb(Path(image))).unsqueeze(0)
+            feats = model(x)[0]
+            rows.append({"image": image, "image_features": feats.tolist()})
+            print(f"{image}: {feats.numel()}-dim embedding, norm {feats.norm():.3f}, first values "
+                  + " ".join(f"{v:.4f}" for v in feats[:4].tolist()))
+    if args.output:
+        Path(args.output).write_text(json.dumps(rows))
+        print(f"written to {args.output}")
+    return 0
+
+
+def cmd_tiny_dataset(args: argparse.Namespace) -> int:
+    from dinotrain.data.tiny import ensure_tiny_dataset
+
+    print(ensure_tiny_dataset(args.root))
+    return 0
+
+
+# ---- parser -----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dinotrain", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="self-supervised pretraining (DINO + iBOT + KoLeo)")
+    t.add_argument("--config", help="a YAML file or a shipped config name such as smoke/cpu_tiny")
+    t.add_argument("--output-dir", help="run directory (checkpoints, metrics.jsonl, log.txt)")
+    t.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in the run directory")
+    t.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.base_lr=1e-3")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a backbone")
+    esub = e.add_subparsers(dest="eval_command", required=True)
+    k = esub.add_parser("knn", help="weighted k-NN accuracy of CLS features (T=0.07)")
+    k.add_argument("--weights", help="backbone weights: .pth, .safetensors, HF directory, or a run directory")
+    k.add_argument("--model", help="a named backbone (random init) when no --weights, e.g. dinov2_vits14")
+    k.add_argument("--train", help="labelled ImageFolder of training images")
+    k.add_argument("--val", help="labelled ImageFolder of validation images")
+    k.add_argument("--tiny", action="store_true", help="use the built-in tiny dataset's train/val split")
+    k.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200])
+    k.add_argument("--temperature", type=float, default=0.07)
+    k.add_argument("--image-size", type=int, help="resize/crop side (default: the model's img_size)")
+    k.add_argument("--batch-size", type=int, default=64)
+    k.add_argument("--baseline-random", action="store_true", help="also evaluate the same architecture at random init")
+    k.add_argument("--seed", type=int, default=0, help="seed of the random-init baseline")
+    k.add_argument("--threads", type=int, help="torch CPU threads")
+    k.add_argument("--output", help="write the accuracies as JSON here")
+    k.set_defaults(func=cmd_eval_knn)
+
+    c = sub.add_parser("convert", help="convert backbone weights between hub .pth, Hugging Face and safetensors")
+    c.add_argument("src", help="a hub .pth, a .safetensors file, or a Hugging Face model directory")
+    c.add_argument("dst", help="output file (hub, safetensors) or directory (hf)")
+    c.add_argument("--to", required=True, choices=["hub", "hf", "safetensors"])
+    c.set_defaults(func=cmd_convert)
+
+    m = sub.add_parser("embed", help="embed images with a backbone (CLS token after the final norm)")
+    m.add_argument("images", nargs="+", help="image files")
+    m.add_argument("--weights", help="backbone weights (any supported format) or a run directory")
+    m.add_argument("--model", default=None, help="named backbone at random init when no --weights")
+    m.add_argument("--image-size", type=int, default=224)
+    m.add_argument("--output", help="write [{image, image_features}] as JSON here")
+    m.set_defaults(func=cmd_embed)
+
+    d = sub.add_parser("tiny-dataset", help="write the built-in tiny dataset (train/val ImageFolders) and print its path")
+    d.add_argument("--root", help="where to write it (default $DINOTRAIN_DATA or ~/.cache/dinotrain/tiny)")
+    d.set_defaults(func=cmd_tiny_dataset)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        if args.debug:
+            raise
+        print(f"dinotrain {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Configuration: `configs/default.yaml` + a YAML file + `key=value` overrides, validated up front.
+
+A typo in a key or a value of the wrong type fails at start-up with a message naming the key,
+instead of surfacing as a traceback deep inside training hours later.
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+_REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration the user wrote that cannot be used; the message says which key and why."""
+
+
+def configs_dir() -> Path:
+    """Directory of the shipped configs (installed package data, or the repo's `configs/`)."""
+    try:
+        packaged = Path(str(resources.files("dinotrain.configs")))
+        if (packaged / "default.yaml").is_file():
+            return packaged
+    except ModuleNotFoundError:
+        pass
+    return _REPO_CONFIGS
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A config file path, or the name of a shipped config such as `smoke/cpu_tiny`."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = configs_dir() / (str(name) if str(name).endswith(".yaml") else f"{name}.yaml")
+    if shipped.is_file():
+        return shipped
+    available = sorted(str(p.relative_to(configs_dir()).with_suffix("")) for p in configs_dir().rglob("*.yaml"))
+    raise ConfigError(f"config file not found: {name} (shipped configs: {', '.join(available)})")
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        cfg = OmegaConf.load(path)
+    except (OmegaConfBaseException, Exception) as exc:  # yaml.YAMLError and friends
+        raise ConfigError(f"cannot parse config file {path}: {exc}") from exc
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not a {type(cfg).__name__}")
+    return cfg
+
+
+def _leaves(tree: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a plain nested dict."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    else:
+        yield prefix[:-1], tree
+
+
+def _check_known_keys(defaults: DictConfig, user: DictConfig, source: str, prefix: str = "") -> None:
+    for key in user.keys():
+        full = f"{prefix}{key}"
+        if key not in defaults:
+            close = difflib.get_close_matches(str(key), [str(k) for k in defaults.keys()], n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            raise ConfigError(f"unknown config key '{full}' (from {source}){hint} — see configs/default.yaml for all keys")
+        default_node = defaults._get_node(key)
+        user_node = user._get_node(key)
+        if isinstance(default_node, DictConfig):
+            if not isinstance(user_node, DictConfig):
+                raise ConfigError(f"config key '{full}' (from {source}) is a section; give its sub-keys, e.g. {full}.<key>=...")
+            _check_known_keys(default_node, user_node, source, full + ".")
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_type(key: str, default: Any, value: Any) -> None:
+    """The merged value must have the default's type (ints are fine where floats are expected)."""
+    if default is None or value is None:
+        return
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, list):
+        ok = isinstance(value, list) and len(value) == len(default) if default else isinstance(value, list)
+        if ok:
+            for i, (d, v) in enumerate(zip(default, value)):
+                _check_type(f"{key}[{i}]", d, v)
+            return
+    else:
+        ok = True
+    if not ok:
+        expected = f"a list of {len(default)}" if isinstance(default, list) else type(default).__name__
+        raise ConfigError(f"config key '{key}' expects {expected}, got {value!r} ({_type_name(value)})")
+
+
+_CHOICES = {
+    "train.centering": ("centering", "sinkhorn_knopp"),
+    "student.arch": ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2"),
+    "student.ffn_layer": ("mlp", "swiglufused", "swiglu"),
+    "student.attn_impl": ("sdpa", "xformers"),
+    "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_1024", "none"),
+    "compute_precision.dtype": ("auto", "bf16", "fp16", "fp32"),
+}
+_POSITIVE_INTS = ("train.batch_size_per_gpu", "train.OFFICIAL_EPOCH_LENGTH", "train.grad_accum_steps",
+                  "train.log_every", "student.patch_size", "crops.global_crops_size", "crops.local_crops_size",
+                  "dino.head_n_prototypes", "ibot.head_n_prototypes", "checkpoint.keep_last")
+
+
+def _check_values(cfg: DictConfig) -> None:
+    """Semantic checks that a type check cannot express."""
+    def get(key: str) -> Any:
+        return OmegaConf.select(cfg, key)
+
+    for key, choices in _CHOICES.items():
+        if get(key) not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}; got {get(key)!r}")
+    for key in _POSITIVE_INTS:
+        if get(key) <= 0:
+            raise ConfigError(f"config key '{key}' must be positive; got {get(key)}")
+    for key in ("train.num_workers", "crops.local_crops_number", "student.num_register_tokens", "train.nan_tolerance"):
+        if get(key) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0; got {get(key)}")
+    for key in ("crops.global_crops_scale", "crops.local_crops_scale", "ibot.mask_ratio_min_max"):
+        lo, hi = get(key)
+        if not 0 <= lo <= hi <= 1:
+            raise ConfigError(f"config key '{key}' must be [min, max] with 0 <= min <= max <= 1; got {[lo, hi]}")
+    if not 0 <= get("ibot.mask_sample_probability") <= 1:
+        raise ConfigError("config key 'ibot.mask_sample_probability' must be within [0, 1]")
+    patch = get("student.patch_size")
+    for key in ("crops.global_crops_size", "crops.local_crops_size"):
+        if get(key) % patch:
+            raise ConfigError(f"config key '{key}' = {get(key)} must be a multiple of student.patch_size = {patch}")
+    if get("crops.blur_kernel_size") % 2 == 0 or get("crops.blur_kernel_size") < 1:
+        raise ConfigError(f"config key 'crops.blur_kernel_size' must be a positive odd number; got {get('crops.blur_kernel_size')}")
+    for key in ("train.max_iterations", "checkpoint.period_iterations"):
+        if get(key) is not None and get(key) <= 0:
+            raise ConfigError(f"config key '{key}' must be positive or null; got {get(key)}")
+
+
+def load_config(config_file: str | Path | None = None, overrides: Iterable[str] = ()) -> DictConfig:
+    """Defaults, then the file, then `key=value` overrides; validated; read-only afterwards."""
+    defaults = _load_yaml(configs_dir() / "default.yaml")
+    layers = [defaults]
+    if config_file is not None:
+        path = resolve_config_path(config_file)
+        user = _load_yaml(path)
+        _check_known_keys(defaults, user, str(path))
+        layers.append(user)
+    overrides = list(overrides)
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key=value; got {bad}")
+        try:
+            cli = OmegaConf.from_dotlist(overrides)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from exc
+        _check_known_keys(defaults, cli, "command line")
+        layers.append(cli)
+    cfg = OmegaConf.merge(*layers)
+    default_leaves = dict(_leaves(OmegaConf.to_container(defaults)))
+    for key, value in _leaves(OmegaConf.to_container(cfg)):
+        _check_type(key, default_leaves[key], value)
+    _check_values(cfg)
+    return cfg
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    """Write the resolved config (what the run really used) as YAML."""
+    Path(path).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,172 @@
+"""Building blocks of the ViT backbones, with the official DINOv2 parameter names.
+
+Names matter here: `patch_embed.proj`, `attn.qkv`, `attn.proj`, `ls1.gamma`, `mlp.fc1|fc2` and
+`mlp.w12|w3` are what official checkpoints hold, so they load into these modules unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+class PatchEmbed(nn.Module):
+    """Image (B, C, H, W) -> patch tokens (B, N, D) with one strided convolution.
+
+    Sizes that are not a multiple of the patch size are cropped down to one (bottom/right rows and
+    columns dropped), as the DINOv2 model card specifies; a strided convolution does exactly that.
+    """
+
+    def __init__(self, patch_size: int = 14, in_chans: int = 3, embed_dim: int = 768):
+        super().__init__()
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"expected an image batch of shape (B, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"expected images with {self.in_chans} channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
+                "convert grayscale/RGBA images to RGB first"
+            )
+        h, w = x.shape[-2:]
+        if h < self.patch_size or w < self.patch_size:
+            raise ValueError(f"image size {h}x{w} is smaller than the patch size {self.patch_size}")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through `F.scaled_dot_product_attention` (or xformers when asked)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True, attn_impl: str = "sdpa"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.attn_impl = attn_impl
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        if self.attn_impl == "xformers" and x.is_cuda:
+            from xformers.ops import memory_efficient_attention  # optional extra, imported only when used
+
+            q, k, v = qkv.unbind(2)  # (B, N, H, hd), xformers' layout
+            out = memory_efficient_attention(q, k, v)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd)
+            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        return self.proj(out.reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    """The plain two-layer GELU feed-forward of ViT-S/B/L."""
+
+    def __init__(self, in_features: int, hidden_features: int, bias: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def swiglu_hidden_features(hidden_features: int) -> int:
+    """Official ViT-g sizing: two thirds of the MLP width rounded up to a multiple of 8 (6144 -> 4096)."""
+    return (int(hidden_features * 2 / 3) + 7) // 8 * 8
+
+
+class SwiGLUFFN(nn.Module):
+    """SwiGLU feed-forward of ViT-g: `w3(silu(a) * b)` where `w12(x)` = [a, b] (gate first, as official)."""
+
+    def __init__(self, in_features: int, hidden_features: int, bias: bool = True):
+        super().__init__()
+        hidden = swiglu_hidden_features(hidden_features)
+        self.w12 = nn.Linear(in_features, 2 * hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, in_features, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * value)
+
+
+FFN_LAYERS: dict[str, Callable[..., nn.Module]] = {"mlp": Mlp, "swiglufused": SwiGLUFFN, "swiglu": SwiGLUFFN}
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual scaling (CaiT), parameter `gamma` as in official checkpoints."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a residual branch for whole samples, rescaling the kept ones."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. Accepts a tensor or a list of tensors (multi-crop: one per crop size),
+    so a sharded block is gathered once for all crop sizes."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        ffn_bias: bool = True,
+        drop_path: float = 0.0,
+        init_values: float | None = None,
+        ffn_layer: str = "mlp",
+        attn_impl: str = "sdpa",
+    ):
+        super().__init__()
+        if ffn_layer not in FFN_LAYERS:
+            raise ValueError(f"unknown ffn_layer {ffn_layer!r}; choose one of {sorted(FFN_LAYERS)}")
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, attn_impl=attn_impl)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = FFN_LAYERS[ffn_layer](dim, int(dim * mlp_ratio), bias=ffn_bias)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path = DropPath(drop_path)
+        self.checkpointing = False  # recompute activations in backward (set by the FSDP wrapper)
+
+    def _forward_one(self, x: Tensor) -> Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._residual_branches, x, use_reentrant=False)
+        return self._residual_branches(x)
+
+    def _residual_branches(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+    def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
+        if isinstance(x, (list, tuple)):
+            return [self._forward_one(xi) for xi in x]
+        return self._forward_one(x)

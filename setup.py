@@ -1,0 +1,36 @@
+"""Package metadata for dinotrain."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dinotrain",
+    version="0.1.0",
+    description="DINOv2-style self-supervised pretraining and distillation of Vision Transformers, CPU to SLURM",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dinotrain", "dinotrain.*"]) + ["dinotrain.configs"],
+    package_dir={"dinotrain.configs": "configs"},
+    package_data={"dinotrain.configs": ["*.yaml", "*/*.yaml"]},
+    py_modules=["hubconf"],
+    install_requires=[
+        "torch>=2.6",
+        "torchvision",
+        "omegaconf>=2.3",
+        "submitit>=1.5",
+        "fvcore",
+        "safetensors",
+        "numpy",
+        "pillow",
+        "scikit-learn",  # ships the digits that the built-in tiny dataset is rendered from
+    ],
+    extras_require={
+        "test": ["pytest>=8", "transformers>=4.47"],
+        "serve": [],
+        "xformers": ["xformers"],
+    },
+    entry_points={"console_scripts": ["dinotrain=dinotrain.cli:main"]},
+)
