@@ -1,0 +1,173 @@
+"""DINO loss on the [CLS] prototypes: cross-entropy between centred teacher probabilities and
+the student's temperature-softmax, summed over student/teacher view pairs (DINOv2 semantics)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dinotrain.losses.centering import ema_center_update, sinkhorn_knopp, softmax_center
+
+__all__ = ["DINOLoss", "dino_crossview_losses"]
+
+
+def _check_hparams(student_temp: float, center_momentum: float) -> None:
+    if not float(student_temp) > 0:
+        raise ValueError(f"student_temp must be > 0, got {student_temp}")
+    if not 0.0 <= float(center_momentum) <= 1.0:
+        raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
+
+
+def _log_softmax(student: Tensor, student_temp: float) -> Tensor:
+    # bf16/fp16 logits are upcast: a sum over K prototypes loses too much in half precision.
+    if student.dtype in (torch.float16, torch.bfloat16):
+        student = student.float()
+    return F.log_softmax(student / student_temp, dim=-1)
+
+
+def _dino_sum(students: Sequence[Tensor], teachers: Sequence[Tensor], student_temp: float) -> Tensor:
+    """Sum over every (student, teacher) pair of the batch-mean cross-entropy."""
+    total = None
+    for s in students:
+        lsm = _log_softmax(s, student_temp)
+        for t in teachers:
+            if t.shape != s.shape:
+                raise ValueError(
+                    f"student and teacher outputs must have the same shape, got {tuple(s.shape)} and {tuple(t.shape)}"
+                )
+            term = -(t.to(lsm.dtype) * lsm).sum(dim=-1).mean()
+            total = term if total is None else total + term
+    if total is None:  # no pairs: a zero on the inputs' device
+        ref = [*students, *teachers]
+        return torch.zeros((), device=ref[0].device if ref else None)
+    return total
+
+
+def dino_crossview_losses(
+    student_global: Tensor,
+    student_local: Tensor | None,
+    teacher_probs: Tensor,
+    n_global: int = 2,
+    *,
+    student_temp: float = 0.1,
+) -> tuple[Tensor, Tensor]:
+    """The official meta-arch DINO terms: returns `(global_loss, local_loss)`, both normalised.
+
+    Layouts are view-major: `student_global` and `teacher_probs` are (n_global*B, K), all images'
+    view 0, then view 1, ...; `student_local` is (n_local*B, K) or None/empty.
+
+    Pairing: a global student view i is compared with every teacher view j != i (never with its own
+    view, which would be trivial to match); local crops are compared with every teacher global view.
+    Both losses are divided by the same number of terms, as in the official code:
+    `n_global_terms = (n_global-1)*n_global`, `n_local_terms = max(n_local*n_global, 1)`. The
+    `max(..., 1)` means that with no local crops the denominator is n_global_terms + 1 (3 for two
+    global views), not n_global_terms; we keep that convention so loss values match DINOv2.
+    """
+    if int(n_global) != n_global or n_global < 1:
+        raise ValueError(f"n_global must be a positive integer, got {n_global}")
+    if not float(student_temp) > 0:
+        raise ValueError(f"student_temp must be > 0, got {student_temp}")
+    if student_global.ndim != 2 or teacher_probs.shape != student_global.shape:
+        raise ValueError(
+            "student_global and teacher_probs must both be (n_global*B, K) with the same shape, got "
+            f"{tuple(student_global.shape)} and {tuple(teacher_probs.shape)}"
+        )
+    if student_global.shape[0] % n_global:
+        raise ValueError(f"{student_global.shape[0]} global rows are not divisible by n_global={n_global}")
+    b = student_global.shape[0] // n_global
+    if b == 0:
+        raise ValueError("the global views hold no samples")
+    n_local = 0
+    if student_local is not None and student_local.numel() > 0:
+        if student_local.ndim != 2 or student_local.shape[1] != student_global.shape[1]:
+            raise ValueError(
+                f"student_local must be (n_local*B, K) with K={student_global.shape[1]}, "
+                f"got {tuple(student_local.shape)}"
+            )
+        if student_local.shape[0] % b:
+            raise ValueError(f"{student_local.shape[0]} local rows are not a multiple of the batch size B={b}")
+        n_local = student_local.shape[0] // b
+
+    n_global_terms = (n_global - 1) * n_global
+    n_local_terms = max(n_local * n_global, 1)
+    denom = n_global_terms + n_local_terms
+
+    s_views = student_global.chunk(n_global)
+    t_views = teacher_probs.chunk(n_global)
+    global_loss = student_global.new_zeros((), dtype=torch.promote_types(student_global.dtype, torch.float32))
+    for i in range(n_global):  # the "swap": student view i against every other teacher view
+        others = [t_views[j] for j in range(n_global) if j != i]
+        if others:
+            global_loss = global_loss + _dino_sum([s_views[i]], others, student_temp)
+    global_loss = global_loss / denom
+
+    if n_local:
+        local_loss = _dino_sum(student_local.chunk(n_local), t_views, student_temp) / denom
+    else:
+        local_loss = global_loss.new_zeros(())
+    return global_loss, local_loss
+
+
+class DINOLoss(nn.Module):
+    """DINO [CLS] loss with its teacher-centering state (the `center` buffer is checkpointed).
+
+    Per step, as in the official training loop: `probs = softmax_center_teacher(t, temp)` (or
+    `sinkhorn_knopp_teacher`), then `update_center(t)` with the same teacher logits, then the loss.
+    The centre update is synchronous here (the official code overlaps its all-reduce with compute
+    and applies it lazily at the next `softmax_center_teacher`; the values are the same).
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+        super().__init__()
+        if int(out_dim) != out_dim or out_dim < 1:
+            raise ValueError(f"out_dim must be a positive integer, got {out_dim}")
+        _check_hparams(student_temp, center_momentum)
+        self.out_dim = int(out_dim)
+        self.student_temp = float(student_temp)
+        self.center_momentum = float(center_momentum)
+        self.register_buffer("center", torch.zeros(1, self.out_dim))
+
+    @torch.no_grad()
+    def softmax_center_teacher(self, teacher_output: Tensor, teacher_temp: float) -> Tensor:
+        """Teacher probabilities with the current centre subtracted (the centre is not updated)."""
+        return softmax_center(teacher_output, self.center, teacher_temp)
+
+    @torch.no_grad()
+    def sinkhorn_knopp_teacher(self, teacher_output: Tensor, teacher_temp: float, n_iterations: int = 3) -> Tensor:
+        """Teacher probabilities balanced over prototypes across the global batch (float32)."""
+        return sinkhorn_knopp(teacher_output, teacher_temp, n_iterations=n_iterations)
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: Tensor) -> None:
+        """EMA of the teacher logits' global-batch mean into `center` (all ranks end up equal)."""
+        ema_center_update(self.center, teacher_output, self.center_momentum)
+
+    def forward(
+        self, student_output_list: Sequence[Tensor], teacher_out_softmaxed_centered_list: Sequence[Tensor]
+    ) -> Tensor:
+        """Sum over every (student, teacher) pair of the batch-mean cross-entropy, NOT averaged.
+
+        `total = -sum_s sum_t mean_b sum_k t * log_softmax(s / student_temp)`. The caller pairs the
+        views and normalises, as the official meta-arch does: for the two global views it passes
+        the teacher views in reversed order ([t_B, t_A] flattened against [s_A, s_B] flattened), so
+        student view A meets teacher view B and never itself, multiplies by 2 (the row-mean halves
+        the two pairs) and divides by the number of pairs, `(n_global-1)*n_global +
+        max(n_local*n_global, 1)`. `dino_crossview_losses` does all of that.
+        """
+        if isinstance(student_output_list, Tensor) or isinstance(teacher_out_softmaxed_centered_list, Tensor):
+            raise ValueError("DINOLoss expects lists of tensors (wrap a single tensor as [tensor])")
+        return _dino_sum(student_output_list, teacher_out_softmaxed_centered_list, self.student_temp)
+
+    def dino_crossview_losses(
+        self, student_global: Tensor, student_local: Tensor | None, teacher_probs: Tensor, n_global: int = 2
+    ) -> tuple[Tensor, Tensor]:
+        """`dino_crossview_losses` with this loss's student temperature."""
+        return dino_crossview_losses(
+            student_global, student_local, teacher_probs, n_global, student_temp=self.student_temp
+        )
+
+    def extra_repr(self) -> str:
+        return f"out_dim={self.out_dim}, student_temp={self.student_temp}, center_momentum={self.center_momentum}"
