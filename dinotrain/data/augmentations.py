@@ -1,0 +1,169 @@
+"""DINOv2 multi-crop augmentation, and the plain transform used for evaluation.
+
+The recipe follows the official DINOv2 one: two global crops with different blur/solarize
+settings (so the two teacher views are asymmetric) plus N small local crops seen only by the
+student. The only addition is a blur kernel that can shrink for tiny images, where the official
+fixed 9x9 kernel would be larger than the crop.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from torchvision import transforms
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_BLUR_KERNEL = 9
+_BICUBIC = transforms.InterpolationMode.BICUBIC
+
+
+def _check_scale(name: str, scale) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair (min, max) of numbers, got {scale!r}") from None
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"{name} must satisfy 0 < min <= max <= 1, got {scale!r}")
+    return low, high
+
+
+def _check_positive_int(name: str, value, allow_zero: bool = False) -> int:
+    lowest = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a {kind} integer, got {value!r}")
+    return value
+
+
+def _check_mean_std(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple, tuple]:
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need one value per RGB channel, got mean={mean!r} std={std!r}")
+    if any(s <= 0 for s in std):
+        raise ValueError(f"std values must be positive, got {std!r}")
+    return mean, std
+
+
+def blur_kernel_for(crop_size: int, kernel_size: Optional[int] = None) -> int:
+    """Blur kernel for a crop: `kernel_size` (default 9), clipped to the largest odd size <= crop."""
+    kernel = DEFAULT_BLUR_KERNEL if kernel_size is None else kernel_size
+    largest_odd = crop_size if crop_size % 2 == 1 else crop_size - 1
+    return max(1, min(kernel, largest_odd))
+
+
+def random_gaussian_blur(p: float, crop_size: int, kernel_size: Optional[int] = None) -> transforms.RandomApply:
+    """Gaussian blur with sigma drawn from (0.1, 2.0), applied with probability `p`."""
+    blur = transforms.GaussianBlur(kernel_size=blur_kernel_for(crop_size, kernel_size), sigma=(0.1, 2.0))
+    return transforms.RandomApply([blur], p=p)
+
+
+def _colour_distortion() -> transforms.Compose:
+    return transforms.Compose(
+        [
+            transforms.RandomApply(
+                [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8
+            ),
+            transforms.RandomGrayscale(p=0.2),
+        ]
+    )
+
+
+def _crop_and_flip(size: int, scale: tuple[float, float]) -> transforms.Compose:
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(size, scale=scale, interpolation=_BICUBIC),
+            transforms.RandomHorizontalFlip(p=0.5),
+        ]
+    )
+
+
+class DataAugmentationDINO:
+    """PIL image -> dict of normalised crop tensors for one DINOv2 training sample.
+
+    Returns ``{"global_crops": [g1, g2], "global_crops_teacher": [g1, g2],
+    "local_crops": [l1, ..., lN], "offsets": ()}``; global crops are
+    ``(3, global_crops_size, global_crops_size)``, local ones ``(3, local_crops_size, local_crops_size)``.
+    Global view 1 is always blurred; view 2 is blurred with p=0.1 and solarized with p=0.2;
+    local crops are blurred with p=0.5.
+    """
+
+    def __init__(
+        self,
+        global_crops_scale: Sequence[float],
+        local_crops_scale: Sequence[float],
+        local_crops_number: int,
+        global_crops_size: int = 224,
+        local_crops_size: int = 96,
+        blur_kernel_size: Optional[int] = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
+        self.global_crops_scale = _check_scale("global_crops_scale", global_crops_scale)
+        self.local_crops_scale = _check_scale("local_crops_scale", local_crops_scale)
+        self.local_crops_number = _check_positive_int("local_crops_number", local_crops_number, allow_zero=True)
+        self.global_crops_size = _check_positive_int("global_crops_size", global_crops_size)
+        self.local_crops_size = _check_positive_int("local_crops_size", local_crops_size)
+        if blur_kernel_size is not None:
+            _check_positive_int("blur_kernel_size", blur_kernel_size)
+            if blur_kernel_size % 2 == 0:
+                raise ValueError(f"blur_kernel_size must be odd (e.g. 9, 5 or 3), got {blur_kernel_size}")
+        self.blur_kernel_size = blur_kernel_size
+        mean, std = _check_mean_std(mean, std)
+
+        self.geometric_global = _crop_and_flip(self.global_crops_size, self.global_crops_scale)
+        self.geometric_local = _crop_and_flip(self.local_crops_size, self.local_crops_scale)
+        colour = _colour_distortion()
+        normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+        g_size = self.global_crops_size
+        self.global_transform_1 = transforms.Compose(
+            [colour, random_gaussian_blur(1.0, g_size, blur_kernel_size), normalize]
+        )
+        self.global_transform_2 = transforms.Compose(
+            [
+                colour,
+                random_gaussian_blur(0.1, g_size, blur_kernel_size),
+                transforms.RandomSolarize(threshold=128, p=0.2),
+                normalize,
+            ]
+        )
+        self.local_transform = transforms.Compose(
+            [colour, random_gaussian_blur(0.5, self.local_crops_size, blur_kernel_size), normalize]
+        )
+
+    def __call__(self, image) -> dict:
+        global_1 = self.global_transform_1(self.geometric_global(image))
+        global_2 = self.global_transform_2(self.geometric_global(image))
+        local = [self.local_transform(self.geometric_local(image)) for _ in range(self.local_crops_number)]
+        return {
+            "global_crops": [global_1, global_2],
+            "global_crops_teacher": [global_1, global_2],
+            "local_crops": local,
+            "offsets": (),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(global={self.global_crops_size}px scale={self.global_crops_scale}, "
+            f"local={self.local_crops_number}x{self.local_crops_size}px scale={self.local_crops_scale})"
+        )
+
+
+def make_eval_transform(
+    resize_size: int = 256,
+    crop_size: int = 224,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> transforms.Compose:
+    """Deterministic transform for feature extraction: bicubic resize, centre crop, normalise."""
+    _check_positive_int("resize_size", resize_size)
+    _check_positive_int("crop_size", crop_size)
+    mean, std = _check_mean_std(mean, std)
+    return transforms.Compose(
+        [
+            transforms.Resize(resize_size, interpolation=_BICUBIC),
+            transforms.CenterCrop(crop_size),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )

@@ -1,0 +1,111 @@
+"""DataAugmentationDINO and the evaluation transform."""
+
+import pickle
+
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from dinotrain.data import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO, make_eval_transform
+from dinotrain.data.augmentations import blur_kernel_for
+
+
+def _image(size=(64, 48)):
+    gradient = torch.linspace(0, 255, size[0] * size[1] * 3).reshape(size[1], size[0], 3)
+    return Image.fromarray(gradient.to(torch.uint8).numpy())
+
+
+def test_output_keys_shapes_and_counts():
+    augment = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 3, global_crops_size=32, local_crops_size=16)
+    out = augment(_image())
+    assert set(out) == {"global_crops", "global_crops_teacher", "local_crops", "offsets"}
+    assert len(out["global_crops"]) == 2 and len(out["local_crops"]) == 3 and out["offsets"] == ()
+    assert all(c.shape == (3, 32, 32) and c.dtype == torch.float32 for c in out["global_crops"])
+    assert all(c.shape == (3, 16, 16) for c in out["local_crops"])
+    assert all(a is b for a, b in zip(out["global_crops"], out["global_crops_teacher"]))
+    assert not torch.equal(out["global_crops"][0], out["global_crops"][1])
+
+
+def test_zero_local_crops_gives_empty_list():
+    out = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 0, global_crops_size=16)(_image())
+    assert out["local_crops"] == [] and len(out["global_crops"]) == 2
+
+
+def test_tiny_image_is_upsampled_to_crop_size():
+    augment = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 2, global_crops_size=32, local_crops_size=16)
+    out = augment(_image((20, 20)))
+    assert out["global_crops"][0].shape == (3, 32, 32) and out["local_crops"][1].shape == (3, 16, 16)
+
+
+def test_official_recipe_structure():
+    augment = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 8)
+    crop, flip = augment.geometric_global.transforms
+    assert isinstance(crop, transforms.RandomResizedCrop) and crop.size == (224, 224)
+    assert crop.scale == (0.32, 1.0) and crop.interpolation == transforms.InterpolationMode.BICUBIC
+    assert isinstance(flip, transforms.RandomHorizontalFlip) and flip.p == 0.5
+    assert augment.geometric_local.transforms[0].size == (96, 96)
+    colour, blur1, normalize = augment.global_transform_1.transforms
+    jitter_apply, grey = colour.transforms
+    jitter = jitter_apply.transforms[0]
+    assert jitter_apply.p == 0.8 and grey.p == 0.2
+    ranges = (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)
+    assert ranges == ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
+    assert blur1.p == 1.0 and blur1.transforms[0].kernel_size == (9, 9) and blur1.transforms[0].sigma == (0.1, 2.0)
+    _, blur2, solarize, _ = augment.global_transform_2.transforms
+    assert blur2.p == 0.1 and solarize.p == 0.2 and solarize.threshold == 128
+    assert augment.local_transform.transforms[1].p == 0.5
+    norm = normalize.transforms[1]
+    assert tuple(norm.mean) == IMAGENET_MEAN and tuple(norm.std) == IMAGENET_STD
+
+
+def test_blur_kernel_is_clipped_to_odd_size_within_crop():
+    assert blur_kernel_for(224) == 9 and blur_kernel_for(8) == 7 and blur_kernel_for(5) == 5
+    assert blur_kernel_for(32, 3) == 3 and blur_kernel_for(2) == 1
+    augment = DataAugmentationDINO((0.5, 1.0), (0.2, 0.5), 1, global_crops_size=6, local_crops_size=4)
+    assert augment.global_transform_1.transforms[1].transforms[0].kernel_size == (5, 5)
+    assert augment.local_transform.transforms[1].transforms[0].kernel_size == (3, 3)
+    augment(_image((10, 10)))  # runs with the clipped kernels
+
+
+def test_deterministic_under_torch_seed_and_picklable():
+    augment = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 2, global_crops_size=16, local_crops_size=8)
+    torch.manual_seed(3)
+    first = augment(_image())
+    torch.manual_seed(3)
+    second = pickle.loads(pickle.dumps(augment))(_image())
+    assert all(torch.equal(a, b) for a, b in zip(first["local_crops"], second["local_crops"]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"global_crops_scale": (0.0, 1.0)}, "global_crops_scale"),
+        ({"global_crops_scale": (0.6, 0.4)}, "global_crops_scale"),
+        ({"local_crops_scale": (0.05, 1.2)}, "local_crops_scale"),
+        ({"local_crops_scale": 0.3}, "local_crops_scale"),
+        ({"local_crops_scale": (0.1, 0.2, 0.3)}, "local_crops_scale"),
+        ({"local_crops_number": -1}, "local_crops_number"),
+        ({"global_crops_size": 0}, "global_crops_size"),
+        ({"local_crops_size": 9.5}, "local_crops_size"),
+        ({"blur_kernel_size": 4}, "blur_kernel_size"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
+    args = {"global_crops_scale": (0.32, 1.0), "local_crops_scale": (0.05, 0.32), "local_crops_number": 2}
+    with pytest.raises(ValueError, match=name):
+        DataAugmentationDINO(**{**args, **kwargs})
+
+
+def test_scale_accepts_lists_from_configs():
+    augment = DataAugmentationDINO([0.32, 1.0], [0.05, 0.32], 1, global_crops_size=16, local_crops_size=8)
+    assert augment.global_crops_scale == (0.32, 1.0)
+
+
+def test_eval_transform_resizes_crops_and_normalises():
+    out = make_eval_transform(40, 32)(_image((80, 50)))
+    assert out.shape == (3, 32, 32)
+    white = make_eval_transform(8, 8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))(Image.new("RGB", (9, 9), "white"))
+    assert torch.allclose(white, torch.ones_like(white), atol=1e-2)
+    with pytest.raises(ValueError, match="crop_size"):
+        make_eval_transform(32, 0)
