@@ -1,0 +1,135 @@
+"""Move backbone weights between the three formats we support, and load a backbone from any of them.
+
+- `hub`: the official torch.hub `.pth`, a `torch.save`d plain dict of official-named tensors. It has
+  no room for settings outside the weights: on load, interpolation follows `infer_spec`'s defaults.
+- `safetensors`: the same tensors in a `.safetensors` file whose metadata records the `ViTSpec` as
+  JSON (so settings that are not in the weights, like position-embedding interpolation, survive).
+- `hf`: a `transformers` directory (`config.json` + `model.safetensors`), see `dinotrain.export.hf`.
+
+The architecture is always inferred from the weights, so no separate config has to travel along.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from dinotrain.export.hf import (
+    from_hf_tensors,
+    is_hf_dir,
+    load_hf,
+    read_hf_config,
+    read_safetensors,
+    save_hf,
+    spec_from_metadata,
+    spec_to_metadata,
+)
+from dinotrain.models.state_dict import WeightsError, check_compatible, infer_spec, read_state_dict, strip_to_backbone
+from dinotrain.models.vision_transformer import DinoVisionTransformer, ViTSpec, vit_from_spec
+
+FORMATS = ("hub", "hf", "safetensors")
+
+
+def _looks_like_hf(tensors: dict[str, Tensor]) -> bool:
+    return any(k.endswith("embeddings.cls_token") for k in tensors)
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, Tensor], ViTSpec]:
+    """Official-named backbone state dict and its ViTSpec from a `.pth`, `.safetensors` or HF directory."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"weights not found: {path}")
+    if path.is_dir():
+        return load_hf(path)
+    if path.suffix == ".safetensors":
+        tensors, metadata = read_safetensors(path)
+    else:
+        tensors, metadata = read_state_dict(path), {}
+    if _looks_like_hf(tensors):
+        if is_hf_dir(path.parent):  # e.g. the model.safetensors of an HF directory
+            return from_hf_tensors(read_hf_config(path.parent), tensors, metadata)
+        raise WeightsError(
+            f"{path} holds transformers-named weights but has no config.json beside it; "
+            "pass the transformers model directory (with its config.json) instead"
+        )
+    state_dict = strip_to_backbone(tensors)
+    try:
+        spec = infer_spec(state_dict)
+    except WeightsError as exc:
+        raise WeightsError(f"{path}: {exc}") from exc
+    saved = spec_from_metadata(metadata)
+    if saved is not None:
+        try:
+            check_compatible(saved, spec, what="tensors")
+        except WeightsError as exc:
+            raise WeightsError(f"{path}: the ViTSpec in its metadata contradicts its tensors: {exc}") from exc
+        spec = saved
+    return state_dict, spec
+
+
+def write_weights(state_dict: dict[str, Tensor], spec: ViTSpec, dst: str | Path, to: str) -> Path:
+    """Write official-named backbone tensors as `to` (one of FORMATS) at `dst`."""
+    if to not in FORMATS:
+        raise ValueError(f"unknown target format {to!r}; choose one of {FORMATS}")
+    dst = Path(dst)
+    if to == "hf":
+        return save_hf(state_dict, spec, dst)
+    if to == "safetensors" and dst.suffix != ".safetensors":
+        raise ValueError(f"safetensors output {dst} must end in .safetensors (that is how it is recognised on load)")
+    if to == "hub" and (dst.suffix == ".safetensors" or dst.is_dir()):
+        raise ValueError(f"hub output {dst} must be a file path such as 'backbone.pth'")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    if to == "hub":
+        torch.save(tensors, dst)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(dst), metadata=spec_to_metadata(spec))
+    return dst
+
+
+def convert(src: str | Path, dst: str | Path, to: str) -> Path:
+    """Convert backbone weights at `src` (any supported format) to format `to` at `dst`."""
+    if to not in FORMATS:
+        raise ValueError(f"unknown target format {to!r}; choose one of {FORMATS}")
+    state_dict, spec = read_weights(src)
+    return write_weights(state_dict, spec, dst, to)
+
+
+def save_backbone(model: DinoVisionTransformer, dst: str | Path, to: str) -> Path:
+    """Write a backbone's weights (and its spec where the format can hold it) as `to`."""
+    return write_weights(model.state_dict(), model.spec, dst, to)
+
+
+def load_backbone(path: str | Path, **kwargs) -> DinoVisionTransformer:
+    """A backbone with weights from any supported format, in eval mode (call `.train()` to fine-tune).
+
+    `kwargs` override settings that are not fixed by the weights, either ViTSpec fields
+    (`interpolate_offset`, `interpolate_antialias`, `num_heads`) or constructor-only ones
+    (`attn_impl`, `drop_path_rate`); overriding a shape (e.g. `depth`) must agree with the weights.
+    """
+    state_dict, spec = read_weights(path)
+    spec_fields = {f.name for f in dataclasses.fields(ViTSpec)}
+    wanted = dataclasses.replace(spec, **{k: kwargs.pop(k) for k in list(kwargs) if k in spec_fields})
+    check_compatible(wanted, spec)
+    model = vit_from_spec(wanted, **kwargs)
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Convert ViT backbone weights between hub .pth, safetensors and HF.")
+    parser.add_argument("src", help="a .pth, a .safetensors, or a transformers model directory")
+    parser.add_argument("dst", help="output file (hub, safetensors) or directory (hf)")
+    parser.add_argument("--to", required=True, choices=FORMATS)
+    args = parser.parse_args(argv)
+    print(convert(args.src, args.dst, args.to))
+
+
+if __name__ == "__main__":
+    main()

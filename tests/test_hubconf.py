@@ -1,0 +1,74 @@
+"""`torch.hub.load(<repo>, name, source="local")` builds every official entry point, loads local weights
+in any format, and never downloads."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinotrain.export import save_backbone
+from dinotrain.models import PRESETS
+from dinotrain.models.state_dict import WeightsError
+
+REPO = str(Path(__file__).resolve().parents[1])
+ENTRY_POINTS = sorted(PRESETS)
+TINY = dict(depth=1)  # full width, one block: quick, and the weights below are saved from the same override
+
+
+def hub_load(name, **kwargs):
+    return torch.hub.load(REPO, name, source="local", trust_repo=True, **kwargs)
+
+
+def test_hubconf_exposes_exactly_the_official_entry_points():
+    """torch.hub.list's rule (public callables of hubconf.py); hub.list itself only takes GitHub repos."""
+    spec = importlib.util.spec_from_file_location("hubconf_under_test", Path(REPO) / "hubconf.py")
+    hubconf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hubconf)
+    public = sorted(n for n in dir(hubconf) if callable(getattr(hubconf, n)) and not n.startswith("_"))
+    assert public == ENTRY_POINTS
+    assert hubconf.dependencies == ["torch"]
+    assert "weights" in hubconf.dinov2_vitb14.__doc__ and hubconf.dinov2_vitb14.__name__ == "dinov2_vitb14"
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_every_entry_point_with_and_without_weights(name, tmp_path):
+    size = PRESETS[name]["patch_size"] * 4
+    random_init = hub_load(name, img_size=size, **TINY)
+    assert random_init.spec.img_size == size and random_init.n_blocks == 1
+    with torch.no_grad():
+        for p in random_init.parameters():
+            p.normal_()
+    weights = save_backbone(random_init, tmp_path / "w.pth", "hub")
+    loaded = hub_load(name, weights=str(weights), img_size=size, **TINY)
+    sd = loaded.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in random_init.state_dict().items())
+    again = hub_load(name, pretrained=True, weights=weights, img_size=size, **TINY)
+    assert torch.equal(again.cls_token, random_init.cls_token)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "hf"])
+def test_weights_in_other_formats(fmt, tmp_path):
+    model = hub_load("dinov2_vits14_reg", img_size=56, **TINY)
+    dst = save_backbone(model, tmp_path / ("w.safetensors" if fmt == "safetensors" else "hf"), fmt)
+    loaded = hub_load("dinov2_vits14_reg", weights=dst, img_size=56, **TINY)
+    x = torch.randn(1, 3, 56, 56)
+    assert torch.equal(loaded.eval()(x), model.eval()(x))
+
+
+def test_pretrained_without_weights_says_no_download():
+    with pytest.raises(ValueError, match="never.*weights=PATH"):
+        hub_load("dinov2_vitb14", pretrained=True, **TINY)
+
+
+def test_weights_of_another_architecture_name_the_mismatch(tmp_path):
+    small = save_backbone(hub_load("dinov2_vits14", img_size=56, **TINY), tmp_path / "s.pth", "hub")
+    with pytest.raises(WeightsError, match=r"dinov2_vitb14.*embed_dim: model has 768, weights have 384"):
+        hub_load("dinov2_vitb14", weights=small, img_size=56, **TINY)
+    with pytest.raises(WeightsError, match="depth: model has 12, weights have 1"):
+        hub_load("dinov2_vits14", weights=small, img_size=56)
+
+
+def test_missing_weights_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.pth"):
+        hub_load("dino_vits16", weights=tmp_path / "nothing.pth", **TINY)
