@@ -15,7 +15,6 @@ setup(
     packages=find_packages(include=["dinotrain", "dinotrain.*"]) + ["dinotrain.configs"],
     package_dir={"dinotrain.configs": "configs"},
     package_data={"dinotrain.configs": ["*.yaml", "*/*.yaml"]},
-    py_modules=["hubconf"],
     install_requires=[
         "torch>=2.6",
         "torchvision",
@@ -29,7 +28,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "transformers>=4.47"],
-        "serve": [],
+        "serve": [],  # the embeddings HTTP endpoint will use only the standard library
         "xformers": ["xformers"],
     },
     entry_points={"console_scripts": ["dinotrain=dinotrain.cli:main"]},

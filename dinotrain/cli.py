@@ -1,4 +1,4 @@
-"""The `dinotrain` command: train, eval, convert, embed, tiny-dataset.
+"""The `dinotrain` command: train, eval, export, convert, embed, tiny-dataset.
 
 Errors a user can fix (bad config, missing file, wrong weights) print one clear line and exit 2;
 `--debug` shows the traceback.
@@ -103,6 +103,32 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Teacher backbone of a sharded checkpoint, consolidated in this one process (no GPU needed)."""
+    import dataclasses
+
+    from dinotrain.distributed.checkpoint import complete_checkpoints, consolidate_teacher_backbone, read_extra
+    from dinotrain.export.convert import write_weights
+    from dinotrain.models.state_dict import infer_spec
+
+    src = Path(args.src)
+    ckpt = src
+    if not (src / "extra.json").is_file():
+        found = complete_checkpoints(src)
+        if not found:
+            raise FileNotFoundError(f"{src} is neither a checkpoint directory nor a run directory with checkpoints")
+        ckpt = found[-1]
+    state = consolidate_teacher_backbone(ckpt)
+    student_cfg = read_extra(ckpt).get("config", {}).get("student", {})
+    spec = infer_spec(state)
+    if "interpolate_offset" in student_cfg:  # not stored in weights: take it from the run's config
+        spec = dataclasses.replace(spec, interpolate_offset=float(student_cfg["interpolate_offset"]),
+                                   interpolate_antialias=bool(student_cfg["interpolate_antialias"]))
+    out = write_weights(state, spec, args.dst, args.to)
+    print(f"teacher backbone of {ckpt} (iteration {int(ckpt.name)}) -> {out} ({args.to})")
+    return 0
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     import torch
 
@@ -168,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", help="output file (hub, safetensors) or directory (hf)")
     c.add_argument("--to", required=True, choices=["hub", "hf", "safetensors"])
     c.set_defaults(func=cmd_convert)
+
+    x = sub.add_parser("export", help="teacher backbone of a training checkpoint -> hub .pth, Hugging Face or safetensors")
+    x.add_argument("src", help="a run directory (its newest complete checkpoint) or one checkpoints/<iteration> directory")
+    x.add_argument("dst", help="output file (hub, safetensors) or directory (hf)")
+    x.add_argument("--to", required=True, choices=["hub", "hf", "safetensors"])
+    x.set_defaults(func=cmd_export)
 
     m = sub.add_parser("embed", help="embed images with a backbone (CLS token after the final norm)")
     m.add_argument("images", nargs="+", help="image files")

@@ -23,9 +23,9 @@ from PIL import Image
 MARKER_NAME = ".dinotrain_tiny.json"
 _LOCK_NAME = ".dinotrain_tiny.lock"
 _BUILD_PREFIX = ".build-"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: light digits on dark backgrounds with a mild tint
 _SCALE_RANGE = (0.6, 1.0)  # digit side as a fraction of the canvas side
-_MIN_LUMA_GAP = 80.0  # keep the digit visible against its background (0-255 luma)
+_TINT = 24.0  # per-channel colour offset (0-255): no more than colour jitter changes
 _SPLITS = ("train", "val")
 
 
@@ -154,16 +154,15 @@ def _split_indices(labels: np.ndarray, val_fraction: float, rng: np.random.Gener
     return is_val
 
 
-def _luma(rgb: np.ndarray) -> float:
-    return float(rgb @ np.array([0.299, 0.587, 0.114]))
-
-
 def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Random (foreground, background) RGB colours with enough brightness contrast to read."""
-    while True:
-        fg, bg = rng.integers(0, 256, size=(2, 3)).astype(np.float64)
-        if abs(_luma(fg) - _luma(bg)) >= _MIN_LUMA_GAP:
-            return fg, bg
+    """A light foreground on a dark background, both with a mild random tint.
+
+    Colour stays a weak cue on purpose: strongly coloured images would let self-supervised
+    training match views by colour (which the augmentations barely change) instead of by shape.
+    """
+    fg = rng.uniform(190, 255) + rng.uniform(-_TINT, _TINT, size=3)
+    bg = rng.uniform(0, 70) + rng.uniform(-_TINT, _TINT, size=3)
+    return np.clip(fg, 0, 255), np.clip(bg, 0, 255)
 
 
 def _render(digit: np.ndarray, size: int, rng: np.random.Generator) -> Image.Image:

@@ -11,7 +11,6 @@ The architecture is always inferred from the weights, so no separate config has 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
@@ -120,16 +119,3 @@ def load_backbone(path: str | Path, **kwargs) -> DinoVisionTransformer:
     model = vit_from_spec(wanted, **kwargs)
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Convert ViT backbone weights between hub .pth, safetensors and HF.")
-    parser.add_argument("src", help="a .pth, a .safetensors, or a transformers model directory")
-    parser.add_argument("dst", help="output file (hub, safetensors) or directory (hf)")
-    parser.add_argument("--to", required=True, choices=FORMATS)
-    args = parser.parse_args(argv)
-    print(convert(args.src, args.dst, args.to))
-
-
-if __name__ == "__main__":
-    main()

@@ -8,7 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dinotrain.export import FORMATS, convert, load_backbone, read_weights, save_backbone
-from dinotrain.export.convert import main
+from dinotrain.cli import main
 from dinotrain.models import PRESETS, build_preset
 from dinotrain.models.state_dict import WeightsError
 
@@ -155,10 +155,14 @@ def test_metadata_that_contradicts_the_tensors_is_refused(tmp_path):
 
 
 def test_command_line(tmp_path, capsys):
+    """`dinotrain convert`, and its one-line error (exit 2) for a file that is not a ViT."""
     src = save_backbone(random_backbone("dino_vitb8"), tmp_path / "a.pth", "hub")
-    main([str(src), str(tmp_path / "hf"), "--to", "hf"])
+    assert main(["convert", str(src), str(tmp_path / "hf"), "--to", "hf"]) == 0
     assert str(tmp_path / "hf") in capsys.readouterr().out
     assert (tmp_path / "hf" / "config.json").is_file()
+    torch.save({"weight": torch.zeros(2, 2)}, tmp_path / "linear.pth")
+    assert main(["convert", str(tmp_path / "linear.pth"), str(tmp_path / "x.pth"), "--to", "hub"]) == 2
+    assert "not a ViT" in capsys.readouterr().err
 
 
 def test_load_backbone_overrides_settings_not_in_the_weights(tmp_path):

@@ -1,0 +1,1 @@
+"""Distributed runtime: process-group set-up, FSDP2 sharding, sharded checkpoints."""

@@ -1,0 +1,1 @@
+"""Evaluation of backbones: feature extraction and weighted k-NN."""

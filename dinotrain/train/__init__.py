@@ -1,0 +1,1 @@
+"""Training: the SSL meta-architecture, schedules, optimizer groups, batches and the loop."""

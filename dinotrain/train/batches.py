@@ -1,0 +1,144 @@
+"""Training batches that are a pure function of (seed, global sample position).
+
+Each sample's augmentations are seeded by its position in the global sample stream, and each
+global batch's iBOT masks by the batch index, so a batch does not depend on the number of
+processes, DataLoader workers, or whether the run was interrupted. This is what makes resume exact,
+also onto another world size, and a 2-process run take the same steps as a 1-process run.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dinotrain.data.augmentations import DataAugmentationDINO
+from dinotrain.data.collate import draw_masks
+from dinotrain.data.datasets import ImageFolderDataset
+from dinotrain.data.masking import MaskingGenerator
+from dinotrain.data.samplers import InfiniteShardedSampler
+from dinotrain.data.tiny import ensure_tiny_dataset
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (stable across processes and Python runs, unlike hash())."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = (x ^ (int(v) + 0x9E3779B97F4A7C15 + (x << 6) + (x >> 2))) & 0xFFFFFFFFFFFFFFFF
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+def seed_step(seed: int, iteration: int, rank: int) -> None:
+    """Reseed torch (drop path etc.) for one training step; needs no RNG state in checkpoints."""
+    torch.manual_seed(_mix(seed, iteration, rank, 1))
+
+
+class PositionedSampler(Sampler):
+    """Yields (global position, dataset index) for this rank's share of the global sample stream."""
+
+    def __init__(self, dataset_size: int, seed: int, rank: int, world_size: int, start: int):
+        self.inner = InfiniteShardedSampler(dataset_size, seed=seed, rank=rank, world_size=world_size, start=start)
+        self.rank, self.world_size, self.start = rank, world_size, start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for k, index in enumerate(self.inner):
+            yield self.start + self.rank + k * self.world_size, int(index)
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset: item (position, index) -> (position, dataset[index]) with seeded randomness."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]):
+        position, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_mix(self.seed, position, 2))
+            random.seed(_mix(self.seed, position, 3))
+            return position, self.dataset[index]
+
+
+class GlobalMaskCollator:
+    """Collate this rank's samples; iBOT masks are drawn for the whole global batch, then sliced.
+
+    The global batch (all ranks, `global_batch` images, 2 global crops each) gets masks exactly as
+    the official per-batch recipe; crop (view v, image j) takes mask v * global_batch + j.
+    """
+
+    def __init__(self, global_batch: int, n_tokens: int, grid: int, mask_ratio_tuple, mask_probability: float,
+                 seed: int, origin: int = 0):
+        self.global_batch, self.n_tokens, self.seed, self.origin = global_batch, n_tokens, seed, origin
+        self.mask_ratio_tuple, self.mask_probability = tuple(mask_ratio_tuple), mask_probability
+        self.mask_generator = MaskingGenerator((grid, grid), max_num_patches=int(0.5 * grid * grid))
+
+    def __call__(self, items: list) -> dict | None:
+        offsets = [p - self.origin for p, _ in items]
+        step = offsets[0] // self.global_batch
+        assert all(o // self.global_batch == step for o in offsets), "a batch must not straddle global batches"
+        batch_start = self.origin + step * self.global_batch  # a global batch is named by its first sample
+        rng = random.Random(_mix(self.seed, batch_start, 4))
+        all_masks, _ = draw_masks(2 * self.global_batch, self.mask_ratio_tuple, self.mask_probability, self.n_tokens,
+                                  self.mask_generator, rng)
+        kept = [(p, s) for p, s in items if s is not None]
+        n_skipped = len(items) - len(kept)
+        if not kept:
+            return {"n_skipped": n_skipped, "empty": True}
+        slots = [(p - self.origin) % self.global_batch for p, _ in kept]
+        crops = [s[0] for _, s in kept]
+        global_crops = torch.stack([c["global_crops"][v] for v in range(2) for c in crops])
+        local = [c["local_crops"][i] for i in range(len(crops[0]["local_crops"])) for c in crops]
+        masks = torch.stack([all_masks[v * self.global_batch + j] for v in range(2) for j in slots])
+        mask_indices = masks.flatten().nonzero().flatten()
+        per_image = masks.sum(-1).clamp(min=1).float()
+        masks_weight = (1.0 / per_image).unsqueeze(-1).expand_as(masks)[masks]
+        return {
+            "collated_global_crops": global_crops,
+            "collated_local_crops": torch.stack(local) if local else global_crops[:0],
+            "collated_masks": masks,
+            "mask_indices_list": mask_indices,
+            "masks_weight": masks_weight,
+            "labels": torch.tensor([s[1] for _, s in kept], dtype=torch.long),
+            "n_skipped": n_skipped,
+            "empty": False,
+        }
+
+
+def resolve_dataset_root(cfg: DictConfig) -> Path:
+    """`train.dataset_path`, or the built-in tiny dataset's train split for `tiny`."""
+    if cfg.train.dataset_path == "tiny":
+        return ensure_tiny_dataset() / "train"
+    return Path(cfg.train.dataset_path).expanduser()
+
+
+def build_train_loader(cfg: DictConfig, rank: int, world_size: int, start_position: int) -> tuple[DataLoader, int]:
+    """Infinite loader of this rank's micro-batches, resuming at `start_position` of the global stream."""
+    aug = DataAugmentationDINO(
+        tuple(cfg.crops.global_crops_scale), tuple(cfg.crops.local_crops_scale), cfg.crops.local_crops_number,
+        global_crops_size=cfg.crops.global_crops_size, local_crops_size=cfg.crops.local_crops_size,
+        blur_kernel_size=cfg.crops.blur_kernel_size,
+    )
+    dataset = ImageFolderDataset(resolve_dataset_root(cfg), transform=aug)
+    batch = cfg.train.batch_size_per_gpu
+    grid = cfg.crops.global_crops_size // cfg.student.patch_size
+    collate = GlobalMaskCollator(batch * world_size, grid * grid, grid, cfg.ibot.mask_ratio_min_max,
+                                 cfg.ibot.mask_sample_probability, cfg.train.seed, origin=start_position)
+    sampler = PositionedSampler(len(dataset), cfg.train.seed, rank, world_size, start_position)
+    loader = DataLoader(
+        SeededSamples(dataset, cfg.train.seed), batch_size=batch, sampler=sampler, collate_fn=collate,
+        num_workers=cfg.train.num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
+        persistent_workers=cfg.train.num_workers > 0,
+    )
+    return loader, len(dataset)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+

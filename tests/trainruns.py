@@ -1,0 +1,72 @@
+"""Run `dinotrain` for real (subprocesses, 1 or N processes) on the built-in tiny dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A few-second pretraining: smoke/cpu_tiny shrunk to 16-px crops, tiny heads and batches.
+FAST = [
+    "train.batch_size_per_gpu=8", "train.num_workers=0", "train.OFFICIAL_EPOCH_LENGTH=4", "optim.epochs=3",
+    "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1", "train.log_every=1",
+    "student.patch_size=4", "crops.global_crops_size=16", "crops.local_crops_size=8", "crops.local_crops_number=2",
+    "dino.head_n_prototypes=256", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
+    "ibot.head_n_prototypes=256", "checkpoint.period_iterations=3",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    e.pop("RANK", None)
+    return e
+
+
+def train_command(run_dir: Path, overrides=(), nproc: int = 1, extra=()) -> list[str]:
+    args = ["train", "--config", "smoke/cpu_tiny", "--output-dir", str(run_dir), *extra, *FAST, *overrides]
+    if nproc == 1:
+        return [sys.executable, "-m", "dinotrain", *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}", "-m", "dinotrain", *args]
+
+
+def train(run_dir: Path, overrides=(), nproc: int = 1, extra=(), timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_command(run_dir, overrides, nproc, extra), env=env(), capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+    if proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def start(run_dir: Path, overrides=(), nproc: int = 1, extra=()) -> subprocess.Popen:
+    """Start a training run in the background (its output goes to run_dir.log)."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = open(str(run_dir) + ".log", "w")
+    return subprocess.Popen(train_command(run_dir, overrides, nproc, extra), env=env(), stdout=log,
+                            stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+
+
+def teacher(run_dir: Path) -> dict:
+    import torch
+
+    return torch.load(run_dir / "teacher_backbone.pth", weights_only=True)
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)

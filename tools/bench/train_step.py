@@ -1,0 +1,111 @@
+"""Benchmark one full SSL training step at ViT-S/14 scale (2 global 224 + 8 local 98 crops), fp32.
+
+Student on all crops, teacher on the global crops, DINO + iBOT heads (65,536 prototypes), the three
+losses, backward, gradient clipping, AdamW step and EMA update: the work of `Trainer._step`. Data
+loading is excluded (synthetic crops through the real collator). Reports seconds/step, images/s and
+the achieved FLOP/s as a fraction of this machine's fp32 matmul rate measured in the same run
+(FLOPs counted by torch's FlopCounterMode under the math attention backend).
+
+    python tools/bench/train_step.py --batch 8 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from dinotrain.config import load_config
+from dinotrain.distributed.env import destroy_distributed, init_distributed
+from dinotrain.distributed.fsdp import clip_grad_norm
+from dinotrain.train.batches import GlobalMaskCollator
+from dinotrain.train.optim import apply_schedules, build_optimizer
+from dinotrain.train.ssl import SSLMetaArch
+
+
+def matmul_rate(n: int = 2048, repeats: int = 10) -> float:
+    """Sustained fp32 GFLOP/s of a square matmul (the machine's practical peak)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def synthetic_batch(cfg, batch: int) -> dict:
+    g, lsz, n_local = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number
+    items = [(i, ({"global_crops": [torch.randn(3, g, g) for _ in range(2)],
+                   "local_crops": [torch.randn(3, lsz, lsz) for _ in range(n_local)]}, 0)) for i in range(batch)]
+    grid = g // cfg.student.patch_size
+    collate = GlobalMaskCollator(batch, grid * grid, grid, cfg.ibot.mask_ratio_min_max, cfg.ibot.mask_sample_probability,
+                                 seed=0)
+    return collate(items)
+
+
+def step(model: SSLMetaArch, optimizer, cfg, batch: dict) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    total, _ = model.compute_losses(batch, teacher_temp=0.07)
+    total.backward()
+    for module in model.student.values():
+        clip_grad_norm(module, cfg.optim.clip_grad)
+    optimizer.step()
+    model.update_teacher(0.994)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=8, help="images per step")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
+    p.add_argument("--arch", default="vit_small")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    init_distributed()
+    cfg = load_config(None, [f"student.arch={args.arch}", "student.patch_size=14", "crops.local_crops_size=98",
+                             "compute_precision.dtype=fp32", "student.drop_path_rate=0.0"])
+    model = SSLMetaArch(cfg)
+    model.shard(torch.float32)
+    optimizer = build_optimizer(model.student, cfg)
+    apply_schedules(optimizer, lr=1e-4, wd=0.04, last_layer_lr=1e-4)
+    batch = synthetic_batch(cfg, args.batch)
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        step(model, optimizer, cfg, batch)  # also the warm-up
+    flops = counter.get_total_flops()
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        step(model, optimizer, cfg, batch)
+        times.append(time.perf_counter() - t)
+    sec = statistics.median(times)
+    peak = matmul_rate()
+    achieved = flops / sec / 1e9
+    result = {
+        "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "arch": args.arch, "batch": args.batch, "seconds_per_step": round(sec, 3),
+        "images_per_s": round(args.batch / sec, 2), "gflop_per_step": round(flops / 1e9, 1),
+        "achieved_gflops": round(achieved, 1), "matmul_gflops": round(peak, 1),
+        "fraction_of_matmul_rate": round(achieved / peak, 3),
+    }
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
