@@ -8,8 +8,6 @@ crop pairs (never a view with itself) + iBOT loss on masked patches + KoLeo on s
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
@@ -20,7 +18,6 @@ from dinotrain.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinotrain.models.heads import DINOHead
 from dinotrain.models.vision_transformer import DinoVisionTransformer, build_vit
 
-log = logging.getLogger("dinotrain.train")
 N_GLOBAL_CROPS = 2
 
 

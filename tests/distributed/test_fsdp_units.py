@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch import nn
 
 from dinotrain.config import ConfigError, load_config
 from dinotrain.distributed.env import destroy_distributed, init_distributed
