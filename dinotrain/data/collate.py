@@ -16,7 +16,7 @@ import torch
 from dinotrain.data.masking import Rng, default_rng, rng_shuffle, rng_uniform
 
 
-def _stack_views(samples: list, key: str) -> torch.Tensor:
+def stack_views(samples: list, key: str) -> torch.Tensor:
     """View 0 of every image, then view 1 of every image, ... as one (views * B, C, H, W) tensor."""
     crops = [sample[0][key] for sample in samples]
     n_views = len(crops[0])
@@ -26,6 +26,13 @@ def _stack_views(samples: list, key: str) -> torch.Tensor:
         channels = samples[0][0]["global_crops"][0].shape[0]
         return torch.empty((0, channels, 0, 0))
     return torch.stack([c[view] for view in range(n_views) for c in crops])
+
+
+def mask_targets(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices of the masked patches, and each one's iBOT weight 1 / (masked patches of its image)."""
+    mask_indices = masks.flatten().nonzero().flatten()
+    per_image = masks.sum(-1, keepdim=True).clamp(min=1).to(torch.float32)
+    return mask_indices, (1.0 / per_image).expand_as(masks)[masks]
 
 
 def draw_masks(
@@ -93,14 +100,12 @@ def collate_data_and_cast(
     n_skipped = len(samples_list) - len(kept)
     if not kept:
         return None
-    global_crops = _stack_views(kept, "global_crops")
-    local_crops = _stack_views(kept, "local_crops")
+    global_crops = stack_views(kept, "global_crops")
+    local_crops = stack_views(kept, "local_crops")
     masks, upperbound = draw_masks(
         len(global_crops), mask_ratio_tuple, mask_probability, n_tokens, mask_generator, rng
     )
-    mask_indices = masks.flatten().nonzero().flatten()
-    per_image = masks.sum(-1, keepdim=True).clamp(min=1).to(torch.float32)
-    masks_weight = (1.0 / per_image).expand_as(masks)[masks]
+    mask_indices, masks_weight = mask_targets(masks)
     return {
         "collated_global_crops": global_crops.to(dtype),
         "collated_local_crops": local_crops.to(dtype),

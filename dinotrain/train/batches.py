@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dinotrain.data.augmentations import DataAugmentationDINO
-from dinotrain.data.collate import draw_masks
+from dinotrain.data.collate import draw_masks, mask_targets, stack_views
 from dinotrain.data.datasets import ImageFolderDataset
 from dinotrain.data.masking import MaskingGenerator
 from dinotrain.data.samplers import InfiniteShardedSampler
@@ -92,16 +92,12 @@ class GlobalMaskCollator:
         if not kept:
             return {"n_skipped": n_skipped, "empty": True}
         slots = [(p - self.origin) % self.global_batch for p, _ in kept]
-        crops = [s[0] for _, s in kept]
-        global_crops = torch.stack([c["global_crops"][v] for v in range(2) for c in crops])
-        local = [c["local_crops"][i] for i in range(len(crops[0]["local_crops"])) for c in crops]
+        samples = [s for _, s in kept]
         masks = torch.stack([all_masks[v * self.global_batch + j] for v in range(2) for j in slots])
-        mask_indices = masks.flatten().nonzero().flatten()
-        per_image = masks.sum(-1).clamp(min=1).float()
-        masks_weight = (1.0 / per_image).unsqueeze(-1).expand_as(masks)[masks]
+        mask_indices, masks_weight = mask_targets(masks)
         return {
-            "collated_global_crops": global_crops,
-            "collated_local_crops": torch.stack(local) if local else global_crops[:0],
+            "collated_global_crops": stack_views(samples, "global_crops"),
+            "collated_local_crops": stack_views(samples, "local_crops"),
             "collated_masks": masks,
             "mask_indices_list": mask_indices,
             "masks_weight": masks_weight,
