@@ -23,6 +23,7 @@ from dinotrain.export.hf import (
     load_hf,
     read_hf_config,
     read_safetensors,
+    reconcile_spec,
     save_hf,
     spec_from_metadata,
     spec_to_metadata,
@@ -60,13 +61,10 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], ViTSpec]:
         spec = infer_spec(state_dict)
     except WeightsError as exc:
         raise WeightsError(f"{path}: {exc}") from exc
-    saved = spec_from_metadata(metadata)
-    if saved is not None:
-        try:
-            check_compatible(saved, spec, what="tensors")
-        except WeightsError as exc:
-            raise WeightsError(f"{path}: the ViTSpec in its metadata contradicts its tensors: {exc}") from exc
-        spec = saved
+    try:
+        spec = reconcile_spec(spec_from_metadata(metadata), spec)
+    except WeightsError as exc:
+        raise WeightsError(f"{path}: {exc}") from exc
     return state_dict, spec
 
 

@@ -250,6 +250,18 @@ def spec_from_metadata(metadata: dict[str, str]) -> ViTSpec | None:
         raise WeightsError(f"corrupt {SPEC_METADATA_KEY!r} metadata ({exc}); re-export the weights") from exc
 
 
+def reconcile_spec(saved: ViTSpec | None, inferred: ViTSpec) -> ViTSpec:
+    """The spec recorded in our metadata (it also holds settings the tensors cannot), once checked against
+    the spec the tensors imply; without metadata, the inferred one."""
+    if saved is None:
+        return inferred
+    try:
+        check_compatible(saved, inferred, what="tensors")
+    except WeightsError as exc:
+        raise WeightsError(f"the ViTSpec recorded in the metadata contradicts the tensors: {exc}") from exc
+    return saved
+
+
 # ---- spec <-> config ---------------------------------------------------------------------------
 def _config_model_type(config: dict) -> str:
     model_type = config.get("model_type")
@@ -287,13 +299,7 @@ def spec_from_hf(config: dict, state_dict: dict[str, Tensor], saved_spec: ViTSpe
         spec, num_heads=int(config.get("num_attention_heads", spec.num_heads)),
         interpolate_offset=0.0, interpolate_antialias=model_type == DINOV2_REG,
     )
-    if saved_spec is not None:
-        try:
-            check_compatible(saved_spec, spec, what="tensors")
-        except WeightsError as exc:
-            raise WeightsError(f"the ViTSpec recorded in the metadata contradicts the tensors: {exc}") from exc
-        spec = saved_spec
-    return spec
+    return reconcile_spec(saved_spec, spec)
 
 
 # ---- reading and writing directories ------------------------------------------------------------
