@@ -1,55 +1,117 @@
-"""Image-folder dataset that tolerates bad files.
+"""Image-folder dataset that tolerates bad files, and the one image decoder behind it.
 
 A long pretraining run should not die hours in because one JPEG in a million is truncated, so a
 file that cannot be decoded is logged and returned as ``None``; the collate function drops it and
 counts it (see :func:`dinotrain.data.collate.collate_data_and_cast`).
+
+Every consumer of image files (training, k-NN features, ``dinotrain embed``) decodes through
+:func:`load_rgb`, which never turns a valid image silently white or black: PIL's ``convert("RGB")``
+clips 16-bit and float pixels instead of scaling them, so those are scaled here (or refused).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from dinotrain.data.index import IMAGE_EXTENSIONS, UNLABELED, build_or_load_index, is_image_file
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "UNLABELED", "ImageDecodeError", "ImageFolderDataset", "ImageTooLargeError",
+    "is_image_file", "load_rgb", "to_rgb",
+]
+
 logger = logging.getLogger("dinotrain.data")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-UNLABELED = -1
+_UINT16_MAX = 65535
 
 
-def is_image_file(name: str) -> bool:
-    """True for a visible file name with an accepted image extension (any letter case)."""
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+class ImageDecodeError(ValueError):
+    """An image that decodes but cannot be made 8-bit RGB without guessing; the message names file, mode, why."""
 
 
-def _find_images(folder: Path) -> list[Path]:
-    """Image files under `folder` at any depth, sorted so indices are stable across runs and ranks.
+class ImageTooLargeError(ImageDecodeError):
+    """More pixels than PIL's decompression-bomb limit accepts (2 x ``PIL.Image.MAX_IMAGE_PIXELS``)."""
 
-    Hidden files and folders (dot names) are skipped, so a cache's marker or temporary build
-    folders never leak into the data. Symlinked folders are followed (common for ImageNet setups).
+
+# ---- decoding ----------------------------------------------------------------------------------------
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode an image fully (so truncation errors surface here) and convert it to 8-bit RGB.
+
+    High-bit-depth pixels are scaled, not clipped (see :func:`to_rgb`); images PIL refuses as
+    decompression bombs raise :class:`ImageTooLargeError` saying so.
     """
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in filenames if is_image_file(f))
-    return sorted(found)
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img, path)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(_too_large_message(path, exc)) from exc
 
 
-def _visible_subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _too_large_message(path: Path, exc: Exception) -> str:
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    pixels = found.group(1) if found else "an unknown number of"
+    limit = Image.MAX_IMAGE_PIXELS
+    return (
+        f"too large: {pixels} pixels > limit {2 * limit} (2 x PIL.Image.MAX_IMAGE_PIXELS = {limit}, PIL's "
+        f"decompression-bomb guard) in {path}; downscale the image, or raise PIL.Image.MAX_IMAGE_PIXELS if "
+        "you trust the file"
+    )
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Decode an image fully (so truncation errors surface here) and convert it to RGB."""
-    with Image.open(path) as img:
-        img.load()
-        return img.convert("RGB")
+def to_rgb(img: Image.Image, path: str | os.PathLike = "<image>") -> Image.Image:
+    """8-bit RGB from any PIL mode, scaling what ``convert("RGB")`` would clip.
+
+    * 16-bit integers (``I;16``, ``I;16B``, ...): value >> 8 (the top 8 of 16 bits).
+    * 32-bit integers (``I``): read as 16-bit when every value lies in [0, 65535], else refused.
+    * floats (``F``): values in [0, 1] become round(255 * value); any other range (or NaN/inf) is
+      refused, since it has no agreed meaning (HDR, depth, raw counts) and min-max scaling would
+      change the image's brightness per file.
+    * anything else (L, LA, P, RGBA, CMYK, 1, ...): PIL's ``convert("RGB")``, which is exact there.
+    """
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        return _gray8_to_rgb(_int_to_8bit(np.asarray(img), img.mode, path))
+    if img.mode == "F":
+        return _gray8_to_rgb(_float_to_8bit(np.asarray(img), path))
+    return img.convert("RGB")
 
 
+def _gray8_to_rgb(gray: np.ndarray) -> Image.Image:
+    return Image.fromarray(gray).convert("RGB")  # a 2-D uint8 array is mode L
+
+
+def _int_to_8bit(values: np.ndarray, mode: str, path) -> np.ndarray:
+    lo, hi = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    if lo < 0 or hi > _UINT16_MAX:
+        raise ImageDecodeError(
+            f"cannot read {path}: integer image (PIL mode {mode}) with values in [{lo}, {hi}]; only 0..65535 "
+            "(16-bit) is supported: save it as 8- or 16-bit unsigned integers"
+        )
+    return (values.astype(np.uint32) >> 8).astype(np.uint8)
+
+
+def _float_to_8bit(values: np.ndarray, path) -> np.ndarray:
+    finite = bool(np.isfinite(values).all())
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if not finite or lo < 0.0 or hi > 1.0:
+        what = "non-finite values (NaN or inf)" if not finite else f"values in [{lo:g}, {hi:g}]"
+        raise ImageDecodeError(
+            f"cannot read {path}: float image (PIL mode F) with {what}; only [0, 1] has an agreed meaning "
+            "(read as 0..255): scale it to [0, 1] or save it as 8- or 16-bit integers"
+        )
+    return np.rint(values * 255.0).astype(np.uint8)
+
+
+# ---- dataset -----------------------------------------------------------------------------------------
 class ImageFolderDataset(Dataset):
     """Images under `root`, labelled by class subfolder or unlabelled.
 
@@ -58,57 +120,45 @@ class ImageFolderDataset(Dataset):
       directly in `root` next to class folders are ignored with a warning.
     * Unlabelled (flat folder): `root` has no subfolder with images; every image gets label -1.
 
-    `samples` is the list of ``(path, label)`` and `classes` the sorted class names (empty when
-    unlabelled). ``dataset[i]`` is ``(transform(rgb_image), label)``, or ``None`` when the file
-    cannot be decoded (a warning is logged on logger ``dinotrain.data``).
+    The file list is a compact, cached :class:`~dinotrain.data.index.ImageIndex` (see
+    :func:`~dinotrain.data.index.build_or_load_index` for where the cache goes; `index_cache_dir`
+    is the fallback when the data's parent folder is not writable). ``path(i)`` and ``label(i)``
+    describe sample i, `classes` holds the sorted class names (empty when unlabelled) and `targets`
+    all labels. ``dataset[i]`` is ``(transform(rgb_image), label)``, or ``None`` when the file
+    cannot be decoded (a warning saying why is logged on logger ``dinotrain.data``).
     """
 
-    def __init__(self, root: str | os.PathLike, transform: Optional[Callable] = None):
+    def __init__(self, root: str | os.PathLike, transform: Optional[Callable] = None,
+                 index_cache_dir: Optional[str | os.PathLike] = None):
         self.root = Path(root).expanduser()
         self.transform = transform
-        if not self.root.exists():
-            raise FileNotFoundError(
-                f"dataset folder does not exist: {self.root} (set train.dataset_path to an existing "
-                "image folder, or to `tiny` for the built-in dataset)"
-            )
-        if not self.root.is_dir():
-            raise ValueError(f"dataset path is not a folder: {self.root} (point it at a folder of images)")
-        self.classes, self.samples = self._scan()
-        if not self.samples:
-            raise ValueError(
-                f"no images found under {self.root} (accepted extensions: {', '.join(IMAGE_EXTENSIONS)}, "
-                "any letter case; put images in class subfolders or directly in the folder)"
-            )
-
-    def _scan(self) -> tuple[list[str], list[tuple[str, int]]]:
-        per_class = [(d.name, _find_images(d)) for d in _visible_subdirs(self.root)]
-        per_class = [(name, images) for name, images in per_class if images]
-        loose = sorted(p for p in self.root.iterdir() if p.is_file() and is_image_file(p.name))
-        if not per_class:
-            return [], [(str(p), UNLABELED) for p in loose]
-        if loose:
-            logger.warning(
-                "ignoring %d image(s) directly in %s: the folder has class subfolders, so only images "
-                "inside them are used",
-                len(loose),
-                self.root,
-            )
-        classes = [name for name, _ in per_class]
-        samples = [(str(p), label) for label, (_, images) in enumerate(per_class) for p in images]
-        return classes, samples
+        self.index = build_or_load_index(self.root, index_cache_dir)
 
     @property
-    def targets(self) -> list[int]:
-        """Labels in sample order (torchvision-compatible name; -1 when unlabelled)."""
-        return [label for _, label in self.samples]
+    def classes(self) -> list[str]:
+        return self.index.classes
+
+    @property
+    def targets(self) -> np.ndarray:
+        """Labels in sample order, int64 (torchvision-compatible name; -1 when unlabelled)."""
+        return self.index.labels.astype(np.int64)
+
+    def path(self, index: int) -> Path:
+        return self.index.path(index)
+
+    def label(self, index: int) -> int:
+        return self.index.label(index)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.index)
 
     def __getitem__(self, index: int):
-        path, label = self.samples[index]
+        path, label = self.index.path(index), self.index.label(index)
         try:
-            image = load_rgb(Path(path))
+            image = load_rgb(path)
+        except ImageDecodeError as exc:  # the message says why (too large, unsupported pixel range)
+            logger.warning("skipping image %s: %s", path, exc)
+            return None
         except Exception as exc:  # any decoder failure: skip this sample, keep the run alive
             logger.warning("skipping unreadable image %s: %s: %s", path, type(exc).__name__, exc)
             return None

@@ -1,10 +1,19 @@
-"""CLS features of a backbone over an image folder (what k-NN and linear evaluation consume)."""
+"""CLS features of a backbone over an image folder (what k-NN and linear evaluation consume).
+
+Labels are positions in a label space of class *names*. Train and val folders are separate
+ImageFolders whose folder-local indices disagree as soon as their class sets differ (a val folder
+lacking one class shifts every later index), so evaluation maps val classes onto the train
+folder's classes by name: :func:`shared_label_space`, then ``extract_features(..., classes=...)``.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -12,6 +21,10 @@ from dinotrain.data.augmentations import make_eval_transform
 from dinotrain.data.datasets import ImageFolderDataset
 
 log = logging.getLogger("dinotrain.eval")
+
+
+class UnknownClassError(ValueError):
+    """Class folders of an evaluation folder that the training folder lacks (never predictable)."""
 
 
 def _collate_skip_unreadable(items):
@@ -22,13 +35,61 @@ def _collate_skip_unreadable(items):
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
 
+def _unknown_message(unknown: Sequence[str], root, classes: Sequence[str], classes_from) -> str:
+    source = f"the training folder {classes_from}" if classes_from is not None else "the given class list"
+    shown = ", ".join(repr(c) for c in unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+    return (
+        f"class folder(s) {shown} under {root} are not classes of {source} ({len(classes)} classes): "
+        "their images could never be classified correctly; remove them from the evaluation folder or add "
+        "them to the training folder"
+    )
+
+
+def label_map(folder_classes: Sequence[str], classes: Sequence[str], root, classes_from=None) -> np.ndarray:
+    """For each class of a folder (by position), its index in `classes`, matched by name.
+
+    Raises UnknownClassError naming every folder class missing from `classes` (and both folders).
+    """
+    position = {name: i for i, name in enumerate(classes)}
+    unknown = [name for name in folder_classes if name not in position]
+    if unknown:
+        raise UnknownClassError(_unknown_message(unknown, root, classes, classes_from))
+    return np.array([position[name] for name in folder_classes], dtype=np.int64)
+
+
+def shared_label_space(train_root: str | os.PathLike, val_root: str | os.PathLike,
+                       index_cache_dir: Optional[str | os.PathLike] = None) -> list[str]:
+    """The training folder's class names, after checking every val class is one of them (before any work).
+
+    A val folder lacking some training classes is fine; a val class the training folder lacks is an
+    UnknownClassError naming it and both folders.
+    """
+    classes = ImageFolderDataset(train_root, index_cache_dir=index_cache_dir).classes
+    val_classes = ImageFolderDataset(val_root, index_cache_dir=index_cache_dir).classes
+    for root, found in ((train_root, classes), (val_root, val_classes)):
+        if not found:
+            raise ValueError(f"k-NN evaluation needs labelled images (class subfolders): {root} has none")
+    label_map(val_classes, classes, val_root, classes_from=train_root)
+    return classes
+
+
 @torch.inference_mode()
-def extract_features(model: torch.nn.Module, root: str, image_size: int, batch_size: int = 64,
-                     num_workers: int = 0, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, D) float32, labels (N,)) for the images under `root`, resized and center-cropped."""
+def extract_features(model: torch.nn.Module, root: str | os.PathLike, image_size: int, batch_size: int = 64,
+                     num_workers: int = 0, device: torch.device | None = None,
+                     classes: Optional[Sequence[str]] = None,
+                     index_cache_dir: Optional[str | os.PathLike] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, D) float32, labels (N,)) for the images under `root`, resized and center-cropped.
+
+    Labels index `classes` (class names, matched to `root`'s class folders by name; e.g. the training
+    folder's classes from :func:`shared_label_space`), or `root`'s own sorted classes when None.
+    Unlabelled images keep label -1.
+    """
     device = device or next(model.parameters()).device
     transform = make_eval_transform(resize_size=image_size, crop_size=image_size)
-    dataset = ImageFolderDataset(root, transform=transform)
+    dataset = ImageFolderDataset(root, transform=transform, index_cache_dir=index_cache_dir)
+    to_label_space = None
+    if classes is not None and dataset.classes:
+        to_label_space = torch.from_numpy(label_map(dataset.classes, classes, root))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_skip_unreadable)
     feats, labels = [], []
     model.eval()
@@ -38,7 +99,7 @@ def extract_features(model: torch.nn.Module, root: str, image_size: int, batch_s
             continue
         images, y = batch
         feats.append(model(images.to(device)).float().cpu())
-        labels.append(y)
+        labels.append(y if to_label_space is None else to_label_space[y])
     if not feats:
         raise ValueError(f"no readable images under {root}")
     out = torch.cat(feats), torch.cat(labels)

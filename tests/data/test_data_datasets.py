@@ -24,9 +24,9 @@ def test_labelled_folder_sorted_classes_nested_and_all_extensions(tmp_path, writ
     ds = ImageFolderDataset(tmp_path)
     assert ds.classes == ["ant", "bee", "cat"]
     assert len(ds) == 7
-    names = {p.rsplit("/", 1)[-1]: label for p, label in ds.samples}
+    names = {ds.path(i).name: ds.label(i) for i in range(len(ds))}
     assert names == {"c.JPG": 0, "d.bmp": 0, "e.webp": 1, "f.tif": 1, "g.TIFF": 1, "a.PNG": 2, "b.jpeg": 2}
-    assert ds.targets == [label for _, label in ds.samples]
+    assert list(ds.targets) == [ds.label(i) for i in range(len(ds))]
 
 
 def test_flat_folder_is_unlabelled_and_images_are_rgb(tmp_path, write_image):
@@ -35,7 +35,7 @@ def test_flat_folder_is_unlabelled_and_images_are_rgb(tmp_path, write_image):
     write_image(tmp_path / "z.png", mode="P")
     ds = ImageFolderDataset(tmp_path)
     assert ds.classes == []
-    assert [label for _, label in ds.samples] == [-1, -1, -1]
+    assert list(ds.targets) == [-1, -1, -1]
     for i in range(len(ds)):
         image, label = ds[i]
         assert image.mode == "RGB" and image.size == (24, 20) and label == -1
@@ -84,7 +84,7 @@ def _folder_with_one_corrupt_image(root, write_image):
 def test_corrupt_image_returns_none_and_logs_warning(tmp_path, write_image, caplog):
     _folder_with_one_corrupt_image(tmp_path, write_image)
     ds = ImageFolderDataset(tmp_path)
-    index = [p.endswith("x.png") for p, _ in ds.samples].index(True)
+    index = [ds.path(i).name == "x.png" for i in range(len(ds))].index(True)
     with caplog.at_level(logging.WARNING, logger="dinotrain.data"):
         assert ds[index] is None
     assert "x.png" in caplog.text

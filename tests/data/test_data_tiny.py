@@ -27,8 +27,8 @@ def test_layout_classes_counts_and_stratified_split(tiny_root):
     train_counts = np.bincount(train.targets, minlength=10)
     val_counts = np.bincount(val.targets, minlength=10)
     assert np.all(np.abs(val_counts / (train_counts + val_counts) - 0.2) < 0.01)
-    train_names = {p.rsplit("/", 1)[-1] for p, _ in train.samples}
-    assert not train_names & {p.rsplit("/", 1)[-1] for p, _ in val.samples}
+    train_names = {train.path(i).name for i in range(len(train))}
+    assert not train_names & {val.path(i).name for i in range(len(val))}
 
 
 def test_images_are_rgb_of_requested_size_and_varied(tiny_root):
