@@ -120,10 +120,49 @@ _POSITIVE_INTS = ("train.batch_size_per_gpu", "train.OFFICIAL_EPOCH_LENGTH", "tr
                   "dino.head_n_prototypes", "ibot.head_n_prototypes", "checkpoint.keep_last")
 
 
+# Keys that may be null; any other key whose default is set must keep a value.
+_REQUIRED_HINTS = {
+    "train.dataset_path": "set it to your ImageFolder directory (or `tiny` for the built-in dataset): "
+                          "the full-scale recipes ship no dataset on purpose",
+    "train.output_dir": "give --output-dir",
+}
+_POSITIVE_FLOATS = ("optim.base_lr", "teacher.teacher_temp", "teacher.warmup_teacher_temp", "optim.epochs")
+_NON_NEGATIVE_FLOATS = ("optim.weight_decay", "optim.weight_decay_end", "optim.min_lr", "optim.clip_grad",
+                        "optim.warmup_epochs", "optim.freeze_last_layer_epochs", "teacher.warmup_teacher_temp_epochs",
+                        "dino.loss_weight", "dino.koleo_loss_weight", "ibot.loss_weight", "optim.patch_embed_lr_mult",
+                        "train.saveckp_freq")
+_UNIT_INTERVAL = ("teacher.momentum_teacher", "teacher.final_momentum_teacher", "optim.layerwise_decay")
+
+
+def _check_required(cfg: DictConfig, defaults: dict) -> None:
+    """A key whose default has a value must not be null (a recipe may blank one to force the user to set it)."""
+    for key, value in _leaves(OmegaConf.to_container(cfg)):
+        if value is None and defaults.get(key) is not None:
+            hint = _REQUIRED_HINTS.get(key, f"give it a value (default: {defaults[key]!r})")
+            raise ConfigError(f"config key '{key}' is required but is null: {hint}")
+
+
 def _check_values(cfg: DictConfig) -> None:
     """Semantic checks that a type check cannot express."""
     def get(key: str) -> Any:
         return OmegaConf.select(cfg, key)
+
+    for key in _POSITIVE_FLOATS:
+        if not get(key) > 0:
+            raise ConfigError(f"config key '{key}' must be > 0; got {get(key)}")
+    for key in _NON_NEGATIVE_FLOATS:
+        if not get(key) >= 0:
+            raise ConfigError(f"config key '{key}' must be >= 0; got {get(key)}")
+    for key in _UNIT_INTERVAL:
+        if not 0 <= get(key) <= 1:
+            raise ConfigError(f"config key '{key}' must be within [0, 1]; got {get(key)}")
+    if not 0 <= get("student.drop_path_rate") < 1:
+        raise ConfigError(f"config key 'student.drop_path_rate' must be within [0, 1); got {get('student.drop_path_rate')}")
+    if get("student.layerscale") < 0:
+        raise ConfigError(f"config key 'student.layerscale' must be >= 0 (0 disables LayerScale); got {get('student.layerscale')}")
+    if get("train.saveckp_freq") == 0 and get("checkpoint.period_iterations") is None:
+        raise ConfigError("config key 'train.saveckp_freq' is 0 and checkpoint.period_iterations is null: the run "
+                          "would never save a checkpoint; set one of them")
 
     for key, choices in _CHOICES.items():
         if get(key) not in choices:
@@ -175,6 +214,7 @@ def load_config(config_file: str | Path | None = None, overrides: Iterable[str] 
     default_leaves = dict(_leaves(OmegaConf.to_container(defaults)))
     for key, value in _leaves(OmegaConf.to_container(cfg)):
         _check_type(key, default_leaves[key], value)
+    _check_required(cfg, default_leaves)
     _check_values(cfg)
     return cfg
 
