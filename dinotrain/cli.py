@@ -17,9 +17,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from dinotrain.config import ConfigError
     from dinotrain.distributed.checkpoint import CheckpointError
     from dinotrain.models.state_dict import WeightsError
+    from dinotrain.distributed.env import PeerFailed
     from dinotrain.train.loop import TrainingDiverged
 
-    return ConfigError, WeightsError, CheckpointError, TrainingDiverged, FileNotFoundError, ValueError
+    return ConfigError, WeightsError, CheckpointError, TrainingDiverged, PeerFailed, FileNotFoundError, ValueError
 
 
 # ---- train ------------------------------------------------------------------------------------------
@@ -33,7 +34,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"train.output_dir={args.output_dir}")
     cfg = load_config(args.config, overrides)
     try:
-        Trainer(cfg, cfg.train.output_dir, resume=not args.no_resume).run()
+        Trainer(cfg, cfg.train.output_dir, resume=not args.no_resume,
+                allow_config_change=args.allow_config_change).run()
     finally:
         destroy_distributed()
     return 0
@@ -50,6 +52,10 @@ def _backbone_from_args(weights: str | None, model: str | None, seed: int = 0):
         path = Path(weights)
         if path.is_dir() and (path / "teacher_backbone.pth").is_file():
             path = path / "teacher_backbone.pth"  # a run directory
+        elif path.is_dir() and ((path / "checkpoints").is_dir() or (path / "config.yaml").is_file()):
+            raise FileNotFoundError(
+                f"{path} is a training run directory without teacher_backbone.pth (written when the run finishes); "
+                f"export its newest checkpoint with `dinotrain export {path} teacher.pth --to hub` and pass that")
         return load_backbone(path)
     if not model:
         raise ValueError("give --weights PATH (a .pth, .safetensors, HF directory or run directory) or --model NAME")
@@ -60,7 +66,7 @@ def _backbone_from_args(weights: str | None, model: str | None, seed: int = 0):
 def cmd_eval_knn(args: argparse.Namespace) -> int:
     import torch
 
-    from dinotrain.eval.features import extract_features
+    from dinotrain.eval.features import extract_features, shared_label_space
     from dinotrain.eval.knn import knn_accuracy
     from dinotrain.models.vision_transformer import vit_from_spec
 
@@ -73,6 +79,7 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
     if not train_root or not val_root:
         raise ValueError("give --train DIR and --val DIR (labelled ImageFolders), or --tiny for the built-in dataset")
     torch.set_num_threads(args.threads) if args.threads else None
+    classes = shared_label_space(train_root, val_root)  # val classes matched to train's by name, checked first
     model = _backbone_from_args(args.weights, args.model)
     size = args.image_size or model.spec.img_size
     candidates = {"model": model}
@@ -81,8 +88,8 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
         candidates["random_init"] = vit_from_spec(model.spec)
     results = {}
     for name, net in candidates.items():
-        tr_f, tr_y = extract_features(net, train_root, size, args.batch_size)
-        va_f, va_y = extract_features(net, val_root, size, args.batch_size)
+        tr_f, tr_y = extract_features(net, train_root, size, args.batch_size, classes=classes)
+        va_f, va_y = extract_features(net, val_root, size, args.batch_size, classes=classes)
         results[name] = knn_accuracy(tr_f, tr_y, va_f, va_y, ks=args.k, temperature=args.temperature)
     for name, accs in results.items():
         print(f"k-NN top-1 ({name}): " + "  ".join(f"k={k}: {acc:.2f}%" for k, acc in accs.items()))
@@ -107,7 +114,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Teacher backbone of a sharded checkpoint, consolidated in this one process (no GPU needed)."""
     import dataclasses
 
-    from dinotrain.distributed.checkpoint import complete_checkpoints, consolidate_teacher_backbone, read_extra
+    from dinotrain.distributed.checkpoint import complete_checkpoints, read_extra
+    from dinotrain.distributed.checkpoint_files import read_teacher_backbone
     from dinotrain.export.convert import write_weights
     from dinotrain.models.state_dict import infer_spec
 
@@ -118,14 +126,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         if not found:
             raise FileNotFoundError(f"{src} is neither a checkpoint directory nor a run directory with checkpoints")
         ckpt = found[-1]
-    state = consolidate_teacher_backbone(ckpt)
-    student_cfg = read_extra(ckpt).get("config", {}).get("student", {})
+    # only the teacher backbone's byte ranges are read (not the optimizer), after the shards are checked;
+    # the metadata is unpickled allow-listed and never runs code
+    state = read_teacher_backbone(ckpt)
+    extra = read_extra(ckpt)
+    student_cfg = extra.get("config", {}).get("student", {})
     spec = infer_spec(state)
     if "interpolate_offset" in student_cfg:  # not stored in weights: take it from the run's config
         spec = dataclasses.replace(spec, interpolate_offset=float(student_cfg["interpolate_offset"]),
                                    interpolate_antialias=bool(student_cfg["interpolate_antialias"]))
     out = write_weights(state, spec, args.dst, args.to)
-    print(f"teacher backbone of {ckpt} (iteration {int(ckpt.name)}) -> {out} ({args.to})")
+    print(f"teacher backbone of {ckpt} (iteration {extra.get('iteration', ckpt.name)}) -> {out} ({args.to})")
     return 0
 
 
@@ -135,12 +146,21 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from dinotrain.data.augmentations import make_eval_transform
     from dinotrain.data.datasets import load_rgb
 
+    def read(image: str):
+        try:
+            return load_rgb(Path(image))
+        except (FileNotFoundError, ValueError):
+            raise  # already a clear message (missing file, image that cannot be made 8-bit RGB)
+        except Exception as exc:  # PIL's decoder errors: not an image, truncated, unsupported
+            raise ValueError(f"cannot read image {image}: {type(exc).__name__}: {exc}") from exc
+
+    images = [read(image) for image in args.images]  # every file checked before any work
     model = _backbone_from_args(args.weights, args.model).eval()
     transform = make_eval_transform(resize_size=args.image_size, crop_size=args.image_size)
     rows = []
     with torch.inference_mode():
-        for image in args.images:
-            x = transform(load_rgb(Path(image))).unsqueeze(0)
+        for image, pil in zip(args.images, images):
+            x = transform(pil).unsqueeze(0)
             feats = model(x)[0]
             rows.append({"image": image, "image_features": feats.tolist()})
             print(f"{image}: {feats.numel()}-dim embedding, norm {feats.norm():.3f}, first values "
@@ -167,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="self-supervised pretraining (DINO + iBOT + KoLeo)")
     t.add_argument("--config", help="a YAML file or a shipped config name such as smoke/cpu_tiny")
     t.add_argument("--output-dir", help="run directory (checkpoints, metrics.jsonl, log.txt)")
-    t.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in the run directory")
+    t.add_argument("--no-resume", action="store_true",
+                   help="start over: existing checkpoints and metrics of the run directory are moved aside")
+    t.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though train.dataset_path or train.centering differ from the checkpoint's")
     t.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.base_lr=1e-3")
     t.set_defaults(func=cmd_train)
 

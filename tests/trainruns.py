@@ -70,3 +70,59 @@ def teacher(run_dir: Path) -> dict:
 def max_abs_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def run_cli(args, nproc: int = 1, timeout: int = 300, extra_env=None) -> subprocess.CompletedProcess:
+    """Run `dinotrain ARGS` (under torchrun when nproc > 1) without raising on failure.
+
+    On timeout the whole process group is killed and the result has returncode -9 and
+    `timed_out = True`, so a hang fails a test instead of hanging the suite.
+    """
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "dinotrain", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", "-m", "dinotrain", *args]
+    proc = subprocess.Popen(cmd, env=dict(env(), **(extra_env or {})), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        result.timed_out = False
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        out, err = proc.communicate()
+        result = subprocess.CompletedProcess(cmd, -9, out, err)
+        result.timed_out = True
+    return result
+
+
+def train_args(run_dir: Path, overrides=(), extra=()) -> list[str]:
+    """`train` arguments of the few-second smoke run (FAST) in `run_dir`."""
+    return ["train", "--config", "smoke/cpu_tiny", "--output-dir", str(run_dir), *extra, *FAST, *overrides]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun starts its workers in new sessions)."""
+    todo, seen = [pid], []
+    while todo:
+        p = todo.pop()
+        seen.append(p)
+        todo.extend(_children(p))
+    for p in seen:
+        try:
+            os.kill(p, 9)
+        except ProcessLookupError:
+            pass

@@ -1,8 +1,9 @@
 """Image-folder dataset that tolerates bad files, and the one image decoder behind it.
 
 A long pretraining run should not die hours in because one JPEG in a million is truncated, so a
-file that cannot be decoded is logged and returned as ``None``; the collate function drops it and
-counts it (see :func:`dinotrain.data.collate.collate_data_and_cast`).
+file that cannot be decoded is logged and returned as ``None``; training replaces it by another
+image of the sample stream and counts it (:class:`dinotrain.train.batches.SeededSamples`), the
+per-batch collate of the library drops it (:func:`dinotrain.data.collate.collate_data_and_cast`).
 
 Every consumer of image files (training, k-NN features, ``dinotrain embed``) decodes through
 :func:`load_rgb`, which never turns a valid image silently white or black: PIL's ``convert("RGB")``

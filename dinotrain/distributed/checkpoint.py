@@ -1,8 +1,10 @@
 """Sharded checkpoints with torch.distributed.checkpoint (DCP): exact resume, on any world size.
 
 Layout: `<run>/checkpoints/<iteration:08d>/` holds the DCP shards of the model (student, teacher,
-loss centers) and optimizer, plus `extra.json` (iteration, sample-stream position, grad-scaler
-state, world size, config). It is written as `.tmp-<iteration>` and renamed only when every rank
+loss centers) and the optimizer's per-parameter state (keyed by parameter name; param groups come
+from the config), plus `extra.json` (iteration, sample-stream position, grad-scaler state, world
+size, skipped-image count, config). Loading validates first (see `checkpoint_files.py`) and never
+leaves a half-loaded model. It is written as `.tmp-<iteration>` and renamed only when every rank
 has finished, so an interrupted save never looks complete. RNG states need no saving: every step
 reseeds from (seed, iteration, rank) and every sample from its stream position.
 """
@@ -60,6 +62,65 @@ def read_extra(ckpt: Path) -> dict:
         raise CheckpointError(f"checkpoint {ckpt} has an unreadable {EXTRA}: {exc}") from exc
 
 
+def describe_failure(exc: BaseException) -> str:
+    """The real cause of a failed DCP call: its inner exception, not `CheckpointException ranks:...`."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, inner = sorted(failures.items(), key=lambda kv: kv[0])[0]
+        inner = inner[0] if isinstance(inner, tuple) else inner
+        return f"{describe_failure(inner)} (rank {rank})"
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:  # torch's weights-only refusal: keep the cause, not its advice
+        from dinotrain.models.state_dict import unpickling_refusal
+
+        return f"{type(exc).__name__}: {unpickling_refusal(exc)}"
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[-1][:400] if lines else ''}".rstrip(": ")
+
+
+def _optimizer_options() -> StateDictOptions:
+    # Flat keys: the optimizer state of a parameter is `state.<parameter name>.<exp_avg|exp_avg_sq|step>`.
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _requested(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict, dict]:
+    """(model tensors, optimizer per-parameter state, live param-group settings), as flat name -> value.
+
+    Only the per-parameter optimizer state (AdamW moments and step) is saved and loaded, matched to
+    parameters by name. The param groups (lr/wd multipliers, layout, betas) are not: they come from
+    the config of the run that resumes, and the schedules set lr and wd again every iteration, so a
+    change of `optim.layerwise_decay` or of the group layout never makes a checkpoint unloadable.
+    """
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_optimizer_options())
+    state = {k: v for k, v in optim_sd.items() if k.startswith("state.")}
+    groups = {k: v for k, v in optim_sd.items() if not k.startswith("state.")}
+    return model_sd, state, groups
+
+
+def _check_against_metadata(ckpt: Path, request: dict[str, dict], metadata) -> None:
+    """Every tensor this run needs is in the checkpoint with the same shape (else a clear error, before loading)."""
+    stored = metadata.state_dict_metadata
+    missing, mismatched = [], []
+    for top, entries in request.items():
+        for key, value in entries.items():
+            item = stored.get(f"{top}.{key}")
+            if item is None:
+                missing.append(f"{top}.{key}")
+            elif isinstance(value, torch.Tensor) and hasattr(item, "size") and tuple(item.size) != tuple(value.shape):
+                mismatched.append(f"{top}.{key} (checkpoint {tuple(item.size)}, this run {tuple(value.shape)})")
+    if missing or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} entries this run needs are missing, e.g. {', '.join(missing[:3])}")
+        if mismatched:
+            parts.append(f"{len(mismatched)} have another shape, e.g. {', '.join(mismatched[:3])}")
+        raise CheckpointError(f"checkpoint {ckpt} does not fit this run: " + "; ".join(parts))
+
+
+def _empty_like(entries: dict) -> dict:
+    return {k: torch.empty_like(v) if isinstance(v, torch.Tensor) else v for k, v in entries.items()}
+
+
 class Checkpointer:
     """Save/load a training state; keeps the last `keep_last` complete checkpoints."""
 
@@ -74,8 +135,8 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        model_sd, optim_state, _ = _requested(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_state}, checkpoint_id=str(tmp))
         _barrier()
         if _is_main():
             (tmp / EXTRA).write_text(json.dumps({**extra, "iteration": iteration}, indent=1, default=str))
@@ -93,50 +154,53 @@ class Checkpointer:
             shutil.rmtree(stale, ignore_errors=True)
 
     def load(self, ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """Load one checkpoint into the (sharded) model and optimizer; returns its extra state."""
+        """Load one checkpoint into the (sharded) model and optimizer; returns its extra state.
+
+        All or nothing: the checkpoint is validated (metadata read without running code, shard sizes,
+        every needed tensor present with its shape) and read into fresh buffers; the live model and
+        optimizer are only written once everything was read. A failure leaves them untouched.
+        """
+        from dinotrain.distributed.checkpoint_files import SafeFileSystemReader, validate_checkpoint
+
         extra = read_extra(ckpt)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        metadata = validate_checkpoint(ckpt)
+        model_sd, optim_state, optim_groups = _requested(model, optimizer)
+        request = {"model": _empty_like(model_sd), "optim": _empty_like(optim_state)}
+        _check_against_metadata(ckpt, request, metadata)
         try:
-            dcp.load(state, checkpoint_id=str(ckpt))
+            dcp.load(request, storage_reader=SafeFileSystemReader(ckpt))
         except (Exception, CheckpointException) as exc:  # DCP's own error is a BaseException
-            raise CheckpointError(f"checkpoint {ckpt} could not be read: {type(exc).__name__}: {exc}") from exc
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            raise CheckpointError(f"checkpoint {ckpt} could not be read: {describe_failure(exc)}") from exc
+        set_state_dict(model, optimizer, model_state_dict=request["model"],
+                       optim_state_dict={**request["optim"], **optim_groups}, options=_optimizer_options())
         return extra
 
-    def load_latest(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
-        """Newest checkpoint that loads; a corrupted one is reported and the previous one used."""
-        for ckpt in reversed(complete_checkpoints(self.root.parent)):
+    def load_latest(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    candidates: list[Path] | None = None) -> dict | None:
+        """Newest checkpoint that loads; a damaged one is reported and the previous one used.
+
+        Returns None only when there is no checkpoint. If there are checkpoints and none loads, raises
+        CheckpointError with each one's cause: a run never silently starts over in place.
+        """
+        candidates = complete_checkpoints(self.root.parent) if candidates is None else candidates
+        failures = []
+        for ckpt in reversed(candidates):
             try:
                 extra = self.load(ckpt, model, optimizer)
             except CheckpointError as exc:
                 log.error("%s; trying the previous checkpoint", exc)
+                failures.append(str(exc))
                 continue
             log.info("resumed from %s (iteration %d)", ckpt, extra["iteration"])
             return extra
+        if failures:
+            raise CheckpointError(
+                f"none of the {len(failures)} checkpoint(s) in {self.root} can be loaded, so the run cannot resume. "
+                f"Newest: {failures[0]}" + (f"; oldest: {failures[-1]}" if len(failures) > 1 else "")
+                + ". Fix the cause, or pass --no-resume to start over (the old checkpoints are moved aside, not deleted).")
         return None
 
 
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded CPU state dict of a (sharded) module; every rank must call it, rank 0 gets the tensors."""
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def consolidate_teacher_backbone(ckpt: str | Path) -> dict[str, torch.Tensor]:
-    """Official-layout teacher backbone state dict from a sharded checkpoint, in one process, no GPU."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    import tempfile
-
-    ckpt = Path(ckpt)
-    if not (ckpt / ".metadata").is_file():
-        raise CheckpointError(f"{ckpt} is not a dinotrain checkpoint directory (no .metadata)")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "full.pt"
-        dcp_to_torch_save(str(ckpt), str(out))
-        full = torch.load(out, map_location="cpu", weights_only=True)
-    prefix = "teacher.backbone."
-    model = full["model"]
-    state = {k[len(prefix):]: v for k, v in model.items() if k.startswith(prefix)}
-    if not state:
-        raise CheckpointError(f"{ckpt} holds no teacher backbone")
-    return state

@@ -74,13 +74,57 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Average scalar metrics over ranks (one collective for all of them)."""
+def all_reduce_mean(values: dict[str, float], device: torch.device, sum_keys: tuple[str, ...] = ()) -> dict[str, float]:
+    """Average scalar metrics over ranks (one collective for all of them); `sum_keys` are summed instead."""
     if not values:
         return {}
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
-        t /= dist.get_world_size()
+        divisor = torch.tensor([1.0 if k in sum_keys else float(dist.get_world_size()) for k in keys],
+                               dtype=torch.float64, device=device)
+        t /= divisor
     return dict(zip(keys, t.tolist()))
+
+
+class PeerFailed(RuntimeError):
+    """Another rank failed a step all ranks take together; its own error says why."""
+
+
+def _agree(error: Exception | None, env: DistEnv, what: str) -> None:
+    """Every rank learns whether any rank failed: the failing ones raise their error, the others PeerFailed."""
+    ok = torch.tensor([0 if error else 1], dtype=torch.long, device=env.device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if error is not None:
+        raise error
+    if not int(ok.item()):
+        raise PeerFailed(f"another rank failed in {what}; see its error")
+
+
+def main_first(fn, env: DistEnv):
+    """`fn()` on rank 0 first (e.g. to write a cache), then on the other ranks.
+
+    An error on rank 0 stops every rank (rank 0 raises it, the others raise PeerFailed) instead of
+    leaving them waiting in a collective.
+    """
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except Exception as exc:  # re-raised by _agree, after the other ranks heard of it
+            error = exc
+    _agree(error, env, getattr(fn, "__name__", "a shared step"))
+    return result if env.is_main else fn()
+
+
+def all_ranks(fn, env: DistEnv):
+    """`fn()` on every rank; if it fails on any, every rank stops (no rank left waiting in a collective)."""
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as exc:  # re-raised by _agree
+        error = exc
+    _agree(error, env, getattr(fn, "__name__", "a shared step"))
+    return result

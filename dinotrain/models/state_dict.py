@@ -92,6 +92,22 @@ def check_compatible(expected: ViTSpec, found: ViTSpec, what: str = "weights") -
         raise WeightsError(f"{what} do not fit this architecture: " + "; ".join(diffs))
 
 
+def unpickling_refusal(exc: BaseException) -> str:
+    """One line saying why `torch.load(weights_only=True)` refused a file, without torch's advice.
+
+    torch's message suggests re-running with `weights_only=False` or allow-listing the global: both
+    would let an untrusted file run code, so neither is passed on to the user.
+    """
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+        for advice in ("Please use `torch.serialization", "Check the documentation"):
+            text = text.split(advice, 1)[0]
+        return f"not plain tensor data (corrupted, or it references code): {' '.join(text.split())}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Tensors from a `.pth`/`.pt` (weights only, never arbitrary pickles) or `.safetensors` file."""
     path = Path(path)
@@ -108,7 +124,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors name internals; say what the user can act on
-        raise WeightsError(f"{path} is not a weights-only torch checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise WeightsError(f"{path} is not a weights-only torch checkpoint ({unpickling_refusal(exc)})") from exc
     for key in ("teacher", "model", "state_dict"):  # common wrappers of a state dict
         if isinstance(obj, dict) and isinstance(obj.get(key), dict) and "cls_token" not in obj:
             obj = obj[key]

@@ -49,21 +49,40 @@ class PositionedSampler(Sampler):
             yield self.start + self.rank + k * self.world_size, int(index)
 
 
-class SeededSamples(Dataset):
-    """Wraps a dataset: item (position, index) -> (position, dataset[index]) with seeded randomness."""
+class UnreadableDatasetError(ValueError):
+    """So many images failed to decode in a row that the dataset is unusable (wrong folder, wrong files)."""
 
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
+
+class SeededSamples(Dataset):
+    """Wraps a dataset: item (position, index) -> (position, sample, n_replaced) with seeded randomness.
+
+    An unreadable image is replaced by another image drawn from (seed, position, attempt), so every
+    rank's batch stays full (cross-rank ops such as the global KoLeo see equal sizes) and the
+    replacement is the same after a resume or on another world size. `n_replaced` counts the
+    unreadable images skipped for this position.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, max_attempts: int = 64):
+        self.dataset, self.seed, self.max_attempts = dataset, seed, max_attempts
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: tuple[int, int]):
         position, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mix(self.seed, position, 2))
-            random.seed(_mix(self.seed, position, 3))
-            return position, self.dataset[index]
+        for attempt in range(self.max_attempts):
+            if attempt:
+                index = _mix(self.seed, position, 5, attempt) % len(self)
+            salt = (attempt,) if attempt else ()  # attempt 0 keeps the stream of a dataset without bad files
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_mix(self.seed, position, 2, *salt))
+                random.seed(_mix(self.seed, position, 3, *salt))
+                sample = self.dataset[index]
+            if sample is not None:
+                return position, sample, attempt
+        raise UnreadableDatasetError(
+            f"{self.max_attempts} images in a row could not be decoded (the log names each file and why); "
+            "is train.dataset_path a folder of images this machine can read?")
 
 
 class GlobalMaskCollator:
@@ -79,20 +98,16 @@ class GlobalMaskCollator:
         self.mask_ratio_tuple, self.mask_probability = tuple(mask_ratio_tuple), mask_probability
         self.mask_generator = MaskingGenerator((grid, grid), max_num_patches=int(0.5 * grid * grid))
 
-    def __call__(self, items: list) -> dict | None:
-        offsets = [p - self.origin for p, _ in items]
+    def __call__(self, items: list) -> dict:
+        offsets = [p - self.origin for p, _, _ in items]
         step = offsets[0] // self.global_batch
         assert all(o // self.global_batch == step for o in offsets), "a batch must not straddle global batches"
         batch_start = self.origin + step * self.global_batch  # a global batch is named by its first sample
         rng = random.Random(_mix(self.seed, batch_start, 4))
         all_masks, _ = draw_masks(2 * self.global_batch, self.mask_ratio_tuple, self.mask_probability, self.n_tokens,
                                   self.mask_generator, rng)
-        kept = [(p, s) for p, s in items if s is not None]
-        n_skipped = len(items) - len(kept)
-        if not kept:
-            return {"n_skipped": n_skipped, "empty": True}
-        slots = [(p - self.origin) % self.global_batch for p, _ in kept]
-        samples = [s for _, s in kept]
+        slots = [(p - self.origin) % self.global_batch for p, _, _ in items]
+        samples = [s for _, s, _ in items]
         masks = torch.stack([all_masks[v * self.global_batch + j] for v in range(2) for j in slots])
         mask_indices, masks_weight = mask_targets(masks)
         return {
@@ -101,9 +116,8 @@ class GlobalMaskCollator:
             "collated_masks": masks,
             "mask_indices_list": mask_indices,
             "masks_weight": masks_weight,
-            "labels": torch.tensor([s[1] for _, s in kept], dtype=torch.long),
-            "n_skipped": n_skipped,
-            "empty": False,
+            "labels": torch.tensor([s[1] for s in samples], dtype=torch.long),
+            "n_skipped": sum(n for _, _, n in items),
         }
 
 
@@ -114,14 +128,20 @@ def resolve_dataset_root(cfg: DictConfig) -> Path:
     return Path(cfg.train.dataset_path).expanduser()
 
 
-def build_train_loader(cfg: DictConfig, rank: int, world_size: int, start_position: int) -> tuple[DataLoader, int]:
-    """Infinite loader of this rank's micro-batches, resuming at `start_position` of the global stream."""
+def build_train_dataset(cfg: DictConfig, index_cache_dir: str | Path | None = None) -> ImageFolderDataset:
+    """The training images with the multi-crop augmentation (the index is cached, see data/index.py)."""
     aug = DataAugmentationDINO(
         tuple(cfg.crops.global_crops_scale), tuple(cfg.crops.local_crops_scale), cfg.crops.local_crops_number,
         global_crops_size=cfg.crops.global_crops_size, local_crops_size=cfg.crops.local_crops_size,
         blur_kernel_size=cfg.crops.blur_kernel_size,
     )
-    dataset = ImageFolderDataset(resolve_dataset_root(cfg), transform=aug)
+    return ImageFolderDataset(resolve_dataset_root(cfg), transform=aug, index_cache_dir=index_cache_dir)
+
+
+def build_train_loader(cfg: DictConfig, rank: int, world_size: int, start_position: int,
+                       dataset: ImageFolderDataset | None = None) -> tuple[DataLoader, int]:
+    """Infinite loader of this rank's micro-batches, resuming at `start_position` of the global stream."""
+    dataset = dataset if dataset is not None else build_train_dataset(cfg)
     batch = cfg.train.batch_size_per_gpu
     grid = cfg.crops.global_crops_size // cfg.student.patch_size
     collate = GlobalMaskCollator(batch * world_size, grid * grid, grid, cfg.ibot.mask_ratio_min_max,
@@ -133,6 +153,12 @@ def build_train_loader(cfg: DictConfig, rank: int, world_size: int, start_positi
         persistent_workers=cfg.train.num_workers > 0,
     )
     return loader, len(dataset)
+
+
+def first_sample(cfg: DictConfig, dataset: ImageFolderDataset, rank: int, world_size: int, start_position: int):
+    """Decode this rank's next sample now, so an unusable dataset fails before any model is built."""
+    sampler = PositionedSampler(len(dataset), cfg.train.seed, rank, world_size, start_position)
+    return SeededSamples(dataset, cfg.train.seed)[next(iter(sampler))]
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

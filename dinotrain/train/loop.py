@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -17,54 +16,24 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from dinotrain.config import ConfigError, save_config
-from dinotrain.distributed.checkpoint import Checkpointer, complete_checkpoints, full_state_dict, read_extra
-from dinotrain.distributed.env import DistEnv, all_reduce_mean, init_distributed
+from dinotrain.config import save_config
+from dinotrain.distributed.checkpoint import (Checkpointer, CheckpointError, complete_checkpoints, full_state_dict,
+                                              read_extra)
+from dinotrain.distributed.env import DistEnv, all_reduce_mean, init_distributed, all_ranks, main_first
 from dinotrain.distributed.fsdp import clip_grad_norm, compute_dtype
-from dinotrain.train.batches import build_train_loader, seed_step, to_device
+from dinotrain.train.batches import (UnreadableDatasetError, build_train_dataset, build_train_loader, first_sample,
+                                     seed_step, to_device)
+from dinotrain.train.resume import check_resume, config_changes, log_changes, record_history
+from dinotrain.train.rundir import move_aside, prepare_run_dir, rewind_metrics, setup_logging
 from dinotrain.train.optim import apply_schedules, build_optimizer
 from dinotrain.train.schedules import build_schedules, scaled_lr
 from dinotrain.train.ssl import SSLMetaArch
 
 log = logging.getLogger("dinotrain.train")
 
-# Keys that fix parameter shapes: a resumed run must agree on them with its checkpoint.
-ARCH_KEYS = ("student.arch", "student.patch_size", "student.ffn_layer", "student.num_register_tokens",
-             "student.layerscale", "student.qkv_bias", "student.proj_bias", "student.ffn_bias",
-             "crops.global_crops_size", "dino.head_n_prototypes", "dino.head_bottleneck_dim", "dino.head_nlayers",
-             "dino.head_hidden_dim", "ibot.separate_head", "ibot.head_n_prototypes", "ibot.head_bottleneck_dim",
-             "ibot.head_nlayers", "ibot.head_hidden_dim")
-
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf more often in a row than `train.nan_tolerance` allows."""
-
-
-def setup_logging(run_dir: Path, is_main: bool) -> None:
-    root = logging.getLogger("dinotrain")
-    root.setLevel(logging.INFO)
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    if not is_main:
-        root.addHandler(logging.NullHandler())
-        return
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "log.txt")):
-        handler.setFormatter(fmt)
-        root.addHandler(handler)
-    root.propagate = False
-
-
-def check_resume_compatible(cfg: DictConfig, saved: dict, where: Path) -> None:
-    """Resuming with another architecture would load garbage: name every differing key."""
-    saved_cfg = OmegaConf.create(saved)
-    diffs = [f"{k}: checkpoint has {OmegaConf.select(saved_cfg, k)!r}, config has {OmegaConf.select(cfg, k)!r}"
-             for k in ARCH_KEYS if OmegaConf.select(saved_cfg, k) != OmegaConf.select(cfg, k)]
-    if diffs:
-        raise ConfigError(
-            f"cannot resume from {where}: the architecture differs — " + "; ".join(diffs)
-            + ". Use another --output-dir, or --no-resume to start over in this one."
-        )
 
 
 def total_iterations(cfg: DictConfig) -> int:
@@ -87,27 +56,30 @@ def _format_eta(seconds: float) -> str:
 class Trainer:
     """Builds everything a run needs from the config, then `run()` trains until the last iteration."""
 
-    def __init__(self, cfg: DictConfig, run_dir: str | Path, resume: bool = True, env: DistEnv | None = None):
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, resume: bool = True, env: DistEnv | None = None,
+                 allow_config_change: bool = False):
         self.env = env or init_distributed()
         self.run_dir = Path(run_dir)
+        self.cfg = cfg
+        # 1. Everything a user can get wrong is checked before any model is built, on every rank.
+        prepare_run_dir(self.run_dir)
+        setup_logging(self.run_dir, self.env.is_main)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last)
+        self.candidates = complete_checkpoints(self.run_dir) if resume else []
+        newest = self._newest_readable_checkpoint() if resume else None
+        if newest is not None:
+            check_resume(newest[1].get("config", {}), cfg, newest[0], allow_config_change)
+        self.dataset = main_first(lambda: build_train_dataset(cfg, index_cache_dir=self.run_dir), self.env)
+        position = newest[1].get("sample_position", 0) if newest else 0
+        all_ranks(lambda: first_sample(cfg, self.dataset, self.env.rank, self.env.world_size, position), self.env)
         if self.env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                move_aside(self.run_dir)  # starting over never deletes the previous run
+            save_config(cfg, self.run_dir / "config.yaml")
         if dist.is_initialized():
             dist.barrier()
-        setup_logging(self.run_dir, self.env.is_main)
-        self.cfg = cfg
-        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last)
-        if resume:
-            for ckpt in complete_checkpoints(self.run_dir)[-1:]:
-                check_resume_compatible(cfg, read_extra(ckpt).get("config", {}), ckpt)
-        elif self.env.is_main and complete_checkpoints(self.run_dir):
-            # starting over must not leave old checkpoints that a later resume would pick up
-            aside = self.run_dir / f"checkpoints.old-{time.strftime('%Y%m%d-%H%M%S')}"
-            (self.run_dir / "checkpoints").rename(aside)
-            log.info("--no-resume: previous checkpoints moved to %s", aside)
-        if self.env.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
 
+        # 2. The model, sharded, and its optimizer.
         torch.manual_seed(cfg.train.seed)  # same init on every rank
         self.accum = cfg.train.grad_accum_steps
         self.batch = cfg.train.batch_size_per_gpu
@@ -130,22 +102,41 @@ class Trainer:
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
             self.scaler = ShardedGradScaler(device=self.env.device.type)
-        self.start_iter, self.sample_position = 0, 0
-        extra = self.checkpointer.load_latest(self.model, self.optimizer) if resume else None
+
+        # 3. Resume: the newest checkpoint that loads; if there are checkpoints and none loads, stop.
+        self.start_iter, self.sample_position, self.skipped_before = 0, 0, 0
+        extra = self.checkpointer.load_latest(self.model, self.optimizer, self.candidates) if resume else None
         if extra is not None:
             self.start_iter, self.sample_position = extra["iteration"], extra["sample_position"]
+            self.skipped_before = int(extra.get("skipped_images", 0)) if self.env.is_main else 0
             if self.scaler is not None and extra.get("grad_scaler"):
                 self.scaler.load_state_dict(extra["grad_scaler"])
             if self.sample_position != self.start_iter * self.global_batch:
                 log.info("global batch changed since the checkpoint: the sample stream continues at %d",
                          self.sample_position)
+            if self.env.is_main:
+                changes = config_changes(extra.get("config", {}), cfg)
+                log_changes(changes, self.start_iter)
+                ckpt = self.run_dir / "checkpoints" / f"{self.start_iter:08d}"
+                record_history(self.run_dir, ckpt, self.start_iter, self.env.world_size, changes)
+        if self.env.is_main:
+            rewind_metrics(self.run_dir / "metrics.jsonl", self.start_iter)
         self.loader, n_images = build_train_loader(
-            cfg, self.env.rank, self.env.world_size, self.sample_position)
+            cfg, self.env.rank, self.env.world_size, self.sample_position, dataset=self.dataset)
         period = cfg.checkpoint.period_iterations or cfg.train.saveckp_freq * cfg.train.OFFICIAL_EPOCH_LENGTH
         self.checkpoint_period = period
         log.info("world size %d, device %s, compute dtype %s; %d training images; global batch %d; lr %.3g; "
-                 "%d iterations (from %d)", self.env.world_size, self.env.device, self.dtype, n_images,
-                 self.global_batch, lr, self.max_iter, self.start_iter)
+                 "%d iterations (from %d); checkpoint every %d iterations", self.env.world_size, self.env.device,
+                 self.dtype, n_images, self.global_batch, lr, self.max_iter, self.start_iter, period)
+
+    def _newest_readable_checkpoint(self) -> tuple[Path, dict] | None:
+        """(checkpoint, its extra.json) of the newest checkpoint whose extra.json reads; the config check uses it."""
+        for ckpt in reversed(self.candidates):
+            try:
+                return ckpt, read_extra(ckpt)
+            except CheckpointError as exc:
+                log.error("%s; trying the previous checkpoint", exc)
+        return None
 
     # ---- one iteration -------------------------------------------------------------------------
     def _step(self, it: int, batches) -> dict[str, float]:
@@ -181,35 +172,38 @@ class Trainer:
         self.model.update_teacher(sched["mom"])
         return {**sums, **sched, "finite": 1.0, "n_skipped": n_skipped}
 
-    def _save(self, it: int) -> None:
+    def _save(self, it: int, skipped_images: int) -> None:
         self.checkpointer.save(it, self.model, self.optimizer, {
             "sample_position": self.sample_position,
             "world_size": self.env.world_size,
+            "skipped_images": self._sum_over_ranks(skipped_images),
             "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         })
 
-    def _rewind_metrics(self, path: Path) -> None:
-        """After a resume, drop records of iterations that the crashed run did past its checkpoint."""
-        if not self.env.is_main or not path.is_file():
-            return
-        kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["iteration"] <= self.start_iter]
-        path.write_text("".join(ln + "\n" for ln in kept))
+    def _sum_over_ranks(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.long, device=self.env.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(t)
+        return int(t.item())
+
+    def _next_batches(self, data) -> list[dict]:
+        try:
+            return [next(data) for _ in range(self.accum)]
+        except UnreadableDatasetError as exc:  # from a DataLoader worker the message carries its traceback
+            raise UnreadableDatasetError(str(exc).strip().splitlines()[-1].split("UnreadableDatasetError: ")[-1]) from exc
 
     def run(self) -> dict[str, float]:
         """Train from the current iteration to the last; returns the last logged metrics."""
         data = iter(self.loader)
         metrics_path = self.run_dir / "metrics.jsonl"
-        self._rewind_metrics(metrics_path)
-        bad_in_a_row, skipped_images = 0, 0
+        bad_in_a_row, skipped_images = 0, self.skipped_before
         last: dict[str, float] = {}
         t_log, it_log = time.perf_counter(), self.start_iter
         t_start = t_log
         for it in range(self.start_iter, self.max_iter):
             seed_step(self.cfg.train.seed, it, self.env.rank)
-            batches = [next(data) for _ in range(self.accum)]
-            if any(b.get("empty") for b in batches):
-                raise RuntimeError(f"iteration {it}: every image of a batch was unreadable; check the dataset")
+            batches = self._next_batches(data)
             out = self._step(it, batches)
             self.sample_position += self.global_batch
             skipped_images += int(out.pop("n_skipped"))
@@ -227,25 +221,30 @@ class Trainer:
             if done % self.cfg.train.log_every == 0 or done == self.max_iter:
                 now = time.perf_counter()
                 imgs_per_s = (done - it_log) * self.global_batch / max(now - t_log, 1e-9)
-                reduced = all_reduce_mean({k: v for k, v in out.items()}, self.env.device)
-                last = {"iteration": done, **reduced, "images_per_s": imgs_per_s, "skipped_images": skipped_images}
+                reduced = all_reduce_mean({**out, "skipped_images": float(skipped_images)}, self.env.device,
+                                          sum_keys=("skipped_images",))
+                reduced["skipped_images"] = int(round(reduced["skipped_images"]))
+                last = {"iteration": done, **reduced, "images_per_s": imgs_per_s}
                 if self.env.is_main:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(last) + "\n")
                     eta = (now - t_start) / max(done - self.start_iter, 1) * (self.max_iter - done)
                     log.info("it %d/%d  loss %.4f (dino g %.4f l %.4f, ibot %.4f, koleo %.4f)  lr %.2e  "
-                             "%.1f img/s  eta %s", done, self.max_iter, last["total_loss"],
+                             "%.1f img/s  eta %s%s", done, self.max_iter, last["total_loss"],
                              last.get("dino_global_crops_loss", 0), last.get("dino_local_crops_loss", 0),
                              last.get("ibot_loss", 0), last.get("koleo_loss", 0), last["lr"], imgs_per_s,
-                             _format_eta(eta))
+                             _format_eta(eta), f"  ({last['skipped_images']} unreadable images replaced so far)"
+                             if last["skipped_images"] else "")
                 t_log, it_log = now, done
             if done % self.checkpoint_period == 0 and done != self.max_iter:
-                self._save(done)
+                self._save(done, skipped_images)
         if self.max_iter > self.start_iter:
-            self._save(self.max_iter)
+            self._save(self.max_iter, skipped_images)
         self.export_teacher()
-        if skipped_images:
-            log.warning("%d unreadable images were skipped during training", skipped_images)
+        total_skipped = self._sum_over_ranks(skipped_images)
+        if total_skipped:
+            log.warning("%d unreadable images were replaced by others during training (the log names each)",
+                        total_skipped)
         return last
 
     def export_teacher(self) -> Path:
@@ -260,6 +259,6 @@ class Trainer:
         return path
 
 
-def train(cfg: DictConfig, run_dir: str | Path, resume: bool = True) -> dict[str, float]:
-    return Trainer(cfg, run_dir, resume=resume).run()
+def train(cfg: DictConfig, run_dir: str | Path, resume: bool = True, allow_config_change: bool = False) -> dict[str, float]:
+    return Trainer(cfg, run_dir, resume=resume, allow_config_change=allow_config_change).run()
 

@@ -130,7 +130,9 @@ class SSLMetaArch(nn.Module):
     def compute_losses(self, batch: dict, teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss (what is backpropagated) and each term's weighted contribution to it."""
         teacher_cls, teacher_patch = self._teacher_targets(batch, teacher_temp)
-        do_ibot = self.do_ibot and batch["mask_indices_list"].numel() > 0
+        # Every rank runs every sharded module every step, also when its crops drew no masked patch:
+        # the iBOT head then sees an empty (0, D) input and adds exactly 0 to the loss. Skipping it
+        # on one rank would leave the other ranks waiting in the head's FSDP collectives forever.
 
         crops, masks = [batch["collated_global_crops"]], [batch["collated_masks"]]
         if self.n_local_crops:
@@ -140,7 +142,7 @@ class SSLMetaArch(nn.Module):
         g_cls = outs[0]["x_norm_clstoken"]
         l_cls = outs[1]["x_norm_clstoken"] if self.n_local_crops else g_cls[:0]
         head_in = [l_cls, g_cls]
-        if do_ibot:
+        if self.do_ibot:
             g_patch = outs[0]["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
             if not self.ibot_separate_head:
                 head_in.append(g_patch)
@@ -153,7 +155,7 @@ class SSLMetaArch(nn.Module):
         terms = {"dino_global_crops_loss": w * dino_global, "dino_local_crops_loss": w * dino_local}
         if self.do_koleo:
             terms["koleo_loss"] = self.cfg.dino.koleo_loss_weight * self._koleo(g_cls.float())
-        if do_ibot:
+        if self.do_ibot:
             if self.ibot_separate_head:
                 patch_logits = self.student["ibot_head"](g_patch).float()
             else:
@@ -162,8 +164,6 @@ class SSLMetaArch(nn.Module):
                 patch_logits, teacher_patch, student_masks_flat=batch["collated_masks"],
                 masks_weight=batch["masks_weight"])
             terms["ibot_loss"] = self.cfg.ibot.loss_weight * ibot
-        elif self.do_ibot:
-            terms["ibot_loss"] = g_logits.sum() * 0.0
         total = sum(terms.values())
         return total, terms
 

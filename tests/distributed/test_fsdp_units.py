@@ -3,11 +3,9 @@
 import pytest
 import torch
 
-from dinotrain.config import ConfigError, load_config
 from dinotrain.distributed.env import destroy_distributed, init_distributed
 from dinotrain.distributed.fsdp import clip_grad_norm, ema_update, local, reshard, shard_module
 from dinotrain.models.vision_transformer import build_vit
-from dinotrain.train.loop import check_resume_compatible
 
 
 @pytest.fixture
@@ -45,13 +43,3 @@ def test_clip_grad_norm_on_shards(process_group):
     assert float(norm) > 1.0
     after = torch.sqrt(sum(local(p.grad).pow(2).sum() for p in student.parameters() if p.grad is not None))
     assert float(after) == pytest.approx(1.0, rel=1e-4)
-
-
-def test_resume_check_names_every_differing_key():
-    cfg = load_config("smoke/cpu_tiny")
-    saved = load_config("smoke/cpu_tiny", ["student.arch=vit_small", "dino.head_n_prototypes=64"])
-    from omegaconf import OmegaConf
-
-    with pytest.raises(ConfigError, match=r"student\.arch.*dino\.head_n_prototypes|dino\.head_n_prototypes.*student\.arch"):
-        check_resume_compatible(cfg, OmegaConf.to_container(saved), "ckpt")
-    check_resume_compatible(cfg, OmegaConf.to_container(cfg), "ckpt")  # same architecture: fine
