@@ -5,6 +5,12 @@
 Nothing is ever downloaded: `weights=PATH` loads a local hub `.pth`, `.safetensors` or `transformers`
 directory; `pretrained=True` alone is an error rather than a silent random model. Extra keyword
 arguments go to the backbone constructor (e.g. `img_size=224`, `drop_path_rate=0.1`, `depth=1`).
+
+Weights of any image size load. Without `img_size`, a model with `weights` is built at the weights'
+own size (a 224-px export gives the 224-px model, the official 518-px weights the 518-px one), so
+nothing is resampled. With an `img_size` other than the weights', their position embeddings are
+resampled bicubically to the new grid (logged as a warning; the method of the model's own forward,
+see `dinotrain.models.state_dict.resample_pos_embed`); `strict_pos_embed=True` refuses instead.
 """
 
 dependencies = ["torch"]
@@ -17,25 +23,28 @@ from dinotrain.models.state_dict import WeightsError as _WeightsError  # noqa: E
 from dinotrain.models.state_dict import load_backbone_weights as _load_backbone_weights  # noqa: E402
 
 
-def _load(name: str, pretrained: bool, weights, kwargs: dict):
+def _load(name: str, pretrained: bool, weights, kwargs: dict, strict_pos_embed: bool = False):
     if pretrained and weights is None:
         raise ValueError(
             f"{name}(pretrained=True) would need a download, which dinotrain never does; "
             f"pass weights=PATH to a local .pth, .safetensors or transformers directory (or pretrained=False)"
         )
+    if weights is None:
+        return _build_preset(name, **kwargs)
+    state_dict, found = _read_weights(weights)
+    if "img_size" not in kwargs and found.patch_size == _PRESETS[name]["patch_size"]:
+        kwargs["img_size"] = found.img_size  # the weights' own grid: no resampling
     model = _build_preset(name, **kwargs)
-    if weights is not None:
-        state_dict, _ = _read_weights(weights)
-        try:
-            _load_backbone_weights(model, state_dict)
-        except _WeightsError as exc:
-            raise _WeightsError(f"{weights} cannot be loaded into {name}: {exc}") from exc
+    try:
+        _load_backbone_weights(model, state_dict, strict_pos_embed=strict_pos_embed)
+    except _WeightsError as exc:
+        raise _WeightsError(f"{weights} cannot be loaded into {name}: {exc}") from exc
     return model
 
 
 def _entry_point(name: str):
-    def entry(pretrained: bool = False, weights=None, **kwargs):
-        return _load(name, pretrained, weights, kwargs)
+    def entry(pretrained: bool = False, weights=None, strict_pos_embed: bool = False, **kwargs):
+        return _load(name, pretrained, weights, kwargs, strict_pos_embed)
 
     spec = _PRESETS[name]
     entry.__name__ = entry.__qualname__ = name
@@ -44,7 +53,8 @@ def _entry_point(name: str):
         f"{', 4 register tokens' if spec.get('num_register_tokens') else ''} (official settings).\n\n"
         "weights: path to local weights (hub .pth, .safetensors or transformers directory) to load.\n"
         "pretrained: must come with `weights`; nothing is downloaded.\n"
-        "kwargs: constructor overrides, e.g. img_size=224."
+        "strict_pos_embed: refuse weights made at another img_size instead of resampling their positions.\n"
+        "kwargs: constructor overrides, e.g. img_size=224 (default: the weights' own size, else 518/224)."
     )
     return entry
 

@@ -66,10 +66,12 @@ def _backbone_from_args(weights: str | None, model: str | None, seed: int = 0):
 def cmd_eval_knn(args: argparse.Namespace) -> int:
     import torch
 
-    from dinotrain.eval.features import extract_features, shared_label_space
+    from dinotrain.eval.features import eval_sizes, extract_features, pick_eval_device, shared_label_space
     from dinotrain.eval.knn import knn_accuracy
     from dinotrain.models.vision_transformer import vit_from_spec
 
+    resize, crop = eval_sizes(args.image_size, tiny=args.tiny)  # checked before any work
+    device = pick_eval_device(getattr(args, "device", "auto"))
     train_root, val_root = args.train, args.val
     if args.tiny:
         from dinotrain.data.tiny import ensure_tiny_dataset
@@ -81,15 +83,16 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads) if args.threads else None
     classes = shared_label_space(train_root, val_root)  # val classes matched to train's by name, checked first
     model = _backbone_from_args(args.weights, args.model)
-    size = args.image_size or model.spec.img_size
     candidates = {"model": model}
     if args.baseline_random:
         torch.manual_seed(args.seed)
         candidates["random_init"] = vit_from_spec(model.spec)
+    logging.getLogger("dinotrain.eval").info("k-NN on %s: resize %d bicubic, centre crop %d", device, resize, crop)
     results = {}
     for name, net in candidates.items():
-        tr_f, tr_y = extract_features(net, train_root, size, args.batch_size, classes=classes)
-        va_f, va_y = extract_features(net, val_root, size, args.batch_size, classes=classes)
+        net = net.to(device)
+        tr_f, tr_y = extract_features(net, train_root, crop, args.batch_size, classes=classes, resize_size=resize)
+        va_f, va_y = extract_features(net, val_root, crop, args.batch_size, classes=classes, resize_size=resize)
         results[name] = knn_accuracy(tr_f, tr_y, va_f, va_y, ks=args.k, temperature=args.temperature)
     for name, accs in results.items():
         print(f"k-NN top-1 ({name}): " + "  ".join(f"k={k}: {acc:.2f}%" for k, acc in accs.items()))
@@ -145,6 +148,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     from dinotrain.data.augmentations import make_eval_transform
     from dinotrain.data.datasets import load_rgb
+    from dinotrain.eval.features import eval_sizes, pick_eval_device
+
+    resize, crop = eval_sizes(args.image_size)  # checked before any work
+    device = pick_eval_device(getattr(args, "device", "auto"))
 
     def read(image: str):
         try:
@@ -155,13 +162,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
             raise ValueError(f"cannot read image {image}: {type(exc).__name__}: {exc}") from exc
 
     images = [read(image) for image in args.images]  # every file checked before any work
-    model = _backbone_from_args(args.weights, args.model).eval()
-    transform = make_eval_transform(resize_size=args.image_size, crop_size=args.image_size)
+    model = _backbone_from_args(args.weights, args.model).eval().to(device)
+    transform = make_eval_transform(resize_size=resize, crop_size=crop)
     rows = []
     with torch.inference_mode():
         for image, pil in zip(args.images, images):
-            x = transform(pil).unsqueeze(0)
-            feats = model(x)[0]
+            x = transform(pil).unsqueeze(0).to(device)
+            feats = model(x)[0].float().cpu()
             rows.append({"image": image, "image_features": feats.tolist()})
             print(f"{image}: {feats.numel()}-dim embedding, norm {feats.norm():.3f}, first values "
                   + " ".join(f"{v:.4f}" for v in feats[:4].tolist()))
@@ -204,7 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--tiny", action="store_true", help="use the built-in tiny dataset's train/val split")
     k.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200])
     k.add_argument("--temperature", type=float, default=0.07)
-    k.add_argument("--image-size", type=int, help="resize/crop side (default: the model's img_size)")
+    k.add_argument("--image-size", type=int,
+                   help="centre-crop side in pixels; the shorter side is first resized bicubically to "
+                        "round(size*256/224) (the DINO protocol: 256 -> 224). Default 224, or 32 with --tiny")
+    k.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where features are computed (default: the GPU when torch sees one, else the CPU)")
     k.add_argument("--batch-size", type=int, default=64)
     k.add_argument("--baseline-random", action="store_true", help="also evaluate the same architecture at random init")
     k.add_argument("--seed", type=int, default=0, help="seed of the random-init baseline")
@@ -228,7 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("images", nargs="+", help="image files")
     m.add_argument("--weights", help="backbone weights (any supported format) or a run directory")
     m.add_argument("--model", default=None, help="named backbone at random init when no --weights")
-    m.add_argument("--image-size", type=int, default=224)
+    m.add_argument("--image-size", type=int,
+                   help="centre-crop side in pixels after a bicubic resize of the shorter side to "
+                        "round(size*256/224) (default 224: resize 256, crop 224, the DINO protocol)")
+    m.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="default: the GPU when torch sees one, else the CPU")
     m.add_argument("--output", help="write [{image, image_features}] as JSON here")
     m.set_defaults(func=cmd_embed)
 

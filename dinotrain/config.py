@@ -185,6 +185,11 @@ def _check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"config key '{key}' = {get(key)} must be a multiple of student.patch_size = {patch}")
     if get("crops.blur_kernel_size") % 2 == 0 or get("crops.blur_kernel_size") < 1:
         raise ConfigError(f"config key 'crops.blur_kernel_size' must be a positive odd number; got {get('crops.blur_kernel_size')}")
+    blur_p = get("crops.blur_probabilities")
+    blur_p = None if blur_p is None else list(blur_p)
+    if blur_p is None or not all(p is not None and 0 <= p <= 1 for p in blur_p):
+        raise ConfigError("config key 'crops.blur_probabilities' must be 3 probabilities within [0, 1] (global view 1, "
+                          f"global view 2, local views), e.g. [1.0, 0.1, 0.5] (paper) or [0.0, 0.9, 0.5] (official code); got {blur_p}")
     for key in ("train.max_iterations", "checkpoint.period_iterations"):
         if get(key) is not None and get(key) <= 0:
             raise ConfigError(f"config key '{key}' must be positive or null; got {get(key)}")

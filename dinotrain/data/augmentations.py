@@ -2,8 +2,16 @@
 
 The recipe follows the official DINOv2 one: two global crops with different blur/solarize
 settings (so the two teacher views are asymmetric) plus N small local crops seen only by the
-student. The only addition is a blur kernel that can shrink for tiny images, where the official
-fixed 9x9 kernel would be larger than the crop.
+student. Additions: a blur kernel that can shrink for tiny images, where the official fixed 9x9
+kernel would be larger than the crop, and the blur probabilities as a parameter.
+
+Blur probabilities: the DINOv2 paper gives 1.0 / 0.1 / 0.5 (global view 1, global view 2, local
+views). The official code wraps its blur as ``RandomApply(p=1 - p)`` (dinov2/data/transforms.py,
+``GaussianBlur``), and torchvision's RandomApply applies its transforms with probability ``p``,
+so the released models saw 0.0 / 0.9 / 0.5: view 1 never blurred, view 2 blurred 90 % of the
+time. `PAPER_BLUR_PROBABILITIES` and `OFFICIAL_CODE_BLUR_PROBABILITIES` name both; here a value
+is always the probability that blur IS applied. Solarization (p=0.2, global view 2 only) is the
+same in the paper and the code.
 """
 
 from __future__ import annotations
@@ -15,6 +23,9 @@ from torchvision import transforms
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_BLUR_KERNEL = 9
+# (global view 1, global view 2, local views): probability that Gaussian blur is applied
+PAPER_BLUR_PROBABILITIES = (1.0, 0.1, 0.5)
+OFFICIAL_CODE_BLUR_PROBABILITIES = (0.0, 0.9, 0.5)  # what the released DINOv2 models were trained with
 _BICUBIC = transforms.InterpolationMode.BICUBIC
 
 
@@ -43,6 +54,20 @@ def _check_mean_std(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple,
     if any(s <= 0 for s in std):
         raise ValueError(f"std values must be positive, got {std!r}")
     return mean, std
+
+
+def _check_blur_probabilities(probabilities) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(p) for p in probabilities)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 3 or not all(0.0 <= p <= 1.0 for p in values):
+        raise ValueError(
+            "blur_probabilities must be 3 probabilities in [0, 1] (global view 1, global view 2, local "
+            f"views), e.g. {list(PAPER_BLUR_PROBABILITIES)} (paper) or {list(OFFICIAL_CODE_BLUR_PROBABILITIES)} "
+            f"(official code); got {probabilities!r}"
+        )
+    return values  # type: ignore[return-value]
 
 
 def blur_kernel_for(crop_size: int, kernel_size: Optional[int] = None) -> int:
@@ -84,8 +109,9 @@ class DataAugmentationDINO:
     Returns ``{"global_crops": [g1, g2], "global_crops_teacher": [g1, g2],
     "local_crops": [l1, ..., lN], "offsets": ()}``; global crops are
     ``(3, global_crops_size, global_crops_size)``, local ones ``(3, local_crops_size, local_crops_size)``.
-    Global view 1 is always blurred; view 2 is blurred with p=0.1 and solarized with p=0.2;
-    local crops are blurred with p=0.5.
+    Gaussian blur is applied with probabilities ``blur_probabilities`` = (global view 1, global
+    view 2, local crops), by default the paper's (1.0, 0.1, 0.5) (see the module docstring for
+    the official code's (0.0, 0.9, 0.5)); view 2 alone is solarized, with p=0.2.
     """
 
     def __init__(
@@ -98,6 +124,7 @@ class DataAugmentationDINO:
         blur_kernel_size: Optional[int] = None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        blur_probabilities: Sequence[float] = PAPER_BLUR_PROBABILITIES,
     ):
         self.global_crops_scale = _check_scale("global_crops_scale", global_crops_scale)
         self.local_crops_scale = _check_scale("local_crops_scale", local_crops_scale)
@@ -109,6 +136,8 @@ class DataAugmentationDINO:
             if blur_kernel_size % 2 == 0:
                 raise ValueError(f"blur_kernel_size must be odd (e.g. 9, 5 or 3), got {blur_kernel_size}")
         self.blur_kernel_size = blur_kernel_size
+        self.blur_probabilities = _check_blur_probabilities(blur_probabilities)
+        p_global_1, p_global_2, p_local = self.blur_probabilities
         mean, std = _check_mean_std(mean, std)
 
         self.geometric_global = _crop_and_flip(self.global_crops_size, self.global_crops_scale)
@@ -117,18 +146,18 @@ class DataAugmentationDINO:
         normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
         g_size = self.global_crops_size
         self.global_transform_1 = transforms.Compose(
-            [colour, random_gaussian_blur(1.0, g_size, blur_kernel_size), normalize]
+            [colour, random_gaussian_blur(p_global_1, g_size, blur_kernel_size), normalize]
         )
         self.global_transform_2 = transforms.Compose(
             [
                 colour,
-                random_gaussian_blur(0.1, g_size, blur_kernel_size),
+                random_gaussian_blur(p_global_2, g_size, blur_kernel_size),
                 transforms.RandomSolarize(threshold=128, p=0.2),
                 normalize,
             ]
         )
         self.local_transform = transforms.Compose(
-            [colour, random_gaussian_blur(0.5, self.local_crops_size, blur_kernel_size), normalize]
+            [colour, random_gaussian_blur(p_local, self.local_crops_size, blur_kernel_size), normalize]
         )
 
     def __call__(self, image) -> dict:
@@ -145,7 +174,8 @@ class DataAugmentationDINO:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(global={self.global_crops_size}px scale={self.global_crops_scale}, "
-            f"local={self.local_crops_number}x{self.local_crops_size}px scale={self.local_crops_scale})"
+            f"local={self.local_crops_number}x{self.local_crops_size}px scale={self.local_crops_scale}, "
+            f"blur p={list(self.blur_probabilities)})"
         )
 
 

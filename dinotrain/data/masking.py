@@ -82,16 +82,25 @@ def default_rng() -> random.Random:
 
 
 class MaskingGenerator:
-    """Random boolean (H, W) masks made of rectangular blocks.
+    """Random boolean (H, W) masks made of rectangular blocks, distributed as the official DINOv2 ones.
 
-    ``generator(n)`` masks about `n` patches (never more): blocks are added until the count is
-    reached or a block cannot be placed in `MAX_ATTEMPTS_PER_BLOCK` tries. Each block covers at
-    least `min_num_patches` and adds at most `max_num_patches` patches, and its aspect ratio
-    (h/w) is drawn log-uniformly from ``[min_aspect, max_aspect]`` (default ``1 / min_aspect``)
-    before rounding to whole patches. Blocks may overlap earlier ones.
+    ``generator(n)`` masks about `n` patches (never more). Blocks are added one at a time while
+    the count is below `n`; the run stops when a block adds nothing. For each block the
+    remaining budget is ``min(n - count, max_num_patches)``, and up to `MAX_ATTEMPTS_PER_BLOCK`
+    tries each draw a target area uniformly between `min_num_patches` and the budget (the
+    budget may be the smaller end) and an aspect ratio h/w log-uniformly from
+    ``[min_aspect, max_aspect]`` (default ``1 / min_aspect``), round h and w to whole patches,
+    and place the rectangle uniformly on the grid; a try succeeds when it masks at least one new
+    patch and no more new patches than the budget (blocks may overlap earlier ones; only new
+    patches count). So a block may be smaller than `min_num_patches` (rounding, or a budget
+    below it): that is what lets a mask reach its target exactly.
 
-    Unlike the official code, a block may span the full height or width of the grid, so small
-    grids (e.g. 4x4 for tiny images) can still be masked.
+    Block size bound: blocks are strictly smaller than the grid on both sides (``h < H`` and
+    ``w < W``, as in the official code) whenever the grid less one row and one column can hold a
+    block of `min_num_patches` (``(H - 1) * (W - 1) >= min_num_patches``, e.g. 4x4 and larger
+    with the default 4). Only otherwise (e.g. 2x2 with ``min_num_patches=2``, or a 1-patch-wide
+    grid), where the strict bound would leave no room for a minimum block, may a block span the
+    full height or width (``h <= H``, ``w <= W``).
     """
 
     def __init__(
@@ -129,6 +138,8 @@ class MaskingGenerator:
             )
         self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
         self.rng = None if rng is None else _check_rng(rng)
+        # See the class docstring: full-side blocks only where a minimum block cannot fit otherwise.
+        self.allow_full_side = (height - 1) * (width - 1) < min_num_patches
 
     def get_shape(self) -> tuple[int, int]:
         return self.height, self.width
@@ -140,14 +151,21 @@ class MaskingGenerator:
             f"{math.exp(self.log_aspect_ratio[1]):.3g})"
         )
 
+    def _fits(self, h: int, w: int) -> bool:
+        if h < 1 or w < 1:
+            return False
+        if self.allow_full_side:
+            return h <= self.height and w <= self.width
+        return h < self.height and w < self.width
+
     def _add_block(self, mask: np.ndarray, budget: float, rng: Rng) -> int:
-        """Try to add one block of at most `budget` new patches; returns how many it added."""
+        """Try to add one block of at most `budget` new patches; returns how many it added (0: none)."""
         for _ in range(MAX_ATTEMPTS_PER_BLOCK):
             area = rng_uniform(rng, self.min_num_patches, budget)
             aspect = math.exp(rng_uniform(rng, *self.log_aspect_ratio))
             h = int(round(math.sqrt(area * aspect)))
             w = int(round(math.sqrt(area / aspect)))
-            if h * w < self.min_num_patches or h > self.height or w > self.width:
+            if not self._fits(h, w):
                 continue
             top = rng_randint(rng, 0, self.height - h)
             left = rng_randint(rng, 0, self.width - w)

@@ -22,6 +22,39 @@ from dinotrain.data.datasets import ImageFolderDataset
 
 log = logging.getLogger("dinotrain.eval")
 
+# The DINO / DINOv2 evaluation protocol (official `make_classification_eval_transform`): shorter side
+# resized to 256 bicubic, centre crop 224, ImageNet mean/std. Other crop sizes keep the 256/224 ratio.
+PROTOCOL_CROP = 224
+PROTOCOL_RESIZE = 256
+
+
+TINY_CROP = 32  # the built-in tiny dataset's images are 32x32 (resize 37, crop 32: the same ratio)
+
+
+def protocol_resize(crop_size: int) -> int:
+    """Shorter-side resize that goes with `crop_size` in the protocol: round(crop * 256 / 224) (224 -> 256)."""
+    if isinstance(crop_size, bool) or not isinstance(crop_size, int) or crop_size <= 0:
+        raise ValueError(f"--image-size (the centre-crop side in pixels) must be a positive integer, got {crop_size!r}")
+    return max(crop_size, round(crop_size * PROTOCOL_RESIZE / PROTOCOL_CROP))
+
+
+def eval_sizes(image_size: Optional[int] = None, tiny: bool = False) -> tuple[int, int]:
+    """(resize, crop) of the evaluation transform: crop `image_size`, else 32 for the tiny dataset, else 224."""
+    crop = image_size if image_size is not None else (TINY_CROP if tiny else PROTOCOL_CROP)
+    return protocol_resize(crop), crop
+
+
+def pick_eval_device(requested: str | None = "auto") -> torch.device:
+    """The device evaluation runs on: `auto` (or None) = CUDA when available, else CPU; or `cpu` / `cuda`."""
+    requested = requested or "auto"
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {requested!r}")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
+    return torch.device(requested)
+
 
 class UnknownClassError(ValueError):
     """Class folders of an evaluation folder that the training folder lacks (never predictable)."""
@@ -77,15 +110,21 @@ def shared_label_space(train_root: str | os.PathLike, val_root: str | os.PathLik
 def extract_features(model: torch.nn.Module, root: str | os.PathLike, image_size: int, batch_size: int = 64,
                      num_workers: int = 0, device: torch.device | None = None,
                      classes: Optional[Sequence[str]] = None,
-                     index_cache_dir: Optional[str | os.PathLike] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     index_cache_dir: Optional[str | os.PathLike] = None,
+                     resize_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, D) float32, labels (N,)) for the images under `root`, resized and center-cropped.
+
+    `image_size` is the centre-crop side; the shorter side is first resized (bicubic) to `resize_size`,
+    by default :func:`protocol_resize` of it (224 -> 256, the DINO protocol). Runs on `device`, by
+    default the model's; features come back on the CPU.
 
     Labels index `classes` (class names, matched to `root`'s class folders by name; e.g. the training
     folder's classes from :func:`shared_label_space`), or `root`'s own sorted classes when None.
     Unlabelled images keep label -1.
     """
     device = device or next(model.parameters()).device
-    transform = make_eval_transform(resize_size=image_size, crop_size=image_size)
+    resize_size = protocol_resize(image_size) if resize_size is None else resize_size
+    transform = make_eval_transform(resize_size=resize_size, crop_size=image_size)
     dataset = ImageFolderDataset(root, transform=transform, index_cache_dir=index_cache_dir)
     to_label_space = None
     if classes is not None and dataset.classes:
@@ -98,7 +137,7 @@ def extract_features(model: torch.nn.Module, root: str | os.PathLike, image_size
         if batch is None:
             continue
         images, y = batch
-        feats.append(model(images.to(device)).float().cpu())
+        feats.append(model(images.to(device, non_blocking=True)).float().cpu())
         labels.append(y if to_label_space is None else to_label_space[y])
     if not feats:
         raise ValueError(f"no readable images under {root}")

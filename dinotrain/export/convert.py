@@ -28,7 +28,7 @@ from dinotrain.export.hf import (
     spec_from_metadata,
     spec_to_metadata,
 )
-from dinotrain.models.state_dict import WeightsError, check_compatible, infer_spec, read_state_dict, strip_to_backbone
+from dinotrain.models.state_dict import WeightsError, fit_pos_embed, infer_spec, read_state_dict, strip_to_backbone
 from dinotrain.models.vision_transformer import DinoVisionTransformer, ViTSpec, vit_from_spec
 
 FORMATS = ("hub", "hf", "safetensors")
@@ -103,17 +103,22 @@ def save_backbone(model: DinoVisionTransformer, dst: str | Path, to: str) -> Pat
     return write_weights(model.state_dict(), model.spec, dst, to)
 
 
-def load_backbone(path: str | Path, **kwargs) -> DinoVisionTransformer:
+def load_backbone(path: str | Path, strict_pos_embed: bool = False, **kwargs) -> DinoVisionTransformer:
     """A backbone with weights from any supported format, in eval mode (call `.train()` to fine-tune).
 
     `kwargs` override settings that are not fixed by the weights, either ViTSpec fields
-    (`interpolate_offset`, `interpolate_antialias`, `num_heads`) or constructor-only ones
+    (`interpolate_offset`, `interpolate_antialias`, `num_heads`, `img_size`) or constructor-only ones
     (`attn_impl`, `drop_path_rate`); overriding a shape (e.g. `depth`) must agree with the weights.
+    An `img_size` other than the weights' resamples their position embeddings to the new grid
+    (logged), unless `strict_pos_embed=True`, which refuses instead.
     """
     state_dict, spec = read_weights(path)
     spec_fields = {f.name for f in dataclasses.fields(ViTSpec)}
     wanted = dataclasses.replace(spec, **{k: kwargs.pop(k) for k in list(kwargs) if k in spec_fields})
-    check_compatible(wanted, spec)
+    try:
+        state_dict = fit_pos_embed(state_dict, wanted, strict=strict_pos_embed)
+    except WeightsError as exc:
+        raise WeightsError(f"{path}: {exc}") from exc
     model = vit_from_spec(wanted, **kwargs)
     model.load_state_dict(state_dict, strict=True)
     return model.eval()

@@ -1,4 +1,4 @@
-"""The DINO / iBOT projection head: MLP -> L2-normalised bottleneck -> cosine prototypes."""
+"""The DINO / iBOT projection head: MLP -> L2-normalised bottleneck -> weight-normalised prototypes."""
 
 from __future__ import annotations
 
@@ -12,34 +12,54 @@ __all__ = ["DINOHead", "PrototypeLinear"]
 
 
 class PrototypeLinear(nn.Module):
-    """Bias-free linear layer whose weight rows (the prototypes) are L2-normalised in `forward`.
+    """Bias-free prototype layer, weight-normalised: row k of the weight is `g_k * v_k / ||v_k||`.
 
-    Equivalent to the official `weight_norm(nn.Linear(...))` with the gain frozen at 1, but a single
-    plain `weight` parameter: no parametrization to trip FSDP2 sharding or plain state dicts.
-    Official checkpoints (`weight_g`/`weight_v`) are converted on load.
+    The same function and parameter names as the official `nn.utils.weight_norm(nn.Linear(...))`
+    (`weight_v` of shape (out, in), `weight_g` of shape (out, 1), g initialised to 1), but as two
+    plain parameters with the normalisation done in `forward`: no weight-norm hook or
+    parametrization, so FSDP2 shards both like any other parameter and state dicts stay plain.
+
+    `norm_last_layer=True` is DINO v1's option: the gain is frozen (requires_grad False, hence in no
+    optimizer group) and the logits are cosine similarities. With False (DINOv2, the default) each
+    prototype learns its own gain. A frozen gain is still used in `forward`, so a loaded gain != 1 is
+    never silently dropped.
+
+    Older state dicts load too: dinotrain's former single `weight` (rows normalised in forward: g = 1)
+    and torch's `parametrizations.weight.original0/1` (g / v) are converted in `_load_from_state_dict`.
     """
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, norm_last_layer: bool = False):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        # Same init as the official layer (nn.Linear's default); only the row directions matter.
-        self.weight = nn.Parameter(nn.Linear(in_features, out_features, bias=False).weight.detach().clone())
-        self.register_load_state_dict_pre_hook(self._load_weight_norm)
+        self.norm_last_layer = bool(norm_last_layer)
+        # Direction: nn.Linear's default init, as the official layer; the gain starts at 1 (official).
+        self.weight_v = nn.Parameter(nn.Linear(in_features, out_features, bias=False).weight.detach().clone())
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1), requires_grad=not self.norm_last_layer)
+
+    def effective_weight(self) -> Tensor:
+        """The effective (out, in) weight g * v / ||v|| (norm over each row, as weight_norm's dim=0)."""
+        return self.weight_v * (self.weight_g / self.weight_v.norm(p=2, dim=1, keepdim=True))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, F.normalize(self.weight, p=2, dim=1))
+        return F.linear(x, self.effective_weight())
 
-    @staticmethod
-    def _load_weight_norm(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        g, v = state_dict.get(prefix + "weight_g"), state_dict.get(prefix + "weight_v")
-        if g is not None and v is not None and prefix + "weight" not in state_dict:
-            state_dict.pop(prefix + "weight_g")
-            state_dict.pop(prefix + "weight_v")
-            state_dict[prefix + "weight"] = g * v / v.norm(dim=1, keepdim=True)
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        g_key, v_key, old_key = prefix + "weight_g", prefix + "weight_v", prefix + "weight"
+        p_g, p_v = prefix + "parametrizations.weight.original0", prefix + "parametrizations.weight.original1"
+        if v_key not in state_dict:
+            if p_g in state_dict and p_v in state_dict:  # torch.nn.utils.parametrizations.weight_norm
+                state_dict[g_key] = state_dict.pop(p_g)
+                state_dict[v_key] = state_dict.pop(p_v)
+            elif old_key in state_dict and g_key not in state_dict:  # former dinotrain head: g = 1
+                weight = state_dict.pop(old_key)
+                state_dict[v_key] = weight
+                state_dict[g_key] = torch.ones(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rows L2-normalised"
+        gain = "frozen at 1 (norm_last_layer)" if self.norm_last_layer else "trainable"
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight_norm gain {gain}"
 
 
 def _build_mlp(nlayers: int, in_dim: int, bottleneck_dim: int, hidden_dim: int, use_bn: bool, bias: bool) -> nn.Module:
@@ -59,9 +79,11 @@ def _build_mlp(nlayers: int, in_dim: int, bottleneck_dim: int, hidden_dim: int, 
 class DINOHead(nn.Module):
     """Projection head shared by the DINO ([CLS]) and iBOT (patch) losses.
 
-    The L2-normalised bottleneck and normalised prototypes make the logits cosine similarities in
-    [-1, 1], which is what lets the losses use small temperatures without blowing up.
-    Parameter names (`mlp.*`, `last_layer.weight`) follow the official head.
+    The L2-normalised bottleneck and the weight-normalised prototypes bound each logit by its
+    prototype's gain (cosine similarities in [-1, 1] while the gains are 1), which is what lets the
+    losses use small temperatures without blowing up. Parameter names (`mlp.*`, `last_layer.weight_g`,
+    `last_layer.weight_v`) are the official head's, so official head state dicts load strictly.
+    `norm_last_layer=True` freezes the prototype gains at 1 (DINO v1); False trains them (DINOv2).
     """
 
     def __init__(
@@ -73,6 +95,7 @@ class DINOHead(nn.Module):
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         mlp_bias: bool = True,
+        norm_last_layer: bool = False,
     ):
         super().__init__()
         for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("hidden_dim", hidden_dim),
@@ -82,7 +105,7 @@ class DINOHead(nn.Module):
         self.in_dim, self.out_dim = int(in_dim), int(out_dim)
         self.mlp = _build_mlp(int(nlayers), self.in_dim, int(bottleneck_dim), int(hidden_dim), use_bn, mlp_bias)
         self.mlp.apply(self._init_weights)
-        self.last_layer = PrototypeLinear(int(bottleneck_dim), self.out_dim)
+        self.last_layer = PrototypeLinear(int(bottleneck_dim), self.out_dim, norm_last_layer=norm_last_layer)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

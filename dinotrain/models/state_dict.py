@@ -6,11 +6,14 @@ downloaded checkpoint cannot run code on the user's machine.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import re
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from dinotrain.models.layers import swiglu_hidden_features
@@ -21,6 +24,8 @@ _PREFIXES = ("teacher.backbone.", "student.backbone.", "model.backbone.", "backb
 _REQUIRED = ("cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight")
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
 HEAD_DIM = 64
+
+log = logging.getLogger("dinotrain.weights")
 
 
 class WeightsError(ValueError):
@@ -133,10 +138,77 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return obj
 
 
-def load_backbone_weights(model: DinoVisionTransformer, state_dict: dict[str, Tensor]) -> DinoVisionTransformer:
-    """Load official-layout weights into `model`, failing with the list of architecture mismatches."""
-    state_dict = strip_to_backbone(state_dict)
-    check_compatible(model.spec, infer_spec(state_dict))
+def resample_pos_embed(pos_embed: Tensor, grid: int, offset: float = 0.1, antialias: bool = False) -> Tensor:
+    """A stored `(1, 1 + side*side, D)` position table resampled to a `grid` x `grid` patch grid.
+
+    The method is exactly the one the backbone's forward uses when it meets another input size
+    (`DinoVisionTransformer.interpolate_pos_encoding`, after the official DINOv2 code): the CLS
+    position is kept, the patch positions are resized bicubically (`align_corners=False`) in float32,
+    with `scale_factor=(grid + offset) / side` when `offset` > 0 (the official 0.1 convention of
+    DINOv2 / DINO v1) or to the exact size `(grid, grid)` when `offset` == 0 (register models), with
+    `antialias` as given. So a model holding the resampled table computes, at its own size, the same
+    features as the original table gives at that input size. The result has the input's dtype.
+    """
+    n_pos = pos_embed.shape[1] - 1
+    side = math.isqrt(n_pos)
+    if side * side != n_pos:
+        raise WeightsError(f"pos_embed holds {n_pos} patch positions, not a square grid")
+    if side == grid:
+        return pos_embed
+    pos = pos_embed.float()
+    patch_pos = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    if offset:
+        kwargs = dict(scale_factor=((grid + offset) / side, (grid + offset) / side))
+    else:
+        kwargs = dict(size=(grid, grid))
+    patch_pos = F.interpolate(patch_pos, mode="bicubic", align_corners=False, antialias=antialias, **kwargs)
+    assert patch_pos.shape[-2:] == (grid, grid), patch_pos.shape
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
+    return torch.cat((pos[:, :1], patch_pos), dim=1).to(pos_embed.dtype)
+
+
+def fit_pos_embed(state_dict: dict[str, Tensor], target: ViTSpec, strict: bool = False,
+                  what: str = "weights") -> dict[str, Tensor]:
+    """`state_dict` (official names, wrappers stripped) made to fit `target`'s position grid.
+
+    Every other architecture field must agree (a clear WeightsError lists those that do not). When
+    only the image size differs, the `pos_embed` table is resampled to the target grid with
+    :func:`resample_pos_embed` using the target's interpolation settings, and a warning names both
+    grids; with `strict=True` that case is refused instead. A table at the target size is returned
+    untouched (the same tensor object).
+    """
+    found = infer_spec(state_dict)
+    if target.img_size % target.patch_size:
+        raise WeightsError(f"img_size {target.img_size} is not a multiple of the patch size {target.patch_size}")
+    check_compatible(target, dataclasses.replace(found, img_size=target.img_size), what)
+    if found.img_size == target.img_size:
+        return state_dict
+    old, new = found.img_size // found.patch_size, target.img_size // target.patch_size
+    if strict:
+        raise WeightsError(
+            f"{what} have a {old}x{old} position-embedding grid (img_size {found.img_size} at patch "
+            f"{found.patch_size}), the model has {new}x{new} (img_size {target.img_size}); strict loading refuses "
+            f"to resample it: build the model with img_size={found.img_size}, or allow resampling")
+    how = (f"scale factor ({new}+{target.interpolate_offset:g})/{old}" if target.interpolate_offset
+           else f"exact size {new}x{new}")
+    log.warning("resampling position embeddings of the %s from a %dx%d grid (img_size %d) to %dx%d (img_size %d): "
+                "bicubic, %s, antialias=%s", what, old, old, found.img_size, new, new, target.img_size, how,
+                target.interpolate_antialias)
+    out = dict(state_dict)
+    out["pos_embed"] = resample_pos_embed(state_dict["pos_embed"], new, target.interpolate_offset,
+                                          target.interpolate_antialias)
+    return out
+
+
+def load_backbone_weights(model: DinoVisionTransformer, state_dict: dict[str, Tensor],
+                          strict_pos_embed: bool = False) -> DinoVisionTransformer:
+    """Load official-layout weights into `model`, failing with the list of architecture mismatches.
+
+    Weights made at another image size (e.g. the official 518-px tables in a 224-px model) have
+    their position embeddings resampled to the model's grid (logged; see :func:`fit_pos_embed`);
+    `strict_pos_embed=True` refuses them instead.
+    """
+    state_dict = fit_pos_embed(strip_to_backbone(state_dict), model.spec, strict=strict_pos_embed)
     model.load_state_dict(state_dict, strict=True)
     return model
 

@@ -96,7 +96,7 @@ class GlobalMaskCollator:
                  seed: int, origin: int = 0):
         self.global_batch, self.n_tokens, self.seed, self.origin = global_batch, n_tokens, seed, origin
         self.mask_ratio_tuple, self.mask_probability = tuple(mask_ratio_tuple), mask_probability
-        self.mask_generator = MaskingGenerator((grid, grid), max_num_patches=int(0.5 * grid * grid))
+        self.mask_generator = MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid)  # as official train.py
 
     def __call__(self, items: list) -> dict:
         offsets = [p - self.origin for p, _, _ in items]
@@ -133,7 +133,7 @@ def build_train_dataset(cfg: DictConfig, index_cache_dir: str | Path | None = No
     aug = DataAugmentationDINO(
         tuple(cfg.crops.global_crops_scale), tuple(cfg.crops.local_crops_scale), cfg.crops.local_crops_number,
         global_crops_size=cfg.crops.global_crops_size, local_crops_size=cfg.crops.local_crops_size,
-        blur_kernel_size=cfg.crops.blur_kernel_size,
+        blur_kernel_size=cfg.crops.blur_kernel_size, blur_probabilities=tuple(cfg.crops.blur_probabilities),
     )
     return ImageFolderDataset(resolve_dataset_root(cfg), transform=aug, index_cache_dir=index_cache_dir)
 

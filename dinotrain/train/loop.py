@@ -27,7 +27,7 @@ from dinotrain.train.resume import check_resume, config_changes, log_changes, re
 from dinotrain.train.rundir import move_aside, prepare_run_dir, rewind_metrics, setup_logging
 from dinotrain.train.optim import apply_schedules, build_optimizer
 from dinotrain.train.schedules import build_schedules, scaled_lr
-from dinotrain.train.ssl import SSLMetaArch
+from dinotrain.train.ssl import OFFICIAL_LOGGED_LOSSES, SSLMetaArch
 
 log = logging.getLogger("dinotrain.train")
 
@@ -90,9 +90,7 @@ class Trainer:
 
         self.model = SSLMetaArch(cfg)
         if cfg.student.pretrained_weights:
-            from dinotrain.export.convert import read_weights
-
-            self.model.load_student_backbone(read_weights(cfg.student.pretrained_weights)[0])
+            self.model.load_student_backbone(cfg.student.pretrained_weights)
         self.model.to(self.env.device)
         self.dtype = compute_dtype(cfg.compute_precision.dtype, self.env.device)
         self.model.shard(self.dtype)
@@ -153,8 +151,10 @@ class Trainer:
             finite = finite and _finite_everywhere(total.detach())
             scaled = total / self.accum
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            for k, v in {"total_loss": total, **terms}.items():
+            for k, v in {"backprop_loss": total, **terms}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / self.accum
+        # official convention: the displayed total is the sum of the displayed terms
+        sums["total_loss"] = sum(sums[k] for k in OFFICIAL_LOGGED_LOSSES if k in sums)
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             return {**sums, "finite": 0.0, "n_skipped": n_skipped}
@@ -209,10 +209,11 @@ class Trainer:
             skipped_images += int(out.pop("n_skipped"))
             if not out.pop("finite"):
                 bad_in_a_row += 1
-                log.warning("iteration %d: non-finite loss %s (step skipped, %d in a row)", it, out.get("total_loss"), bad_in_a_row)
+                log.warning("iteration %d: non-finite loss %s (step skipped, %d in a row)", it, out.get("backprop_loss"),
+                            bad_in_a_row)
                 if bad_in_a_row > self.cfg.train.nan_tolerance:
                     raise TrainingDiverged(
-                        f"training diverged: the loss is {out.get('total_loss')} at iteration {it} "
+                        f"training diverged: the loss is {out.get('backprop_loss')} at iteration {it} "
                         f"({bad_in_a_row} non-finite in a row, train.nan_tolerance={self.cfg.train.nan_tolerance}). "
                         "Lower optim.base_lr, raise teacher warmup, or resume from the last checkpoint with changes.")
                 continue

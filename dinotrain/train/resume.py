@@ -22,12 +22,13 @@ from dinotrain.config import ConfigError
 
 log = logging.getLogger("dinotrain.train")
 
-# Keys that fix parameter shapes: a resumed run must agree on them with its checkpoint.
+# Keys that fix parameter shapes or which parameters are trained (a frozen prototype gain has no
+# optimizer state): a resumed run must agree on them with its checkpoint.
 ARCH_KEYS = ("student.arch", "student.patch_size", "student.ffn_layer", "student.num_register_tokens",
              "student.qkv_bias", "student.proj_bias", "student.ffn_bias",
              "crops.global_crops_size", "dino.head_n_prototypes", "dino.head_bottleneck_dim", "dino.head_nlayers",
-             "dino.head_hidden_dim", "ibot.separate_head", "ibot.head_n_prototypes", "ibot.head_bottleneck_dim",
-             "ibot.head_nlayers", "ibot.head_hidden_dim")
+             "dino.head_hidden_dim", "dino.norm_last_layer", "ibot.separate_head", "ibot.head_n_prototypes",
+             "ibot.head_bottleneck_dim", "ibot.head_nlayers", "ibot.head_hidden_dim", "ibot.norm_last_layer")
 # Keys whose change turns the continued run into another experiment.
 GUARDED_KEYS = ("train.dataset_path", "train.centering")
 HISTORY = "resume_history.jsonl"

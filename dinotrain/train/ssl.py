@@ -19,6 +19,8 @@ from dinotrain.models.heads import DINOHead
 from dinotrain.models.vision_transformer import DinoVisionTransformer, build_vit
 
 N_GLOBAL_CROPS = 2
+# The values the official code logs and sums into its displayed `total_loss` (not the backpropagated loss).
+OFFICIAL_LOGGED_LOSSES = ("dino_global_crops_loss", "dino_local_crops_loss", "koleo_loss", "ibot_loss")
 
 
 def build_backbone(cfg: DictConfig, for_teacher: bool) -> DinoVisionTransformer:
@@ -35,7 +37,8 @@ def build_backbone(cfg: DictConfig, for_teacher: bool) -> DinoVisionTransformer:
 
 def _head(cfg_head: DictConfig, in_dim: int) -> DINOHead:
     return DINOHead(in_dim, cfg_head.head_n_prototypes, nlayers=cfg_head.head_nlayers,
-                    hidden_dim=cfg_head.head_hidden_dim, bottleneck_dim=cfg_head.head_bottleneck_dim)
+                    hidden_dim=cfg_head.head_hidden_dim, bottleneck_dim=cfg_head.head_bottleneck_dim,
+                    norm_last_layer=cfg_head.norm_last_layer)
 
 
 def _build_networks(cfg: DictConfig, for_teacher: bool) -> nn.ModuleDict:
@@ -66,12 +69,37 @@ class SSLMetaArch(nn.Module):
         self.koleo_loss = KoLeoLoss()
 
     # ---- set-up ------------------------------------------------------------------------------
-    def load_student_backbone(self, state_dict: dict[str, Tensor]) -> None:
-        """Start student and teacher from pretrained backbone weights (before sharding)."""
-        from dinotrain.models.state_dict import load_backbone_weights
+    def load_student_backbone(self, weights) -> None:
+        """Start student and teacher from pretrained backbone weights (before sharding).
 
-        load_backbone_weights(self.student["backbone"], state_dict)
-        load_backbone_weights(self.teacher["backbone"], state_dict)
+        `weights`: a state dict, or a path in any supported format (`cfg.student.pretrained_weights`).
+        Weights made at another image size (e.g. the official 518-px ones in a 224-px run) have their
+        position embeddings resampled to the run's grid (logged), unless `student.pretrained_strict`
+        is true. Errors name the config key `student.pretrained_weights`.
+        """
+        import os
+
+        from dinotrain.models.state_dict import WeightsError, fit_pos_embed, strip_to_backbone
+
+        key = "student.pretrained_weights"
+        source = weights if isinstance(weights, (str, os.PathLike)) else self.cfg.student.pretrained_weights
+        where = f"config key '{key}'" + (f" = {source}" if source else "")
+        strict = bool(self.cfg.student.pretrained_strict)
+        try:
+            if isinstance(weights, (str, os.PathLike)):
+                from dinotrain.export.convert import read_weights
+
+                weights = read_weights(weights)[0]
+            state_dict = fit_pos_embed(strip_to_backbone(weights), self.student["backbone"].spec, strict=strict,
+                                       what=f"weights of {key}")
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{where}: {exc}") from exc
+        except WeightsError as exc:
+            hint = (" (in training the model's img_size is crops.global_crops_size; or set "
+                    "student.pretrained_strict=false to resample)") if strict and "strict" in str(exc) else ""
+            raise WeightsError(f"{where}: {exc}{hint}") from exc
+        for nets in (self.student, self.teacher):
+            nets["backbone"].load_state_dict(state_dict, strict=True)
 
     def shard(self, dtype: torch.dtype) -> None:
         """FSDP2 on every network, student and teacher alike (so EMA pairs shards one to one)."""
@@ -128,7 +156,13 @@ class SSLMetaArch(nn.Module):
         return total
 
     def compute_losses(self, batch: dict, teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
-        """Total loss (what is backpropagated) and each term's weighted contribution to it."""
+        """The loss that is backpropagated, and what to log about it.
+
+        Logged, so curves lay over the official DINOv2 logs: `dino_global_crops_loss` and
+        `dino_local_crops_loss` unweighted, `koleo_loss` (weighted) and `ibot_loss` (unweighted) halved,
+        exactly as the official code displays them; and each term as it enters the backpropagated loss:
+        `dino_global_term`, `dino_local_term`, `koleo_term`, `ibot_term` (these sum to it).
+        """
         teacher_cls, teacher_patch = self._teacher_targets(batch, teacher_temp)
         # Every rank runs every sharded module every step, also when its crops drew no masked patch:
         # the iBOT head then sees an empty (0, D) input and adds exactly 0 to the loss. Skipping it
@@ -152,9 +186,11 @@ class SSLMetaArch(nn.Module):
         dino_global, dino_local = self.dino_loss.dino_crossview_losses(
             g_logits, l_logits if self.n_local_crops else None, teacher_cls, n_global=N_GLOBAL_CROPS)
         w = self.cfg.dino.loss_weight
-        terms = {"dino_global_crops_loss": w * dino_global, "dino_local_crops_loss": w * dino_local}
+        terms = {"dino_global_term": w * dino_global, "dino_local_term": w * dino_local}
+        logged = {"dino_global_crops_loss": dino_global, "dino_local_crops_loss": dino_local}
         if self.do_koleo:
-            terms["koleo_loss"] = self.cfg.dino.koleo_loss_weight * self._koleo(g_cls.float())
+            terms["koleo_term"] = self.cfg.dino.koleo_loss_weight * self._koleo(g_cls.float())
+            logged["koleo_loss"] = terms["koleo_term"] / 2
         if self.do_ibot:
             if self.ibot_separate_head:
                 patch_logits = self.student["ibot_head"](g_patch).float()
@@ -163,9 +199,10 @@ class SSLMetaArch(nn.Module):
             ibot = self.ibot_patch_loss.forward_masked(
                 patch_logits, teacher_patch, student_masks_flat=batch["collated_masks"],
                 masks_weight=batch["masks_weight"])
-            terms["ibot_loss"] = self.cfg.ibot.loss_weight * ibot
+            terms["ibot_term"] = self.cfg.ibot.loss_weight * ibot
+            logged["ibot_loss"] = ibot / 2
         total = sum(terms.values())
-        return total, terms
+        return total, {**logged, **terms}
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

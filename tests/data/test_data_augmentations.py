@@ -8,7 +8,7 @@ from PIL import Image
 from torchvision import transforms
 
 from dinotrain.data import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO, make_eval_transform
-from dinotrain.data.augmentations import blur_kernel_for
+from dinotrain.data.augmentations import OFFICIAL_CODE_BLUR_PROBABILITIES, PAPER_BLUR_PROBABILITIES, blur_kernel_for
 
 
 def _image(size=(64, 48)):
@@ -109,3 +109,72 @@ def test_eval_transform_resizes_crops_and_normalises():
     assert torch.allclose(white, torch.ones_like(white), atol=1e-2)
     with pytest.raises(ValueError, match="crop_size"):
         make_eval_transform(32, 0)
+
+
+class _BlurSpy:
+    """Stands in for a view's GaussianBlur: counts how often RandomApply lets it run, then blurs."""
+
+    def __init__(self, blur):
+        self.blur, self.calls = blur, 0
+
+    def __call__(self, img):
+        self.calls += 1
+        return self.blur(img)
+
+
+@pytest.mark.parametrize("probabilities", [PAPER_BLUR_PROBABILITIES, OFFICIAL_CODE_BLUR_PROBABILITIES])
+def test_blur_frequency_of_each_view_matches_configured_probability(probabilities):
+    n_images, n_local = 500, 2
+    augment = DataAugmentationDINO((0.5, 1.0), (0.2, 0.5), n_local, global_crops_size=16, local_crops_size=8,
+                                   blur_probabilities=probabilities)
+    blurs = [augment.global_transform_1.transforms[1], augment.global_transform_2.transforms[1],
+             augment.local_transform.transforms[1]]
+    spies = []
+    for random_apply in blurs:
+        assert isinstance(random_apply.transforms[0], transforms.GaussianBlur)
+        spies.append(_BlurSpy(random_apply.transforms[0]))
+        random_apply.transforms[0] = spies[-1]
+    torch.manual_seed(0)
+    image = _image((24, 24))
+    for _ in range(n_images):
+        augment(image)
+    for spy, draws, p in zip(spies, (n_images, n_images, n_images * n_local), probabilities):
+        sigma = (p * (1 - p) / draws) ** 0.5
+        assert abs(spy.calls / draws - p) <= 4 * sigma + 1e-12, (spy.calls, draws, p)  # exact for p = 0 or 1
+
+
+def test_solarize_only_on_global_view_2():
+    augment = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 2, blur_probabilities=OFFICIAL_CODE_BLUR_PROBABILITIES)
+
+    def solarizers(pipeline):
+        return [t for t in pipeline.transforms if isinstance(t, transforms.RandomSolarize)]
+
+    assert solarizers(augment.global_transform_1) == [] and solarizers(augment.local_transform) == []
+    (solarize,) = solarizers(augment.global_transform_2)
+    assert solarize.p == 0.2 and solarize.threshold == 128
+
+
+@pytest.mark.parametrize("bad", [(1.1, 0.1, 0.5), (0.5, -0.1, 0.5), (0.5, 0.5), (0.1, 0.2, 0.3, 0.4), "abc", 0.5,
+                                 (float("nan"), 0.1, 0.5)])
+def test_bad_blur_probabilities_raise(bad):
+    with pytest.raises(ValueError, match="blur_probabilities"):
+        DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 2, blur_probabilities=bad)
+
+
+def test_recipes_choose_blur_probabilities_and_config_validates_them(monkeypatch):
+    from dinotrain.config import ConfigError, load_config
+    from dinotrain.train import batches
+
+    data = ["train.dataset_path=/data/imagenet/train"]
+    assert list(load_config().crops.blur_probabilities) == list(PAPER_BLUR_PROBABILITIES)
+    assert list(load_config("smoke/cpu_tiny").crops.blur_probabilities) == list(PAPER_BLUR_PROBABILITIES)
+    for recipe in ("train/vitl14", "train/vitg14"):
+        assert list(load_config(recipe, data).crops.blur_probabilities) == list(OFFICIAL_CODE_BLUR_PROBABILITIES)
+    for bad in ("[1.5,0.1,0.5]", "[0.0,-0.2,0.5]", "[0.1,0.5]"):
+        with pytest.raises(ConfigError, match="crops.blur_probabilities"):
+            load_config(None, [f"crops.blur_probabilities={bad}"])
+    # the training dataset's augmentation receives the configured values
+    monkeypatch.setattr(batches, "ImageFolderDataset", lambda root, transform, index_cache_dir=None: transform)
+    augment = batches.build_train_dataset(load_config("train/vitl14", data))
+    assert augment.blur_probabilities == OFFICIAL_CODE_BLUR_PROBABILITIES
+    assert augment.global_transform_1.transforms[1].p == 0.0 and augment.global_transform_2.transforms[1].p == 0.9

@@ -311,7 +311,7 @@ def test_read_teacher_backbone_equals_full_consolidation(ckpt, tmp_path):
 
 def test_read_tensors_other_prefix_and_missing_prefix(ckpt):
     head = read_tensors(ckpt, "model.student.dino_head.")
-    assert "last_layer.weight" in head
+    assert "last_layer.weight_v" in head and "last_layer.weight_g" in head
     with pytest.raises(CheckpointError, match="holds no tensors under 'model.nothing.'"):
         read_tensors(ckpt, "model.nothing.")
 

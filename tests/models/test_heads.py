@@ -1,4 +1,4 @@
-"""DINOHead: shapes, parameter names, normalised prototypes, init, official checkpoint loading."""
+"""DINOHead: shapes, parameter names, weight-normalised prototypes, init, official checkpoint loading."""
 
 import warnings
 
@@ -27,8 +27,10 @@ def test_shapes_and_finite_output(shape):
 def test_parameter_names():
     names = [n for n, _ in small_head().named_parameters()]
     assert names == ["mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight", "mlp.4.bias",
-                     "last_layer.weight"]
-    assert small_head().last_layer.weight.shape == (32, 8)
+                     "last_layer.weight_v", "last_layer.weight_g"]
+    assert small_head().last_layer.weight_v.shape == (32, 8)
+    assert small_head().last_layer.weight_g.shape == (32, 1)
+    assert (small_head().last_layer.weight_g == 1).all()
     bn_names = [n for n, _ in small_head(use_bn=True, nlayers=2).named_parameters()]
     assert bn_names[:4] == ["mlp.0.weight", "mlp.0.bias", "mlp.1.weight", "mlp.1.bias"]
     assert "mlp.3.weight" in bn_names  # Linear, BN, GELU, Linear
@@ -37,7 +39,8 @@ def test_parameter_names():
 def test_nlayers_one_is_a_single_linear():
     head = small_head(nlayers=1)
     assert isinstance(head.mlp, torch.nn.Linear) and head.mlp.weight.shape == (8, 16)
-    assert sorted(n for n, _ in head.named_parameters()) == ["last_layer.weight", "mlp.bias", "mlp.weight"]
+    assert sorted(n for n, _ in head.named_parameters()) == ["last_layer.weight_g", "last_layer.weight_v",
+                                                             "mlp.bias", "mlp.weight"]
     assert head(torch.randn(3, 16)).shape == (3, 32)
 
 
@@ -45,11 +48,11 @@ def test_prototype_rows_are_normalised_in_forward():
     head = small_head()
     x = torch.randn(4, 16)
     z = F.normalize(head.mlp(x), dim=-1)
-    w = head.last_layer.weight
+    w = head.last_layer.weight_v
     expected = z @ (w / w.norm(dim=1, keepdim=True)).t()
     torch.testing.assert_close(head(x), expected)
     with torch.no_grad():
-        head.last_layer.weight.mul_(torch.rand(32, 1) * 10 + 0.1)  # row scale must not matter
+        head.last_layer.weight_v.mul_(torch.rand(32, 1) * 10 + 0.1)  # row scale of v must not matter
     torch.testing.assert_close(head(x), expected)
 
 
@@ -80,11 +83,11 @@ def test_loads_official_weight_norm_checkpoint():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         official = torch.nn.utils.weight_norm(torch.nn.Linear(8, 32, bias=False))
-    official.weight_g.data.fill_(1)
+    official.weight_g.data.uniform_(0.2, 3.0)  # a trained gain (!= 1) must be kept
     sd = {k: v for k, v in head.state_dict().items() if not k.startswith("last_layer.")}
     sd["last_layer.weight_g"] = official.weight_g.detach()
     sd["last_layer.weight_v"] = official.weight_v.detach()
-    head.load_state_dict(sd)
+    head.load_state_dict(sd)  # strict
     z = F.normalize(torch.randn(3, 8), dim=-1)
     torch.testing.assert_close(head.last_layer(z), official(z))
 

@@ -7,6 +7,7 @@ the achieved FLOP/s as a fraction of this machine's fp32 matmul rate measured in
 (FLOPs counted by torch's FlopCounterMode under the math attention backend).
 
     python tools/bench/train_step.py --batch 8 --steps 3
+    python tools/bench/train_step.py --drop-path-compare 0.4   # subset vs masked stochastic depth, one run
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from dinotrain.config import load_config
+from dinotrain.models import layers
 from dinotrain.distributed.env import destroy_distributed, init_distributed
 from dinotrain.distributed.fsdp import clip_grad_norm
 from dinotrain.train.batches import GlobalMaskCollator
@@ -45,7 +47,7 @@ def matmul_rate(n: int = 2048, repeats: int = 10) -> float:
 def synthetic_batch(cfg, batch: int) -> dict:
     g, lsz, n_local = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number
     items = [(i, ({"global_crops": [torch.randn(3, g, g) for _ in range(2)],
-                   "local_crops": [torch.randn(3, lsz, lsz) for _ in range(n_local)]}, 0)) for i in range(batch)]
+                   "local_crops": [torch.randn(3, lsz, lsz) for _ in range(n_local)]}, 0), 0) for i in range(batch)]
     grid = g // cfg.student.patch_size
     collate = GlobalMaskCollator(batch, grid * grid, grid, cfg.ibot.mask_ratio_min_max, cfg.ibot.mask_sample_probability,
                                  seed=0)
@@ -62,6 +64,42 @@ def step(model: SSLMetaArch, optimizer, cfg, batch: dict) -> None:
     model.update_teacher(0.994)
 
 
+def compare_drop_path(args, rate: float) -> dict:
+    """Step time with stochastic depth as masking (every sample through every branch, then zeroed) vs
+    the official subset path (branches on the kept samples only), interleaved in one run."""
+    cfg = load_config(None, [f"student.arch={args.arch}", "student.patch_size=14", "crops.local_crops_size=98",
+                             "compute_precision.dtype=fp32", f"student.drop_path_rate={rate}"])
+    model = SSLMetaArch(cfg)
+    model.shard(torch.float32)
+    optimizer = build_optimizer(model.student, cfg)
+    apply_schedules(optimizer, lr=1e-4, wd=0.04, last_layer_lr=1e-4)
+    batch = synthetic_batch(cfg, args.batch)
+    subset_above = layers.SUBSET_DROP_PATH_ABOVE
+    modes = {"masked": 1.0, "subset": subset_above}  # threshold 1.0 forces the masking path
+    flops, times = {}, {m: [] for m in modes}
+    for mode, threshold in modes.items():
+        layers.SUBSET_DROP_PATH_ABOVE = threshold
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            step(model, optimizer, cfg, batch)  # also the warm-up
+        flops[mode] = counter.get_total_flops()
+    for _ in range(args.steps):
+        for mode, threshold in modes.items():
+            layers.SUBSET_DROP_PATH_ABOVE = threshold
+            t = time.perf_counter()
+            step(model, optimizer, cfg, batch)
+            times[mode].append(time.perf_counter() - t)
+    layers.SUBSET_DROP_PATH_ABOVE = subset_above
+    med = {m: statistics.median(v) for m, v in times.items()}
+    return {
+        "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "arch": args.arch, "batch": args.batch, "drop_path_rate": rate,
+        "seconds_per_step": {m: round(v, 3) for m, v in med.items()},
+        "gflop_per_step": {m: round(v / 1e9, 1) for m, v in flops.items()},
+        "subset_over_masked_time": round(med["subset"] / med["masked"], 3),
+        "subset_over_masked_flops": round(flops["subset"] / flops["masked"], 3),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=8, help="images per step")
@@ -69,11 +107,21 @@ def main() -> None:
     p.add_argument("--arch", default="vit_small")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--drop-path-compare", type=float, metavar="RATE",
+                   help="instead: time masked vs subset stochastic depth at this drop_path_rate")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     init_distributed()
+    if args.drop_path_compare is not None:
+        result = compare_drop_path(args, args.drop_path_compare)
+        print(json.dumps(result, indent=1))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        destroy_distributed()
+        return
     cfg = load_config(None, [f"student.arch={args.arch}", "student.patch_size=14", "crops.local_crops_size=98",
                              "compute_precision.dtype=fp32", "student.drop_path_rate=0.0"])
     model = SSLMetaArch(cfg)
