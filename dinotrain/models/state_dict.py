@@ -13,11 +13,10 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from dinotrain.models.layers import swiglu_hidden_features
-from dinotrain.models.vision_transformer import DinoVisionTransformer, ViTSpec, vit_from_spec
+from dinotrain.models.vision_transformer import DinoVisionTransformer, ViTSpec, resample_positions, vit_from_spec
 
 # Prefixes under which backbones sit in training checkpoints (official DINOv2, DDP, ours).
 _PREFIXES = ("teacher.backbone.", "student.backbone.", "model.backbone.", "backbone.", "module.", "model.")
@@ -155,16 +154,7 @@ def resample_pos_embed(pos_embed: Tensor, grid: int, offset: float = 0.1, antial
         raise WeightsError(f"pos_embed holds {n_pos} patch positions, not a square grid")
     if side == grid:
         return pos_embed
-    pos = pos_embed.float()
-    patch_pos = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    if offset:
-        kwargs = dict(scale_factor=((grid + offset) / side, (grid + offset) / side))
-    else:
-        kwargs = dict(size=(grid, grid))
-    patch_pos = F.interpolate(patch_pos, mode="bicubic", align_corners=False, antialias=antialias, **kwargs)
-    assert patch_pos.shape[-2:] == (grid, grid), patch_pos.shape
-    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
-    return torch.cat((pos[:, :1], patch_pos), dim=1).to(pos_embed.dtype)
+    return resample_positions(pos_embed, grid, grid, offset, antialias).to(pos_embed.dtype)
 
 
 def fit_pos_embed(state_dict: dict[str, Tensor], target: ViTSpec, strict: bool = False,

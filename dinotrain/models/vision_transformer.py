@@ -54,6 +54,26 @@ ARCH_SIZES: dict[str, dict] = {
 }
 
 
+def resample_positions(pos_embed: Tensor, grid_h: int, grid_w: int, offset: float, antialias: bool) -> Tensor:
+    """A square `(1, 1 + side*side, D)` position table resampled to a (grid_h, grid_w) patch grid, float32.
+
+    The CLS position is kept; patch positions are resized bicubically, by `scale_factor=(grid + offset)
+    / side` when `offset` > 0 (the official DINOv2 / DINO v1 convention) or to the exact size when it is 0
+    (register models). Used by the forward for other input sizes and to resample stored tables on load.
+    """
+    pos = pos_embed.float()
+    side = int(math.sqrt(pos.shape[1] - 1))
+    patch_pos = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    if offset:
+        kwargs = dict(scale_factor=((grid_h + offset) / side, (grid_w + offset) / side))
+    else:
+        kwargs = dict(size=(grid_h, grid_w))
+    patch_pos = F.interpolate(patch_pos, mode="bicubic", align_corners=False, antialias=antialias, **kwargs)
+    assert patch_pos.shape[-2:] == (grid_h, grid_w), patch_pos.shape
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
+    return torch.cat((pos[:, :1], patch_pos), dim=1)
+
+
 class DinoVisionTransformer(nn.Module):
     """ViT returning the CLS token and patch tokens, with optional register and mask tokens."""
 
@@ -135,18 +155,8 @@ class DinoVisionTransformer(nn.Module):
         n_pos = self.pos_embed.shape[1] - 1
         if grid_h * grid_w == n_pos and grid_h == grid_w:
             return self.pos_embed.to(dtype)
-        pos = self.pos_embed.float()
-        side = int(math.sqrt(n_pos))
-        patch_pos = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        if self.interpolate_offset:
-            scale = ((grid_h + self.interpolate_offset) / side, (grid_w + self.interpolate_offset) / side)
-            kwargs = dict(scale_factor=scale)
-        else:
-            kwargs = dict(size=(grid_h, grid_w))
-        patch_pos = F.interpolate(patch_pos, mode="bicubic", antialias=self.interpolate_antialias, **kwargs)
-        assert patch_pos.shape[-2:] == (grid_h, grid_w), patch_pos.shape
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
-        return torch.cat((pos[:, :1], patch_pos), dim=1).to(dtype)
+        return resample_positions(self.pos_embed, grid_h, grid_w, self.interpolate_offset,
+                                  self.interpolate_antialias).to(dtype)
 
     def prepare_tokens_with_masks(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
         """Patchify, replace masked patches by the mask token, add CLS + positions, insert registers."""
