@@ -120,7 +120,7 @@ _POSITIVE_INTS = ("train.batch_size_per_gpu", "train.OFFICIAL_EPOCH_LENGTH", "tr
                   "dino.head_n_prototypes", "ibot.head_n_prototypes", "checkpoint.keep_last")
 
 
-# Keys that may be null; any other key whose default is set must keep a value.
+# What to say when a key whose default has a value is null (other keys: "give it a value").
 _REQUIRED_HINTS = {
     "train.dataset_path": "set it to your ImageFolder directory (or `tiny` for the built-in dataset): "
                           "the full-scale recipes ship no dataset on purpose",
@@ -185,9 +185,8 @@ def _check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"config key '{key}' = {get(key)} must be a multiple of student.patch_size = {patch}")
     if get("crops.blur_kernel_size") % 2 == 0 or get("crops.blur_kernel_size") < 1:
         raise ConfigError(f"config key 'crops.blur_kernel_size' must be a positive odd number; got {get('crops.blur_kernel_size')}")
-    blur_p = get("crops.blur_probabilities")
-    blur_p = None if blur_p is None else list(blur_p)
-    if blur_p is None or not all(p is not None and 0 <= p <= 1 for p in blur_p):
+    blur_p = list(get("crops.blur_probabilities"))  # a list of 3 (type check); null itself is refused above
+    if not all(p is not None and 0 <= p <= 1 for p in blur_p):
         raise ConfigError("config key 'crops.blur_probabilities' must be 3 probabilities within [0, 1] (global view 1, "
                           f"global view 2, local views), e.g. [1.0, 0.1, 0.5] (paper) or [0.0, 0.9, 0.5] (official code); got {blur_p}")
     for key in ("train.max_iterations", "checkpoint.period_iterations"):

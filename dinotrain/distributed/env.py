@@ -92,30 +92,13 @@ class PeerFailed(RuntimeError):
     """Another rank failed a step all ranks take together; its own error says why."""
 
 
-def _agree(error: Exception | None, env: DistEnv, what: str) -> None:
-    """Every rank learns whether any rank failed: the failing ones raise their error, the others PeerFailed."""
-    ok = torch.tensor([0 if error else 1], dtype=torch.long, device=env.device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if error is not None:
-        raise error
-    if not int(ok.item()):
-        raise PeerFailed(f"another rank failed in {what}; see its error")
-
-
 def main_first(fn, env: DistEnv):
     """`fn()` on rank 0 first (e.g. to write a cache), then on the other ranks.
 
     An error on rank 0 stops every rank (rank 0 raises it, the others raise PeerFailed) instead of
     leaving them waiting in a collective.
     """
-    result, error = None, None
-    if env.is_main:
-        try:
-            result = fn()
-        except Exception as exc:  # re-raised by _agree, after the other ranks heard of it
-            error = exc
-    _agree(error, env, getattr(fn, "__name__", "a shared step"))
+    result = all_ranks(fn if env.is_main else lambda: None, env)
     return result if env.is_main else fn()
 
 
@@ -124,7 +107,13 @@ def all_ranks(fn, env: DistEnv):
     result, error = None, None
     try:
         result = fn()
-    except Exception as exc:  # re-raised by _agree
+    except Exception as exc:  # re-raised below, after the other ranks heard of it
         error = exc
-    _agree(error, env, getattr(fn, "__name__", "a shared step"))
+    ok = torch.tensor([0 if error else 1], dtype=torch.long, device=env.device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if error is not None:
+        raise error
+    if not int(ok.item()):
+        raise PeerFailed("another rank failed a step all ranks take together; see its error")
     return result

@@ -132,8 +132,8 @@ class Trainer:
         for ckpt in reversed(self.candidates):
             try:
                 return ckpt, read_extra(ckpt)
-            except CheckpointError as exc:
-                log.error("%s; trying the previous checkpoint", exc)
+            except CheckpointError:
+                continue  # reported by load_latest, which skips it the same way
         return None
 
     # ---- one iteration -------------------------------------------------------------------------
@@ -182,10 +182,7 @@ class Trainer:
         })
 
     def _sum_over_ranks(self, value: int) -> int:
-        t = torch.tensor([value], dtype=torch.long, device=self.env.device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(t)
-        return int(t.item())
+        return int(round(all_reduce_mean({"n": float(value)}, self.env.device, sum_keys=("n",))["n"]))
 
     def _next_batches(self, data) -> list[dict]:
         try:

@@ -60,10 +60,10 @@ def check_resume(saved: dict, cfg: DictConfig, where: Path, allow_change: bool =
     changes = config_changes(saved, cfg)
     arch = [k for k in ARCH_KEYS if k in changes]
     diffs = [f"{k}: checkpoint has {changes[k][0]!r}, config has {changes[k][1]!r}" for k in arch]
-    layerscale = (bool(OmegaConf.select(OmegaConf.create(saved), "student.layerscale")), bool(cfg.student.layerscale))
-    if layerscale[0] != layerscale[1]:  # only on/off changes shapes; the init value does not matter on resume
-        diffs.append(f"student.layerscale: LayerScale is {'on' if layerscale[0] else 'off'} in the checkpoint and "
-                     f"{'on' if layerscale[1] else 'off'} in the config")
+    was, now = (bool(v) for v in changes.get("student.layerscale", (True, True)))
+    if was != now:  # only on/off changes shapes; the init value does not matter on resume
+        diffs.append(f"student.layerscale: LayerScale is {'on' if was else 'off'} in the checkpoint and "
+                     f"{'on' if now else 'off'} in the config")
     if diffs:
         raise ConfigError(
             f"cannot resume from {where}: the architecture differs — " + "; ".join(diffs)
