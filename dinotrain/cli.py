@@ -1,4 +1,4 @@
-"""The `dinotrain` command: train, eval, export, convert, embed, tiny-dataset.
+"""The `dinotrain` command: train, distill, eval, export, convert, embed, tiny-dataset.
 
 Errors a user can fix (bad config, missing file, wrong weights) print one clear line and exit 2;
 `--debug` shows the traceback.
@@ -41,6 +41,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    """`train`'s twin for distillation: same arguments, run directory and resume rules."""
+    from dinotrain.config import load_config
+    from dinotrain.distributed.env import destroy_distributed
+    from dinotrain.train.distill import Distiller
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    cfg = load_config(args.config, overrides)
+    try:
+        Distiller(cfg, cfg.train.output_dir, resume=not args.no_resume,
+                  allow_config_change=args.allow_config_change).run()
+    finally:
+        destroy_distributed()
+    return 0
+
+
 # ---- eval -------------------------------------------------------------------------------------------
 def _backbone_from_args(weights: str | None, model: str | None, seed: int = 0):
     import torch
@@ -50,8 +68,14 @@ def _backbone_from_args(weights: str | None, model: str | None, seed: int = 0):
 
     if weights:
         path = Path(weights)
+        students = sorted((path / "students").glob("*.pth")) if path.is_dir() else []
         if path.is_dir() and (path / "teacher_backbone.pth").is_file():
             path = path / "teacher_backbone.pth"  # a run directory
+        elif len(students) == 1:
+            path = students[0]  # a distillation run directory: its student's EMA backbone
+        elif students:
+            raise ValueError(f"{path} is a distillation run with students {', '.join(p.stem for p in students)}: "
+                             f"pass one of them, e.g. --weights {students[0]}")
         elif path.is_dir() and ((path / "checkpoints").is_dir() or (path / "config.yaml").is_file()):
             raise FileNotFoundError(
                 f"{path} is a training run directory without teacher_backbone.pth (written when the run finishes); "
@@ -113,13 +137,50 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_source(ckpt: Path, which: str | None) -> tuple[Path, str, str, dict | None]:
+    """(DCP directory, tensor prefix, label, config or None = the checkpoint's) of what `--which` picks.
+
+    A training checkpoint holds `model.teacher.*` (the EMA, default) and `model.student.*`. A distillation
+    checkpoint holds one training-layout checkpoint per student under `students/<name>/`, whose
+    `model.teacher.*` is that student's EMA: the exported model. Its frozen teacher is not stored.
+    """
+    from dinotrain.distributed.checkpoint import read_extra
+
+    students = ckpt / "students"
+    if not students.is_dir():
+        which = which or "teacher"
+        if which not in ("teacher", "student"):
+            raise ValueError(f"--which {which!r}: a training checkpoint holds 'teacher' (the EMA, default) "
+                             "and 'student'")
+        return ckpt, f"model.{which}.", which, None
+    extra = read_extra(ckpt)
+    names = sorted(d.name for d in students.iterdir() if d.is_dir())
+    if not names:
+        raise FileNotFoundError(f"distillation checkpoint {ckpt} has no student under students/")
+    if which is None and len(names) > 1:
+        raise ValueError(f"distillation checkpoint {ckpt} has students {', '.join(names)}: pick one with --which NAME")
+    which = which or names[0]
+    if which not in names:
+        if which == "teacher":
+            source = (extra.get("teacher") or {}).get("source", "see its extra.json")
+            raise ValueError(f"the frozen teacher of a distillation run is not stored in its checkpoints "
+                             f"(its source: {source}); export a student with --which {names[0]}")
+        raise ValueError(f"distillation checkpoint {ckpt} has no student {which!r}; its students: {', '.join(names)}")
+    config = ((extra.get("students") or {}).get(which) or {}).get("config") or {}
+    return students / which, "model.teacher.", f"student {which!r} (EMA)", config
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    """Teacher backbone of a sharded checkpoint, consolidated in this one process (no GPU needed)."""
+    """A backbone (teacher by default) of a sharded checkpoint, consolidated in this one process (no GPU).
+
+    `--to full` also writes the DINO/iBOT heads and the recipe config (dinotrain.export.full).
+    """
     import dataclasses
 
     from dinotrain.distributed.checkpoint import complete_checkpoints, read_extra
-    from dinotrain.distributed.checkpoint_files import read_teacher_backbone
+    from dinotrain.distributed.checkpoint_files import read_metadata, read_tensors
     from dinotrain.export.convert import write_weights
+    from dinotrain.export.full import FullExport, write_full
     from dinotrain.models.state_dict import infer_spec
 
     src = Path(args.src)
@@ -129,17 +190,27 @@ def cmd_export(args: argparse.Namespace) -> int:
         if not found:
             raise FileNotFoundError(f"{src} is neither a checkpoint directory nor a run directory with checkpoints")
         ckpt = found[-1]
-    # only the teacher backbone's byte ranges are read (not the optimizer), after the shards are checked;
-    # the metadata is unpickled allow-listed and never runs code
-    state = read_teacher_backbone(ckpt)
+    tensors_dir, prefix, label, config = _export_source(ckpt, args.which)
+    # only the chosen backbone's (and heads') byte ranges are read (not the optimizer), after the shards
+    # are checked; the metadata is unpickled allow-listed and never runs code
+    state = read_tensors(tensors_dir, prefix + "backbone.", what=f"{label} backbone")
     extra = read_extra(ckpt)
-    student_cfg = extra.get("config", {}).get("student", {})
+    config = (extra.get("config") or {}) if config is None else config
+    student_cfg = config.get("student") or {}
     spec = infer_spec(state)
     if "interpolate_offset" in student_cfg:  # not stored in weights: take it from the run's config
         spec = dataclasses.replace(spec, interpolate_offset=float(student_cfg["interpolate_offset"]),
                                    interpolate_antialias=bool(student_cfg["interpolate_antialias"]))
-    out = write_weights(state, spec, args.dst, args.to)
-    print(f"teacher backbone of {ckpt} (iteration {extra.get('iteration', ckpt.name)}) -> {out} ({args.to})")
+    if args.to == "full":
+        stored = read_metadata(tensors_dir).state_dict_metadata
+        heads = {h: read_tensors(tensors_dir, f"{prefix}{h}.", what=f"{label} {h}") for h in ("dino_head", "ibot_head")
+                 if h == "dino_head" or any(k.startswith(f"{prefix}{h}.") for k in stored)}
+        out = write_full(args.dst, FullExport(state, spec, heads, config))
+        what = f"{label} backbone + {' + '.join(heads)} + config"
+    else:
+        out = write_weights(state, spec, args.dst, args.to)
+        what = f"{label} backbone"
+    print(f"{what} of {ckpt} (iteration {extra.get('iteration', ckpt.name)}) -> {out} ({args.to})")
     return 0
 
 
@@ -201,6 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.base_lr=1e-3")
     t.set_defaults(func=cmd_train)
 
+    ds = sub.add_parser("distill", help="distil students from a frozen teacher (backbone + DINO/iBOT heads)")
+    ds.add_argument("--config", help="a YAML file or a shipped config name (see configs/distill/)")
+    ds.add_argument("--output-dir", help="run directory (checkpoints, metrics.jsonl, log.txt)")
+    ds.add_argument("--no-resume", action="store_true",
+                    help="start over: existing checkpoints and metrics of the run directory are moved aside")
+    ds.add_argument("--allow-config-change", action="store_true",
+                    help="resume even though train.dataset_path or train.centering differ from the checkpoint's")
+    ds.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.base_lr=1e-3")
+    ds.set_defaults(func=cmd_distill)
+
     e = sub.add_parser("eval", help="evaluate a backbone")
     esub = e.add_subparsers(dest="eval_command", required=True)
     k = esub.add_parser("knn", help="weighted k-NN accuracy of CLS features (T=0.07)")
@@ -229,10 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--to", required=True, choices=["hub", "hf", "safetensors"])
     c.set_defaults(func=cmd_convert)
 
-    x = sub.add_parser("export", help="teacher backbone of a training checkpoint -> hub .pth, Hugging Face or safetensors")
+    x = sub.add_parser("export", help="teacher backbone of a checkpoint -> hub .pth, Hugging Face, safetensors, "
+                                      "or full (backbone + heads + config)")
     x.add_argument("src", help="a run directory (its newest complete checkpoint) or one checkpoints/<iteration> directory")
-    x.add_argument("dst", help="output file (hub, safetensors) or directory (hf)")
-    x.add_argument("--to", required=True, choices=["hub", "hf", "safetensors"])
+    x.add_argument("dst", help="output file (hub, safetensors, full: a .safetensors file) or directory (hf)")
+    x.add_argument("--to", required=True, choices=["hub", "hf", "safetensors", "full"])
+    x.add_argument("--which", help="training run: teacher (the EMA, default) or student; distillation run: the "
+                                   "student's name (its EMA; default: the only student)")
     x.set_defaults(func=cmd_export)
 
     m = sub.add_parser("embed", help="embed images with a backbone (CLS token after the final norm)")

@@ -7,6 +7,7 @@ instead of surfacing as a traceback deep inside training hours later.
 from __future__ import annotations
 
 import difflib
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
@@ -75,7 +76,52 @@ def _check_known_keys(defaults: DictConfig, user: DictConfig, source: str, prefi
         if isinstance(default_node, DictConfig):
             if not isinstance(user_node, DictConfig):
                 raise ConfigError(f"config key '{full}' (from {source}) is a section; give its sub-keys, e.g. {full}.<key>=...")
-            _check_known_keys(default_node, user_node, source, full + ".")
+            if full == _STUDENTS:
+                _check_student_entries(user_node, source)
+            else:
+                _check_known_keys(default_node, user_node, source, full + ".")
+
+
+# `distillation.students`: name -> sections set over the top-level ones for that student. Its keys are
+# names, not config keys, so they are checked here instead of against the defaults.
+_STUDENTS = "distillation.students"
+STUDENT_SECTIONS = ("student", "optim", "dino", "ibot")
+_STUDENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_DEFAULT_STUDENT = "student"
+
+
+def _check_student_entries(students: DictConfig, source: str) -> None:
+    """Names and sections of the `distillation.students` entries; keys inside checked against the defaults."""
+    defaults = _load_yaml(configs_dir() / "default.yaml")
+    for name in students.keys():
+        if not isinstance(name, str):
+            raise ConfigError(f"distillation student name {name!r} (from {source}) must be a string; quote it in YAML, "
+                              f"e.g. '{name}':")
+        where = f"{_STUDENTS}.{name}"
+        if not _STUDENT_NAME.match(name):
+            raise ConfigError(f"distillation student name {name!r} (from {source}) is not allowed: it becomes a directory "
+                              "name and a metrics prefix, so it must start with a letter or digit and hold only "
+                              "letters, digits, '_', '.' and '-'")
+        entry = students._get_node(name)
+        if entry is None or entry._is_none():  # `name:` with nothing: a student with the top-level settings
+            continue
+        if not isinstance(entry, DictConfig):
+            raise ConfigError(f"config key '{where}' (from {source}) must be a mapping of sections "
+                              f"({', '.join(STUDENT_SECTIONS)}); got {entry._value()!r}")
+        for section in entry.keys():
+            full = f"{where}.{section}"
+            if section not in STUDENT_SECTIONS:
+                close = difflib.get_close_matches(str(section), STUDENT_SECTIONS, n=1)
+                hint = f"; did you mean {where}.{close[0]}?" if close else ""
+                shared = (" (a section all students share: one teacher forward on the same crops feeds them all)"
+                          if section in defaults else "")
+                raise ConfigError(f"unknown section '{full}' (from {source}){shared}{hint} — a student entry may set "
+                                  f"only the sections {', '.join(STUDENT_SECTIONS)}")
+            node = entry._get_node(section)
+            if not isinstance(node, DictConfig):
+                raise ConfigError(f"config key '{full}' (from {source}) is a section; give its sub-keys, "
+                                  f"e.g. {full}.<key>=...")
+            _check_known_keys(defaults[section], node, source, full + ".")
 
 
 def _type_name(value: Any) -> str:
@@ -125,6 +171,8 @@ _REQUIRED_HINTS = {
     "train.dataset_path": "set it to your ImageFolder directory (or `tiny` for the built-in dataset): "
                           "the full-scale recipes ship no dataset on purpose",
     "train.output_dir": "give --output-dir",
+    "distillation.teacher": "set it to the teacher: a dinotrain run directory, a full export (.safetensors with heads) "
+                            "or backbone weights (with train.head_warmup_iterations > 0), e.g. distillation.teacher=runs/g14",
 }
 _POSITIVE_FLOATS = ("optim.base_lr", "teacher.teacher_temp", "teacher.warmup_teacher_temp", "optim.epochs")
 _NON_NEGATIVE_FLOATS = ("optim.weight_decay", "optim.weight_decay_end", "optim.min_lr", "optim.clip_grad",
@@ -147,6 +195,13 @@ def _check_values(cfg: DictConfig) -> None:
     def get(key: str) -> Any:
         return OmegaConf.select(cfg, key)
 
+    depth = get("student.depth")  # default null, so the type check lets anything through: check it here
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+        raise ConfigError("config key 'student.depth' must be null (the arch's own depth) or a positive int "
+                          f"(number of transformer blocks); got {depth!r} ({_type_name(depth)})")
+    if not isinstance(get("distillation.teacher"), str):
+        raise ConfigError("config key 'distillation.teacher' must be a path (a string, '' for none); "
+                          f"got {get('distillation.teacher')!r}")
     for key in _POSITIVE_FLOATS:
         if not get(key) > 0:
             raise ConfigError(f"config key '{key}' must be > 0; got {get(key)}")
@@ -170,7 +225,8 @@ def _check_values(cfg: DictConfig) -> None:
     for key in _POSITIVE_INTS:
         if get(key) <= 0:
             raise ConfigError(f"config key '{key}' must be positive; got {get(key)}")
-    for key in ("train.num_workers", "crops.local_crops_number", "student.num_register_tokens", "train.nan_tolerance"):
+    for key in ("train.num_workers", "crops.local_crops_number", "student.num_register_tokens", "train.nan_tolerance",
+                "train.head_warmup_iterations"):
         if get(key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0; got {get(key)}")
     for key in ("crops.global_crops_scale", "crops.local_crops_scale", "ibot.mask_ratio_min_max"):
@@ -216,11 +272,57 @@ def load_config(config_file: str | Path | None = None, overrides: Iterable[str] 
         layers.append(cli)
     cfg = OmegaConf.merge(*layers)
     default_leaves = dict(_leaves(OmegaConf.to_container(defaults)))
+    _validate(_without_students(cfg), default_leaves)
+    if _entries(cfg) is not None:
+        for name, student_cfg in student_configs(cfg).items():
+            try:
+                _validate(student_cfg, default_leaves)
+            except ConfigError as exc:
+                raise ConfigError(f"distillation student '{name}' ({_STUDENTS}.{name} over the top-level "
+                                  f"sections): {exc}") from None
+    return cfg
+
+
+def _validate(cfg: DictConfig, default_leaves: dict) -> None:
+    """Types, required keys and values of one whole config (without `distillation.students` entries)."""
     for key, value in _leaves(OmegaConf.to_container(cfg)):
         _check_type(key, default_leaves[key], value)
     _check_required(cfg, default_leaves)
     _check_values(cfg)
-    return cfg
+
+
+def _entries(cfg: DictConfig) -> DictConfig | None:
+    students = OmegaConf.select(cfg, _STUDENTS)
+    return students if isinstance(students, DictConfig) and len(students) else None
+
+
+def _without_students(cfg: DictConfig) -> DictConfig:
+    """A plain (writable, unflagged) copy of `cfg` with `distillation.students` = {}."""
+    out = OmegaConf.create(OmegaConf.to_container(cfg))
+    if not isinstance(out.get("distillation"), DictConfig):
+        out.distillation = {}
+    out.distillation.students = {}
+    return out
+
+
+def student_configs(cfg: DictConfig) -> dict[str, DictConfig]:
+    """Name -> effective config of each distillation student, in the order the entries were written.
+
+    A student's config is the whole `cfg` with its entry's sections (student, optim, dino, ibot) merged
+    over the top-level ones, and `distillation.students` = {}. Without entries: {"student": a copy of
+    `cfg` with `distillation.students` = {}}. The results are fresh plain DictConfigs (not read-only;
+    changing one changes neither `cfg` nor the others).
+    """
+    base = _without_students(cfg)
+    entries = _entries(cfg)
+    if entries is None:
+        return {_DEFAULT_STUDENT: base}
+    out: dict[str, DictConfig] = {}
+    for name in entries.keys():
+        entry = entries._get_node(name)  # null (`name:` with nothing): the top-level settings
+        sections = OmegaConf.to_container(entry) if isinstance(entry, DictConfig) and not entry._is_none() else {}
+        out[str(name)] = OmegaConf.merge(base, sections)  # type: ignore[assignment]
+    return out
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:

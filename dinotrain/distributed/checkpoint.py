@@ -3,7 +3,8 @@
 Layout: `<run>/checkpoints/<iteration:08d>/` holds the DCP shards of the model (student, teacher,
 loss centers) and the optimizer's per-parameter state (keyed by parameter name; param groups come
 from the config), plus `extra.json` (iteration, sample-stream position, grad-scaler state, world
-size, skipped-image count, config). Loading validates first (see `checkpoint_files.py`) and never
+size, skipped-image count, config). A distillation checkpoint has one such part per student in
+`students/<name>/` and the frozen teacher's centering state at the top (see `Parts`). Loading validates first (see `checkpoint_files.py`) and never
 leaves a half-loaded model. It is written as `.tmp-<iteration>` and renamed only when every rank
 has finished, so an interrupted save never looks complete. RNG states need no saving: every step
 reseeds from (seed, iteration, rank) and every sample from its stream position.
@@ -26,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
@@ -83,14 +85,17 @@ def _optimizer_options() -> StateDictOptions:
     return StateDictOptions(flatten_optimizer_state_dict=True)
 
 
-def _requested(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict, dict]:
+def _requested(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict, dict]:
     """(model tensors, optimizer per-parameter state, live param-group settings), as flat name -> value.
 
     Only the per-parameter optimizer state (AdamW moments and step) is saved and loaded, matched to
     parameters by name. The param groups (lr/wd multipliers, layout, betas) are not: they come from
     the config of the run that resumes, and the schedules set lr and wd again every iteration, so a
     change of `optim.layerwise_decay` or of the group layout never makes a checkpoint unloadable.
+    A part without an optimizer (e.g. the centering state of a frozen teacher) has only model tensors.
     """
+    if optimizer is None:
+        return get_model_state_dict(model), {}, {}
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_optimizer_options())
     state = {k: v for k, v in optim_sd.items() if k.startswith("state.")}
     groups = {k: v for k, v in optim_sd.items() if not k.startswith("state.")}
@@ -121,6 +126,12 @@ def _empty_like(entries: dict) -> dict:
     return {k: torch.empty_like(v) if isinstance(v, torch.Tensor) else v for k, v in entries.items()}
 
 
+# A checkpoint holds one or more parts, each its own DCP directory: "" is the checkpoint directory
+# itself (a training run: student, EMA teacher, centers and optimizer), other names are sub-directories
+# (a distillation run: `students/<name>` per student, "" for the frozen teacher's centering state).
+Parts = dict[str, tuple[nn.Module, "torch.optim.Optimizer | None"]]
+
+
 class Checkpointer:
     """Save/load a training state; keeps the last `keep_last` complete checkpoints."""
 
@@ -128,15 +139,20 @@ class Checkpointer:
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
 
-    def save(self, iteration: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> Path:
+    def save(self, iteration: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+             extra: dict[str, Any]) -> Path:
+        return self.save_parts(iteration, {"": (model, optimizer)}, extra)
+
+    def save_parts(self, iteration: int, parts: Parts, extra: dict[str, Any]) -> Path:
         final = self.root / f"{iteration:08d}"
         tmp = self.root / f".tmp-{iteration:08d}"
         if _is_main():
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        model_sd, optim_state, _ = _requested(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_state}, checkpoint_id=str(tmp))
+        for name, (model, optimizer) in parts.items():
+            model_sd, optim_state, _ = _requested(model, optimizer)
+            dcp.save({"model": model_sd, "optim": optim_state}, checkpoint_id=str(tmp / name))
         _barrier()
         if _is_main():
             (tmp / EXTRA).write_text(json.dumps({**extra, "iteration": iteration}, indent=1, default=str))
@@ -153,30 +169,46 @@ class Checkpointer:
         for stale in self.root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
 
-    def load(self, ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """Load one checkpoint into the (sharded) model and optimizer; returns its extra state.
+    def load(self, ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+        return self.load_parts(ckpt, {"": (model, optimizer)})
 
-        All or nothing: the checkpoint is validated (metadata read without running code, shard sizes,
-        every needed tensor present with its shape) and read into fresh buffers; the live model and
-        optimizer are only written once everything was read. A failure leaves them untouched.
+    def load_parts(self, ckpt: Path, parts: Parts) -> dict:
+        """Load one checkpoint into the (sharded) models and optimizers; returns its extra state.
+
+        All or nothing: every part is validated (metadata read without running code, shard sizes,
+        every needed tensor present with its shape) and read into fresh buffers; the live models and
+        optimizers are only written once every part was read. A failure leaves them untouched.
         """
         from dinotrain.distributed.checkpoint_files import SafeFileSystemReader, validate_checkpoint
 
         extra = read_extra(ckpt)
-        metadata = validate_checkpoint(ckpt)
-        model_sd, optim_state, optim_groups = _requested(model, optimizer)
-        request = {"model": _empty_like(model_sd), "optim": _empty_like(optim_state)}
-        _check_against_metadata(ckpt, request, metadata)
-        try:
-            dcp.load(request, storage_reader=SafeFileSystemReader(ckpt))
-        except (Exception, CheckpointException) as exc:  # DCP's own error is a BaseException
-            raise CheckpointError(f"checkpoint {ckpt} could not be read: {describe_failure(exc)}") from exc
-        set_state_dict(model, optimizer, model_state_dict=request["model"],
-                       optim_state_dict={**request["optim"], **optim_groups}, options=_optimizer_options())
+        loaded = []
+        for name, (model, optimizer) in parts.items():
+            where = ckpt / name
+            if name and not (where / ".metadata").is_file():
+                raise CheckpointError(f"checkpoint {ckpt} has no part {name!r} (no {where}/.metadata)")
+            metadata = validate_checkpoint(where)
+            model_sd, optim_state, optim_groups = _requested(model, optimizer)
+            request = {"model": _empty_like(model_sd), "optim": _empty_like(optim_state)}
+            _check_against_metadata(where, request, metadata)
+            try:
+                dcp.load(request, storage_reader=SafeFileSystemReader(where))
+            except (Exception, CheckpointException) as exc:  # DCP's own error is a BaseException
+                raise CheckpointError(f"checkpoint {where} could not be read: {describe_failure(exc)}") from exc
+            loaded.append((model, optimizer, request, optim_groups))
+        for model, optimizer, request, optim_groups in loaded:
+            if optimizer is None:
+                set_model_state_dict(model, request["model"])
+            else:
+                set_state_dict(model, optimizer, model_state_dict=request["model"],
+                               optim_state_dict={**request["optim"], **optim_groups}, options=_optimizer_options())
         return extra
 
-    def load_latest(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+    def load_latest(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     candidates: list[Path] | None = None) -> dict | None:
+        return self.load_latest_parts({"": (model, optimizer)}, candidates)
+
+    def load_latest_parts(self, parts: Parts, candidates: list[Path] | None = None) -> dict | None:
         """Newest checkpoint that loads; a damaged one is reported and the previous one used.
 
         Returns None only when there is no checkpoint. If there are checkpoints and none loads, raises
@@ -186,7 +218,7 @@ class Checkpointer:
         failures = []
         for ckpt in reversed(candidates):
             try:
-                extra = self.load(ckpt, model, optimizer)
+                extra = self.load_parts(ckpt, parts)
             except CheckpointError as exc:
                 log.error("%s; trying the previous checkpoint", exc)
                 failures.append(str(exc))

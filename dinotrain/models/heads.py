@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DINOHead", "PrototypeLinear"]
+__all__ = ["DINOHead", "PrototypeLinear", "head_from_state_dict", "head_settings"]
 
 
 class PrototypeLinear(nn.Module):
@@ -123,3 +124,81 @@ class DINOHead(nn.Module):
         eps = 1e-6 if x.dtype == torch.float16 else 1e-12  # 1e-12 underflows to 0 in fp16
         x = F.normalize(x, p=2, dim=-1, eps=eps)
         return self.last_layer(x).reshape(*lead, self.out_dim)
+
+
+# ---- heads from their weights ---------------------------------------------------------------------
+_LAST = "last_layer."
+
+
+def _prototype_weights(state: dict[str, Tensor], what: str, bad) -> tuple[Tensor, Tensor | None]:
+    """(v, g) of the prototype layer in any of the three layouts `PrototypeLinear` loads (g None: old form)."""
+    for v_key, g_key in (("weight_v", "weight_g"), ("parametrizations.weight.original1", "parametrizations.weight.original0")):
+        if _LAST + v_key in state:
+            if _LAST + g_key not in state:
+                raise bad(f"it has {_LAST + v_key} but no {_LAST + g_key}")
+            return state[_LAST + v_key], state[_LAST + g_key]
+    if _LAST + "weight" in state:
+        return state[_LAST + "weight"], None
+    raise bad(f"no prototype layer ({_LAST}weight_v / weight_g)")
+
+
+def head_settings(state: dict[str, Tensor], what: str = "head") -> dict:
+    """The `DINOHead` constructor arguments a head state dict was made with, inferred from its shapes.
+
+    Why: the official project never published heads and recipes change head sizes, so a consumer of
+    saved heads (distillation, continued pretraining) must rebuild them from the weights alone.
+    Returns `in_dim, out_dim, nlayers, hidden_dim, bottleneck_dim, mlp_bias`; a 1-layer head has no
+    hidden layer, so its `hidden_dim` is DINOHead's (unused) default 2048. Accepts the prototype layer
+    as `weight_g`/`weight_v`, torch's `parametrizations.weight.original0/1`, or the former single
+    `weight`. Raises WeightsError (one line naming `what`) for anything else, BatchNorm heads included.
+    """
+    from dinotrain.models.state_dict import WeightsError
+
+    def bad(why: str) -> WeightsError:
+        return WeightsError(f"{what} is not a DINO head state dict: {why}")
+
+    if not isinstance(state, dict) or not state:
+        raise bad("it is empty" if isinstance(state, dict) else f"it is a {type(state).__name__}")
+    if any(not isinstance(v, Tensor) for v in state.values()):
+        raise bad("it holds values that are not tensors")
+    if any(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in state):
+        raise WeightsError(f"{what}: heads with BatchNorm (use_bn=True) are not supported")
+    v, g = _prototype_weights(state, what, bad)
+    if v.ndim != 2 or (g is not None and tuple(g.shape) != (v.shape[0], 1)):
+        raise bad(f"prototype weights of shapes {tuple(v.shape)} / {None if g is None else tuple(g.shape)}")
+    out_dim, bottleneck_dim = int(v.shape[0]), int(v.shape[1])
+    if "mlp.weight" in state:  # nlayers == 1: mlp is one Linear
+        linears = [("mlp.", state["mlp.weight"])]
+    else:
+        indices = sorted({int(m.group(1)) for k in state if (m := re.match(r"mlp\.(\d+)\.weight$", k))})
+        if not indices:
+            raise bad("no MLP (mlp.weight or mlp.N.weight)")
+        linears = [(f"mlp.{i}.", state[f"mlp.{i}.weight"]) for i in indices]
+    if any(w.ndim != 2 for _, w in linears):
+        raise bad("an MLP weight is not a matrix")
+    biases = {f"{p}bias" in state for p, _ in linears}
+    if len(biases) != 1:
+        raise bad("some MLP layers have a bias and others not")
+    settings = dict(in_dim=int(linears[0][1].shape[1]), out_dim=out_dim, nlayers=len(linears),
+                    hidden_dim=int(linears[0][1].shape[0]) if len(linears) > 1 else 2048,
+                    bottleneck_dim=bottleneck_dim, mlp_bias=biases.pop())
+    # The head those settings build must have exactly these tensors and shapes (meta: no memory, no init).
+    with torch.device("meta"):
+        try:
+            expected = DINOHead(**settings).state_dict()
+        except ValueError as exc:
+            raise bad(str(exc)) from exc
+    found = {k: tuple(t.shape) for k, t in state.items() if not k.startswith(_LAST)}
+    found.update({_LAST + "weight_v": tuple(v.shape), _LAST + "weight_g": (out_dim, 1)})
+    wanted = {k: tuple(t.shape) for k, t in expected.items()}
+    if found != wanted:
+        diff = sorted(set(found) ^ set(wanted)) or sorted(k for k in found if found[k] != wanted[k])
+        raise bad(f"it does not fit a {settings['nlayers']}-layer head ({', '.join(diff[:4])})")
+    return settings
+
+
+def head_from_state_dict(state: dict[str, Tensor], what: str = "head", norm_last_layer: bool = False) -> DINOHead:
+    """A `DINOHead` built with `head_settings(state)` and loaded strictly from `state` (fp32 parameters)."""
+    head = DINOHead(**head_settings(state, what), norm_last_layer=norm_last_layer)
+    head.load_state_dict(dict(state), strict=True)
+    return head

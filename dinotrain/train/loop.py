@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,8 +18,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from dinotrain.config import save_config
-from dinotrain.distributed.checkpoint import (Checkpointer, CheckpointError, complete_checkpoints, full_state_dict,
-                                              read_extra)
+from dinotrain.distributed.checkpoint import (Checkpointer, CheckpointError, Parts, complete_checkpoints,
+                                              full_state_dict, read_extra)
 from dinotrain.distributed.env import DistEnv, all_reduce_mean, init_distributed, all_ranks, main_first
 from dinotrain.distributed.fsdp import clip_grad_norm, compute_dtype
 from dinotrain.train.batches import (UnreadableDatasetError, build_train_dataset, build_train_loader, first_sample,
@@ -26,7 +27,7 @@ from dinotrain.train.batches import (UnreadableDatasetError, build_train_dataset
 from dinotrain.train.resume import check_resume, config_changes, log_changes, record_history
 from dinotrain.train.rundir import move_aside, prepare_run_dir, rewind_metrics, setup_logging
 from dinotrain.train.optim import apply_schedules, build_optimizer
-from dinotrain.train.schedules import build_schedules, scaled_lr
+from dinotrain.train.schedules import Schedules, build_schedules, scaled_lr
 from dinotrain.train.ssl import OFFICIAL_LOGGED_LOSSES, SSLMetaArch
 
 log = logging.getLogger("dinotrain.train")
@@ -53,8 +54,26 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+@dataclass
+class Learner:
+    """One trained network set: its meta-architecture (student + EMA), optimizer, schedules, fp16 grad
+    scaler, and the prefix of its metrics ("" in pretraining, "<student name>/" in distillation)."""
+
+    model: SSLMetaArch
+    cfg: DictConfig
+    optimizer: torch.optim.Optimizer
+    schedules: Schedules
+    scaler: object | None
+    prefix: str = ""
+
+
 class Trainer:
-    """Builds everything a run needs from the config, then `run()` trains until the last iteration."""
+    """Builds everything a run needs from the config, then `run()` trains until the last iteration.
+
+    The loop (data, sample-stream position, logging, divergence guard, checkpoints, resume) is shared
+    with distillation (`train/distill.py`), which overrides how learners are built, what one micro-step
+    computes, what a checkpoint holds and what the run leaves behind.
+    """
 
     def __init__(self, cfg: DictConfig, run_dir: str | Path, resume: bool = True, env: DistEnv | None = None,
                  allow_config_change: bool = False):
@@ -69,6 +88,7 @@ class Trainer:
         newest = self._newest_readable_checkpoint() if resume else None
         if newest is not None:
             check_resume(newest[1].get("config", {}), cfg, newest[0], allow_config_change)
+        self._check_before_start(newest[1] if newest else None)
         self.dataset = main_first(lambda: build_train_dataset(cfg, index_cache_dir=self.run_dir), self.env)
         position = newest[1].get("sample_position", 0) if newest else 0
         all_ranks(lambda: first_sample(cfg, self.dataset, self.env.rank, self.env.world_size, position), self.env)
@@ -79,36 +99,22 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
 
-        # 2. The model, sharded, and its optimizer.
-        torch.manual_seed(cfg.train.seed)  # same init on every rank
+        # 2. The models, sharded, and their optimizers.
         self.accum = cfg.train.grad_accum_steps
         self.batch = cfg.train.batch_size_per_gpu
         self.global_batch = self.batch * self.env.world_size * self.accum
-        lr = scaled_lr(cfg, self.global_batch)
-        self.schedules = build_schedules(cfg, lr)
+        self.schedules = build_schedules(cfg, scaled_lr(cfg, self.global_batch))
         self.max_iter = total_iterations(cfg)
-
-        self.model = SSLMetaArch(cfg)
-        if cfg.student.pretrained_weights:
-            self.model.load_student_backbone(cfg.student.pretrained_weights)
-        self.model.to(self.env.device)
         self.dtype = compute_dtype(cfg.compute_precision.dtype, self.env.device)
-        self.model.shard(self.dtype)
-        self.optimizer = build_optimizer(self.model.student, cfg)
-        self.scaler = None
-        if self.dtype == torch.float16 and cfg.compute_precision.grad_scaler:
-            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-            self.scaler = ShardedGradScaler(device=self.env.device.type)
+        self.learners = self._build_learners(resuming=bool(self.candidates))
 
         # 3. Resume: the newest checkpoint that loads; if there are checkpoints and none loads, stop.
         self.start_iter, self.sample_position, self.skipped_before = 0, 0, 0
-        extra = self.checkpointer.load_latest(self.model, self.optimizer, self.candidates) if resume else None
+        extra = self.checkpointer.load_latest_parts(self._checkpoint_parts(), self.candidates) if resume else None
         if extra is not None:
             self.start_iter, self.sample_position = extra["iteration"], extra["sample_position"]
             self.skipped_before = int(extra.get("skipped_images", 0)) if self.env.is_main else 0
-            if self.scaler is not None and extra.get("grad_scaler"):
-                self.scaler.load_state_dict(extra["grad_scaler"])
+            self._restore_extra(extra)
             if self.sample_position != self.start_iter * self.global_batch:
                 log.info("global batch changed since the checkpoint: the sample stream continues at %d",
                          self.sample_position)
@@ -125,7 +131,71 @@ class Trainer:
         self.checkpoint_period = period
         log.info("world size %d, device %s, compute dtype %s; %d training images; global batch %d; lr %.3g; "
                  "%d iterations (from %d); checkpoint every %d iterations", self.env.world_size, self.env.device,
-                 self.dtype, n_images, self.global_batch, lr, self.max_iter, self.start_iter, period)
+                 self.dtype, n_images, self.global_batch, scaled_lr(cfg, self.global_batch),
+                 self.max_iter, self.start_iter, period)
+
+    # ---- what differs between pretraining and distillation ------------------------------------------
+    def _check_before_start(self, newest_extra: dict | None) -> None:
+        """More checks of user input before the dataset and the models are built (distillation's teacher)."""
+
+    def _build_learners(self, resuming: bool) -> list[Learner]:
+        """The student + EMA teacher of pretraining, from pretrained weights (heads warmed up) if configured."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)  # same init on every rank
+        model = SSLMetaArch(cfg)
+        if cfg.student.pretrained_weights and not resuming:  # a resumed run takes everything from its checkpoint
+            from dinotrain.train.head_warmup import pretrained_with_heads
+
+            model.load_student_backbone(pretrained_with_heads(cfg, self.run_dir, self.env, self.dataset))
+        return [self._learner(model, cfg, self.schedules)]
+
+    def _learner(self, model: SSLMetaArch, cfg: DictConfig, schedules: Schedules, prefix: str = "") -> Learner:
+        model.to(self.env.device)
+        model.shard(self.dtype)
+        scaler = None
+        if self.dtype == torch.float16 and cfg.compute_precision.grad_scaler:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            scaler = ShardedGradScaler(device=self.env.device.type)
+        return Learner(model, cfg, build_optimizer(model.student, cfg), schedules, scaler, prefix)
+
+    def _checkpoint_parts(self) -> Parts:
+        return {"": (self.model, self.optimizer)}
+
+    def _save_extra(self) -> dict:
+        return {"grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def _restore_extra(self, extra: dict) -> None:
+        if self.scaler is not None and extra.get("grad_scaler"):
+            self.scaler.load_state_dict(extra["grad_scaler"])
+
+    def _forward_backward(self, batch: dict, it: int, micro: int) -> dict[str, tuple[torch.Tensor, dict]]:
+        """One micro-batch: each learner's (backpropagated loss, logged terms), after its backward."""
+        sched = self.schedules.at(it)
+        total, terms = self.model.compute_losses(batch, sched["teacher_temp"])
+        self._backward(self.learners[0], total)
+        return {"": (total, terms)}
+
+    def _log_line(self, last: dict) -> str:
+        return (f"loss {last['total_loss']:.4f} (dino g {last.get('dino_global_crops_loss', 0):.4f} "
+                f"l {last.get('dino_local_crops_loss', 0):.4f}, ibot {last.get('ibot_loss', 0):.4f}, "
+                f"koleo {last.get('koleo_loss', 0):.4f})  lr {last['lr']:.2e}")
+
+    def export_final(self) -> None:
+        self.export_teacher()
+
+    # ---- the single learner of pretraining (tests and tools use these names) -------------------------
+    @property
+    def model(self) -> SSLMetaArch:
+        return self.learners[0].model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.learners[0].optimizer
+
+    @property
+    def scaler(self):
+        return self.learners[0].scaler
 
     def _newest_readable_checkpoint(self) -> tuple[Path, dict] | None:
         """(checkpoint, its extra.json) of the newest checkpoint whose extra.json reads; the config check uses it."""
@@ -137,48 +207,62 @@ class Trainer:
         return None
 
     # ---- one iteration -------------------------------------------------------------------------
+    def _backward(self, learner: Learner, total: torch.Tensor) -> None:
+        scaled = total / self.accum
+        (learner.scaler.scale(scaled) if learner.scaler else scaled).backward()
+
     def _step(self, it: int, batches) -> dict[str, float]:
-        sched = self.schedules.at(it)
-        apply_schedules(self.optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
-        self.optimizer.zero_grad(set_to_none=True)
+        scheds = {}
+        for learner in self.learners:
+            scheds[learner.prefix] = sched = learner.schedules.at(it)
+            apply_schedules(learner.optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
+            learner.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         finite = True
         n_skipped = 0
-        for batch in batches:
+        for micro, batch in enumerate(batches):
             n_skipped += batch["n_skipped"]
             batch = to_device(batch, self.env.device)
-            total, terms = self.model.compute_losses(batch, sched["teacher_temp"])
-            finite = finite and _finite_everywhere(total.detach())
-            scaled = total / self.accum
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            for k, v in {"backprop_loss": total, **terms}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) / self.accum
-        # official convention: the displayed total is the sum of the displayed terms
-        sums["total_loss"] = sum(sums[k] for k in OFFICIAL_LOGGED_LOSSES if k in sums)
+            for prefix, (total, terms) in self._forward_backward(batch, it, micro).items():
+                finite = finite and _finite_everywhere(total.detach())
+                for k, v in {"backprop_loss": total, **terms}.items():
+                    sums[prefix + k] = sums.get(prefix + k, 0.0) + float(v.detach()) / self.accum
+        for prefix in scheds:  # official convention: the displayed total is the sum of the displayed terms
+            sums[prefix + "total_loss"] = sum(sums[prefix + k] for k in OFFICIAL_LOGGED_LOSSES if prefix + k in sums)
         if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
+            for learner in self.learners:
+                learner.optimizer.zero_grad(set_to_none=True)
             return {**sums, "finite": 0.0, "n_skipped": n_skipped}
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        if self.cfg.optim.clip_grad:
-            for module in self.model.student.values():  # official: each network clipped on its own
-                clip_grad_norm(module, self.cfg.optim.clip_grad)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            sums["grad_scale"] = float(self.scaler.get_scale())
+        out = {**sums}
+        for learner in self.learners:
+            out.update(self._optimizer_step(learner, scheds[learner.prefix]))
+            out.update({learner.prefix + k: v for k, v in scheds[learner.prefix].items()})
+        return {**out, "finite": 1.0, "n_skipped": n_skipped}
+
+    def _optimizer_step(self, learner: Learner, sched: dict[str, float]) -> dict[str, float]:
+        """Unscale, clip each network on its own (official), step, EMA; returns what to log."""
+        logged = {}
+        if learner.scaler is not None:
+            learner.scaler.unscale_(learner.optimizer)
+        if learner.cfg.optim.clip_grad:
+            for module in learner.model.student.values():
+                clip_grad_norm(module, learner.cfg.optim.clip_grad)
+        if learner.scaler is not None:
+            learner.scaler.step(learner.optimizer)
+            learner.scaler.update()
+            logged[learner.prefix + "grad_scale"] = float(learner.scaler.get_scale())
         else:
-            self.optimizer.step()
-        self.model.update_teacher(sched["mom"])
-        return {**sums, **sched, "finite": 1.0, "n_skipped": n_skipped}
+            learner.optimizer.step()
+        learner.model.update_teacher(sched["mom"])
+        return logged
 
     def _save(self, it: int, skipped_images: int) -> None:
-        self.checkpointer.save(it, self.model, self.optimizer, {
+        self.checkpointer.save_parts(it, self._checkpoint_parts(), {
             "sample_position": self.sample_position,
             "world_size": self.env.world_size,
             "skipped_images": self._sum_over_ranks(skipped_images),
-            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
+            **self._save_extra(),
         })
 
     def _sum_over_ranks(self, value: int) -> int:
@@ -206,11 +290,12 @@ class Trainer:
             skipped_images += int(out.pop("n_skipped"))
             if not out.pop("finite"):
                 bad_in_a_row += 1
-                log.warning("iteration %d: non-finite loss %s (step skipped, %d in a row)", it, out.get("backprop_loss"),
-                            bad_in_a_row)
+                losses = ", ".join(("" if k == "backprop_loss" else k.split("/")[0] + " ") + str(v)
+                                   for k, v in out.items() if k.endswith("backprop_loss"))
+                log.warning("iteration %d: non-finite loss %s (step skipped, %d in a row)", it, losses, bad_in_a_row)
                 if bad_in_a_row > self.cfg.train.nan_tolerance:
                     raise TrainingDiverged(
-                        f"training diverged: the loss is {out.get('backprop_loss')} at iteration {it} "
+                        f"training diverged: the loss is {losses} at iteration {it} "
                         f"({bad_in_a_row} non-finite in a row, train.nan_tolerance={self.cfg.train.nan_tolerance}). "
                         "Lower optim.base_lr, raise teacher warmup, or resume from the last checkpoint with changes.")
                 continue
@@ -227,18 +312,15 @@ class Trainer:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(last) + "\n")
                     eta = (now - t_start) / max(done - self.start_iter, 1) * (self.max_iter - done)
-                    log.info("it %d/%d  loss %.4f (dino g %.4f l %.4f, ibot %.4f, koleo %.4f)  lr %.2e  "
-                             "%.1f img/s  eta %s%s", done, self.max_iter, last["total_loss"],
-                             last.get("dino_global_crops_loss", 0), last.get("dino_local_crops_loss", 0),
-                             last.get("ibot_loss", 0), last.get("koleo_loss", 0), last["lr"], imgs_per_s,
-                             _format_eta(eta), f"  ({last['skipped_images']} unreadable images replaced so far)"
-                             if last["skipped_images"] else "")
+                    log.info("it %d/%d  %s  %.1f img/s  eta %s%s", done, self.max_iter, self._log_line(last),
+                             imgs_per_s, _format_eta(eta), f"  ({last['skipped_images']} unreadable images replaced "
+                             "so far)" if last["skipped_images"] else "")
                 t_log, it_log = now, done
             if done % self.checkpoint_period == 0 and done != self.max_iter:
                 self._save(done, skipped_images)
         if self.max_iter > self.start_iter:
             self._save(self.max_iter, skipped_images)
-        self.export_teacher()
+        self.export_final()
         total_skipped = self._sum_over_ranks(skipped_images)
         if total_skipped:
             log.warning("%d unreadable images were replaced by others during training (the log names each)",

@@ -24,8 +24,8 @@ log = logging.getLogger("dinotrain.train")
 
 # Keys that fix parameter shapes or which parameters are trained (a frozen prototype gain has no
 # optimizer state): a resumed run must agree on them with its checkpoint.
-ARCH_KEYS = ("student.arch", "student.patch_size", "student.ffn_layer", "student.num_register_tokens",
-             "student.qkv_bias", "student.proj_bias", "student.ffn_bias",
+ARCH_KEYS = ("student.arch", "student.depth", "student.patch_size", "student.ffn_layer",
+             "student.num_register_tokens", "student.qkv_bias", "student.proj_bias", "student.ffn_bias",
              "crops.global_crops_size", "dino.head_n_prototypes", "dino.head_bottleneck_dim", "dino.head_nlayers",
              "dino.head_hidden_dim", "dino.norm_last_layer", "ibot.separate_head", "ibot.head_n_prototypes",
              "ibot.head_bottleneck_dim", "ibot.head_nlayers", "ibot.head_hidden_dim", "ibot.norm_last_layer")
@@ -58,7 +58,7 @@ def config_changes(saved: dict, cfg: DictConfig) -> dict[str, tuple[Any, Any]]:
 def check_resume(saved: dict, cfg: DictConfig, where: Path, allow_change: bool = False) -> dict[str, tuple[Any, Any]]:
     """Refuse a resume that cannot work or would be meaningless; returns the allowed changes (to log)."""
     changes = config_changes(saved, cfg)
-    arch = [k for k in ARCH_KEYS if k in changes]
+    arch = [k for k in ARCH_KEYS if k in changes and changes[k][0] != changes[k][1]]  # a key new since: not a change
     diffs = [f"{k}: checkpoint has {changes[k][0]!r}, config has {changes[k][1]!r}" for k in arch]
     was, now = (bool(v) for v in changes.get("student.layerscale", (True, True)))
     if was != now:  # only on/off changes shapes; the init value does not matter on resume

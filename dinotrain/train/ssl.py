@@ -8,6 +8,8 @@ crop pairs (never a view with itself) + iBOT loss on masked patches + KoLeo on s
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
@@ -16,22 +18,27 @@ from torch import Tensor, nn
 from dinotrain.distributed.fsdp import ema_update, reshard, shard_module
 from dinotrain.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinotrain.models.heads import DINOHead
-from dinotrain.models.vision_transformer import DinoVisionTransformer, build_vit
+from dinotrain.models.vision_transformer import DinoVisionTransformer, ViTSpec, build_vit, vit_from_spec
 
 N_GLOBAL_CROPS = 2
 # The values the official code logs and sums into its displayed `total_loss` (not the backpropagated loss).
 OFFICIAL_LOGGED_LOSSES = ("dino_global_crops_loss", "dino_local_crops_loss", "koleo_loss", "ibot_loss")
 
 
-def build_backbone(cfg: DictConfig, for_teacher: bool) -> DinoVisionTransformer:
-    """Backbone from `student.*`; the teacher gets no stochastic depth (as official)."""
+def build_backbone(cfg: DictConfig, for_teacher: bool, spec: ViTSpec | None = None) -> DinoVisionTransformer:
+    """Backbone from `student.*` (or, given `spec`, with exactly those shapes, e.g. a pretrained teacher's),
+    at the global crop size; the teacher gets no stochastic depth (as official)."""
     s = cfg.student
+    drop = dict(drop_path_rate=0.0 if for_teacher else s.drop_path_rate, drop_path_uniform=s.drop_path_uniform,
+                attn_impl=s.attn_impl)
+    if spec is not None:
+        return vit_from_spec(dataclasses.replace(spec, img_size=cfg.crops.global_crops_size), **drop)
+    depth = {"depth": s.depth} if s.get("depth") else {}
     return build_vit(
-        s.arch, patch_size=s.patch_size, img_size=cfg.crops.global_crops_size,
-        drop_path_rate=0.0 if for_teacher else s.drop_path_rate, drop_path_uniform=s.drop_path_uniform,
+        s.arch, patch_size=s.patch_size, img_size=cfg.crops.global_crops_size, **depth, **drop,
         init_values=s.layerscale or None, ffn_layer=s.ffn_layer, qkv_bias=s.qkv_bias, proj_bias=s.proj_bias,
         ffn_bias=s.ffn_bias, num_register_tokens=s.num_register_tokens, interpolate_antialias=s.interpolate_antialias,
-        interpolate_offset=s.interpolate_offset, attn_impl=s.attn_impl,
+        interpolate_offset=s.interpolate_offset,
     )
 
 
@@ -41,8 +48,8 @@ def _head(cfg_head: DictConfig, in_dim: int) -> DINOHead:
                     norm_last_layer=cfg_head.norm_last_layer)
 
 
-def _build_networks(cfg: DictConfig, for_teacher: bool) -> nn.ModuleDict:
-    backbone = build_backbone(cfg, for_teacher)
+def _build_networks(cfg: DictConfig, for_teacher: bool, spec: ViTSpec | None = None) -> nn.ModuleDict:
+    backbone = build_backbone(cfg, for_teacher, spec)
     nets = nn.ModuleDict({"backbone": backbone, "dino_head": _head(cfg.dino, backbone.embed_dim)})
     if cfg.ibot.loss_weight > 0 and cfg.ibot.separate_head:
         nets["ibot_head"] = _head(cfg.ibot, backbone.embed_dim)
@@ -52,11 +59,11 @@ def _build_networks(cfg: DictConfig, for_teacher: bool) -> nn.ModuleDict:
 class SSLMetaArch(nn.Module):
     """Student + EMA teacher + losses. `forward_backward` runs one (micro-)step and returns its losses."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, spec: ViTSpec | None = None):
         super().__init__()
         self.cfg = cfg
-        self.student = _build_networks(cfg, for_teacher=False)
-        self.teacher = _build_networks(cfg, for_teacher=True)
+        self.student = _build_networks(cfg, for_teacher=False, spec=spec)
+        self.teacher = _build_networks(cfg, for_teacher=True, spec=spec)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
         self.n_local_crops = cfg.crops.local_crops_number
@@ -70,9 +77,11 @@ class SSLMetaArch(nn.Module):
 
     # ---- set-up ------------------------------------------------------------------------------
     def load_student_backbone(self, weights) -> None:
-        """Start student and teacher from pretrained backbone weights (before sharding).
+        """Start student and teacher from pretrained weights (before sharding).
 
-        `weights`: a state dict, or a path in any supported format (`cfg.student.pretrained_weights`).
+        `weights`: a backbone state dict, or a path in any supported format (`cfg.student.pretrained_weights`),
+        including a full export (`dinotrain export --to full`), whose DINO/iBOT heads are loaded too, into
+        student and teacher alike, as when the official code continues from a full checkpoint.
         Weights made at another image size (e.g. the official 518-px ones in a 224-px run) have their
         position embeddings resampled to the run's grid (logged), unless `student.pretrained_strict`
         is true. Errors name the config key `student.pretrained_weights`.
@@ -85,13 +94,22 @@ class SSLMetaArch(nn.Module):
         source = weights if isinstance(weights, (str, os.PathLike)) else self.cfg.student.pretrained_weights
         where = f"config key '{key}'" + (f" = {source}" if source else "")
         strict = bool(self.cfg.student.pretrained_strict)
+        heads = None
         try:
             if isinstance(weights, (str, os.PathLike)):
-                from dinotrain.export.convert import read_weights
+                from dinotrain.export.full import is_full_export, read_full
 
-                weights = read_weights(weights)[0]
+                if is_full_export(weights):
+                    full = read_full(weights)
+                    weights, heads = full.backbone, full.heads
+                else:
+                    from dinotrain.export.convert import read_weights
+
+                    weights = read_weights(weights)[0]
             state_dict = fit_pos_embed(strip_to_backbone(weights), self.student["backbone"].spec, strict=strict,
                                        what=f"weights of {key}")
+            if heads is not None:
+                self._check_heads(heads)
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"{where}: {exc}") from exc
         except WeightsError as exc:
@@ -100,6 +118,24 @@ class SSLMetaArch(nn.Module):
             raise WeightsError(f"{where}: {exc}{hint}") from exc
         for nets in (self.student, self.teacher):
             nets["backbone"].load_state_dict(state_dict, strict=True)
+            for name, head in (heads or {}).items():
+                nets[name].load_state_dict(head, strict=True)
+
+    def _check_heads(self, heads: dict) -> None:
+        """Pretrained heads must be the heads this config builds (one clear error otherwise)."""
+        from dinotrain.models.heads import head_settings
+        from dinotrain.models.state_dict import WeightsError
+
+        if set(heads) != set(k for k in self.student if k != "backbone"):
+            raise WeightsError(f"the file has heads {sorted(heads)} but this config builds "
+                               f"{sorted(k for k in self.student if k != 'backbone')} (set ibot.separate_head to match)")
+        for name, state in heads.items():
+            found = head_settings(state, what=name)
+            want = head_settings(self.student[name].state_dict(), what=name)
+            diff = [f"{k} {found[k]} (config {want[k]})" for k in want if found[k] != want[k]]
+            if diff:
+                raise WeightsError(f"its {name} does not fit this config: " + ", ".join(diff)
+                                   + f" — set the {name.split('_')[0]}.head_* keys to the file's values")
 
     def shard(self, dtype: torch.dtype) -> None:
         """FSDP2 on every network, student and teacher alike (so EMA pairs shards one to one)."""
@@ -114,31 +150,10 @@ class SSLMetaArch(nn.Module):
     @torch.no_grad()
     def _teacher_targets(self, batch: dict, teacher_temp: float) -> tuple[Tensor, Tensor | None]:
         """Teacher probabilities for the global CLS tokens (view order kept) and the masked patches."""
-        out = self.teacher["backbone"](batch["collated_global_crops"], is_training=True)
-        cls = out["x_norm_clstoken"]
-        masked = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]] if self.do_ibot else None
-        if self.do_ibot and not self.ibot_separate_head:
-            logits = self.teacher["dino_head"](torch.cat((cls, masked))).float()
-            cls_logits, patch_logits = logits[: cls.shape[0]], logits[cls.shape[0]:]
-        else:
-            cls_logits = self.teacher["dino_head"](cls).float()
-            patch_logits = self.teacher["ibot_head"](masked).float() if self.do_ibot else None
+        cls_logits, patch_logits = teacher_logits(self.teacher, batch, self.do_ibot)
         reshard(self.teacher)
-
-        if self.cfg.train.centering == "centering":
-            cls_probs = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
-            self.dino_loss.update_center(cls_logits)
-            patch_probs = None
-            if self.do_ibot:
-                patch_probs = self.ibot_patch_loss.softmax_center_teacher(patch_logits.unsqueeze(0), teacher_temp).squeeze(0)
-                self.ibot_patch_loss.update_center(patch_logits.unsqueeze(0))
-        else:
-            cls_probs = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
-            patch_probs = None
-            if self.do_ibot:
-                n_masked = torch.tensor([patch_logits.shape[0]], device=patch_logits.device, dtype=torch.long)
-                patch_probs = self.ibot_patch_loss.sinkhorn_knopp_teacher(patch_logits, teacher_temp, n_masked)
-        return cls_probs, patch_probs
+        return center_teacher(self.cfg.train.centering, self.dino_loss, self.ibot_patch_loss, cls_logits,
+                              patch_logits, teacher_temp)
 
     def _koleo(self, cls_tokens: Tensor) -> Tensor:
         """KoLeo per global view, over this process's batch (official) or, with `dino.koleo_global`,
@@ -156,19 +171,27 @@ class SSLMetaArch(nn.Module):
         return total
 
     def compute_losses(self, batch: dict, teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
-        """The loss that is backpropagated, and what to log about it.
+        """One SSL step: the EMA teacher's targets, then the student's losses against them."""
+        teacher_cls, teacher_patch = self._teacher_targets(batch, teacher_temp)
+        return self.student_losses(batch, teacher_cls, teacher_patch)
+
+    def student_losses(self, batch: dict, teacher_cls: Tensor, teacher_patch: Tensor | None,
+                       mask_inputs: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss that is backpropagated, and what to log about it, given the teacher's targets.
+
+        `mask_inputs=False` (distillation): the student sees its global crops unmasked, and the iBOT
+        loss compares its patch tokens with the teacher's at the sampled mask positions.
 
         Logged, so curves lay over the official DINOv2 logs: `dino_global_crops_loss` and
         `dino_local_crops_loss` unweighted, `koleo_loss` (weighted) and `ibot_loss` (unweighted) halved,
         exactly as the official code displays them; and each term as it enters the backpropagated loss:
         `dino_global_term`, `dino_local_term`, `koleo_term`, `ibot_term` (these sum to it).
         """
-        teacher_cls, teacher_patch = self._teacher_targets(batch, teacher_temp)
         # Every rank runs every sharded module every step, also when its crops drew no masked patch:
         # the iBOT head then sees an empty (0, D) input and adds exactly 0 to the loss. Skipping it
         # on one rank would leave the other ranks waiting in the head's FSDP collectives forever.
 
-        crops, masks = [batch["collated_global_crops"]], [batch["collated_masks"]]
+        crops, masks = [batch["collated_global_crops"]], [batch["collated_masks"] if mask_inputs else None]
         if self.n_local_crops:
             crops.append(batch["collated_local_crops"])
             masks.append(None)
@@ -205,8 +228,48 @@ class SSLMetaArch(nn.Module):
         return total, {**logged, **terms}
 
     @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        ema_update(self.teacher, self.student, momentum)
+    def update_teacher(self, momentum: float, heads_only: bool = False) -> None:
+        """EMA of the student into the teacher; `heads_only` during the head warm-up (frozen backbones)."""
+        if not heads_only:
+            ema_update(self.teacher, self.student, momentum)
+            return
+        for name in self.student:
+            if name != "backbone":
+                ema_update(self.teacher[name], self.student[name], momentum)
+
+
+@torch.no_grad()
+def teacher_logits(nets: nn.ModuleDict, batch: dict, do_ibot: bool) -> tuple[Tensor, Tensor | None]:
+    """Head logits (fp32) of a teacher's global-crop CLS tokens and, with iBOT, of its patch tokens at
+    the sampled mask positions; a shared head (no `ibot_head`) scores both in one call (official)."""
+    out = nets["backbone"](batch["collated_global_crops"], is_training=True)
+    cls = out["x_norm_clstoken"]
+    masked = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]] if do_ibot else None
+    if do_ibot and "ibot_head" not in nets:
+        logits = nets["dino_head"](torch.cat((cls, masked))).float()
+        return logits[: cls.shape[0]], logits[cls.shape[0]:]
+    cls_logits = nets["dino_head"](cls).float()
+    return cls_logits, nets["ibot_head"](masked).float() if do_ibot else None
+
+
+@torch.no_grad()
+def center_teacher(centering: str, dino_loss: DINOLoss, ibot_loss: iBOTPatchLoss, cls_logits: Tensor,
+                   patch_logits: Tensor | None, teacher_temp: float) -> tuple[Tensor, Tensor | None]:
+    """Teacher logits -> target probabilities: softmax centering (updating the EMA centers) or Sinkhorn-Knopp."""
+    if centering == "centering":
+        cls_probs = dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
+        dino_loss.update_center(cls_logits)
+        patch_probs = None
+        if patch_logits is not None:
+            patch_probs = ibot_loss.softmax_center_teacher(patch_logits.unsqueeze(0), teacher_temp).squeeze(0)
+            ibot_loss.update_center(patch_logits.unsqueeze(0))
+        return cls_probs, patch_probs
+    cls_probs = dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
+    patch_probs = None
+    if patch_logits is not None:
+        n_masked = torch.tensor([patch_logits.shape[0]], device=patch_logits.device, dtype=torch.long)
+        patch_probs = ibot_loss.sinkhorn_knopp_teacher(patch_logits, teacher_temp, n_masked)
+    return cls_probs, patch_probs
 
 
 def world_size() -> int:

@@ -1,0 +1,178 @@
+"""`dinotrain distill`: students learn from a frozen teacher (backbone + DINO/iBOT heads), as in DINOv2.
+
+The paper's recipe (Sec. 5): "the same training loop with a few exceptions: we use a larger model as a
+frozen teacher, keep a spare EMA of the student that we use as our final model, remove the masking and
+stochastic depth, and apply the iBOT loss on the two global crops". Here, per step: the teacher runs
+once, in eval mode, on the global crops (its targets centered by Sinkhorn-Knopp or softmax centering);
+then every student sees the global crops unmasked and the local crops, and learns DINO (cross-view,
+local -> global), iBOT at the sampled mask positions (as dinov3's distillation) and KoLeo. Each student
+has its own optimizer, schedules, fp16 scaler, EMA (what is exported), metrics prefix and checkpoint
+part (`checkpoints/<it>/students/<name>/`, the training layout: `dinotrain export` reads it).
+
+Students share the processes, each sharded over all ranks. The teacher is never stored in checkpoints:
+`extra.json` records its resolved source and a fingerprint, and a resume with other weights is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dinotrain.config import ConfigError, student_configs
+from dinotrain.distributed.checkpoint import Parts, full_state_dict
+from dinotrain.train.batches import _mix
+from dinotrain.train.head_warmup import WARMUP_DIR, WARMUP_FILE, warm_up_heads
+from dinotrain.train.loop import Learner, Trainer
+from dinotrain.train.schedules import build_schedules, scaled_lr
+from dinotrain.train.ssl import SSLMetaArch
+from dinotrain.train.teacher import (FrozenTeacher, TeacherWeights, all_tensors, check_student_fits, fingerprint,
+                                     read_teacher)
+
+log = logging.getLogger("dinotrain.distill")
+STUDENTS_DIR = "students"
+
+
+def _name_seed(seed: int, name: str, *more: int) -> int:
+    """Seed of one student's randomness: independent of the other students (multi = single student)."""
+    return _mix(seed, zlib.crc32(name.encode()), *more)
+
+
+class Distiller(Trainer):
+    """The training loop with a frozen teacher and one learner per student."""
+
+    def _check_before_start(self, newest_extra: dict | None) -> None:
+        cfg = self.cfg
+        self.student_cfgs = student_configs(cfg)
+        given = cfg.distillation.teacher
+        recorded = (newest_extra or {}).get("teacher")
+        source = given
+        if recorded and recorded.get("given") == given and Path(recorded.get("source", "")).exists():
+            source = recorded["source"]  # the checkpoint it resolved to, even if the teacher run went on since
+        self.teacher_weights = read_teacher(source)
+        tw = self.teacher_weights
+        self.backbone_fingerprint = fingerprint(tw.backbone)
+        if recorded and recorded.get("backbone_fingerprint") != self.backbone_fingerprint:
+            raise ConfigError(
+                f"the teacher changed since the checkpoint: {KEY_TEACHER} = {given} now has other weights than the "
+                f"ones this run was distilled from ({recorded.get('source')}, fingerprint "
+                f"{str(recorded.get('backbone_fingerprint'))[:12]}..., now {self.backbone_fingerprint[:12]}...). "
+                "Restore that teacher, or start a new run (another --output-dir, or --no-resume).")
+        if tw.heads is None and cfg.train.head_warmup_iterations <= 0:
+            raise ConfigError(f"{KEY_TEACHER} = {given} is a backbone without DINO/iBOT heads: set "
+                              "train.head_warmup_iterations (e.g. 1000) to warm heads up on it first, or give a run "
+                              "directory or a full export (`dinotrain export RUN OUT.safetensors --to full`)")
+        for name, scfg in self.student_cfgs.items():
+            check_student_fits(tw, name, scfg)
+        log.info("teacher: %s (%s; ViT dim %d, depth %d, patch %d%s); students: %s", tw.source, tw.kind,
+                 tw.spec.embed_dim, tw.spec.depth, tw.spec.patch_size,
+                 "; heads from the head warm-up" if tw.heads is None else "", ", ".join(self.student_cfgs))
+
+    def _teacher_with_heads(self) -> TeacherWeights:
+        tw = self.teacher_weights
+        if tw.heads is not None:
+            return tw
+        from dinotrain.export.full import read_full
+
+        out = warm_up_heads(self.cfg, tw.backbone, tw.spec, self.run_dir / WARMUP_DIR / WARMUP_FILE, self.env,
+                            self.dataset, source=tw.source)
+        full = read_full(out)
+        warmed = TeacherWeights(tw.source, "backbone+warm-up", full.backbone, tw.spec, full.heads, full.config)
+        for name, scfg in self.student_cfgs.items():
+            check_student_fits(warmed, name, scfg)
+        return warmed
+
+    def _build_learners(self, resuming: bool) -> list[Learner]:
+        cfg = self.cfg
+        self.teacher_weights = self._teacher_with_heads()
+        self.teacher_fingerprint = fingerprint(all_tensors(self.teacher_weights))
+        self.teacher = FrozenTeacher(self.teacher_weights, cfg)
+        self.teacher.to(self.env.device)
+        self.teacher.shard(self.dtype, reshard_after_forward=cfg.fsdp.reshard_after_forward)
+        learners = []
+        for name, scfg in self.student_cfgs.items():
+            torch.manual_seed(_name_seed(cfg.train.seed, name))  # same init on every rank, whoever else is there
+            model = SSLMetaArch(scfg)
+            if scfg.student.pretrained_weights and not resuming:
+                model.load_student_backbone(scfg.student.pretrained_weights)
+            # No masking in distillation: the mask token is never used, so it is not trained (and has no
+            # optimizer state that a checkpoint would miss).
+            if model.student["backbone"].mask_token is not None:
+                model.student["backbone"].mask_token.requires_grad_(False)
+            schedules = build_schedules(scfg, scaled_lr(scfg, self.global_batch))
+            learners.append(self._learner(model, scfg, schedules, prefix=f"{name}/"))
+            n_params = sum(p.numel() for p in model.student["backbone"].parameters())
+            log.info("student %s: %s/%d, depth %d, %.1fM backbone parameters", name, scfg.student.arch,
+                     scfg.student.patch_size, len(model.student["backbone"].blocks), n_params / 1e6)
+        return learners
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.student_cfgs)
+
+    def _checkpoint_parts(self) -> Parts:
+        parts: Parts = {"": (self.teacher.centers, None)}
+        for name, learner in zip(self.names, self.learners):
+            parts[f"{STUDENTS_DIR}/{name}"] = (learner.model, learner.optimizer)
+        return parts
+
+    def _save_extra(self) -> dict:
+        tw = self.teacher_weights
+        return {
+            "teacher": {"given": self.cfg.distillation.teacher, "source": tw.source, "kind": tw.kind,
+                        "backbone_fingerprint": self.backbone_fingerprint, "fingerprint": self.teacher_fingerprint,
+                        "spec": tw.spec.to_dict()},
+            "students": {name: {"config": OmegaConf.to_container(scfg, resolve=True)}
+                         for name, scfg in self.student_cfgs.items()},
+            "grad_scalers": {name: learner.scaler.state_dict() for name, learner in zip(self.names, self.learners)
+                             if learner.scaler is not None},
+        }
+
+    def _restore_extra(self, extra: dict) -> None:
+        recorded = extra.get("teacher", {}).get("fingerprint")
+        if recorded and recorded != self.teacher_fingerprint:  # e.g. the warm-up file was changed
+            raise ConfigError(f"the teacher's weights (backbone + heads) differ from the ones this run was distilled "
+                              f"from (fingerprint {recorded[:12]}..., now {self.teacher_fingerprint[:12]}...); restore "
+                              "them, or start a new run (another --output-dir, or --no-resume)")
+        scalers = extra.get("grad_scalers") or {}
+        for name, learner in zip(self.names, self.learners):
+            if learner.scaler is not None and scalers.get(name):
+                learner.scaler.load_state_dict(scalers[name])
+
+    def _forward_backward(self, batch: dict, it: int, micro: int) -> dict[str, tuple[torch.Tensor, dict]]:
+        """One teacher forward, then each student's forward and backward against its targets."""
+        teacher_cls, teacher_patch = self.teacher.targets(batch, self.schedules.at(it)["teacher_temp"])
+        out = {}
+        for name, learner in zip(self.names, self.learners):
+            torch.manual_seed(_name_seed(self.cfg.train.seed, name, it, self.env.rank, micro))
+            total, terms = learner.model.student_losses(batch, teacher_cls, teacher_patch, mask_inputs=False)
+            self._backward(learner, total)
+            out[learner.prefix] = (total, terms)
+        return out
+
+    def _log_line(self, last: dict) -> str:
+        return "  ".join(f"{name} loss {last[f'{name}/total_loss']:.4f} (dino g {last.get(f'{name}/dino_global_crops_loss', 0):.3f} "
+                         f"l {last.get(f'{name}/dino_local_crops_loss', 0):.3f}, ibot {last.get(f'{name}/ibot_loss', 0):.3f}) "
+                         f"lr {last[f'{name}/lr']:.2e}" for name in self.names)
+
+    def export_final(self) -> None:
+        """Each student's EMA backbone as an official hub state dict: `<run>/students/<name>.pth`."""
+        for name, learner in zip(self.names, self.learners):
+            state = full_state_dict(learner.model.teacher["backbone"])
+            path = self.run_dir / STUDENTS_DIR / f"{name}.pth"
+            if self.env.is_main:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                torch.save(state, tmp)
+                tmp.replace(path)
+                log.info("student %s (EMA backbone) written to %s", name, path)
+
+
+KEY_TEACHER = "distillation.teacher"
+
+
+def distill(cfg: DictConfig, run_dir: str | Path, resume: bool = True, allow_config_change: bool = False) -> dict:
+    return Distiller(cfg, run_dir, resume=resume, allow_config_change=allow_config_change).run()

@@ -1,0 +1,162 @@
+"""Head warm-up: DINO/iBOT heads trained on a frozen pretrained backbone, before training or distilling.
+
+Released backbones (official hub `.pth`, Hugging Face) come without their DINO/iBOT heads. Continuing
+pretraining with random heads wrecks the features in the first iterations (dinov2 #204: k-NN 80 % ->
+10 %), and a distillation teacher needs heads to give targets. The warm-up runs the DINO recipe with
+the backbone frozen (student and teacher backbones identical): only the student heads learn, the
+teacher heads are their EMA. The result, backbone + teacher heads + config, is written as a full
+export (`dinotrain export --to full` layout) in `<run>/head_warmup/`, reused when the run restarts,
+and usable as `student.pretrained_weights` or `distillation.teacher` elsewhere. It is not resumed
+mid-way: a run killed during the warm-up repeats it (it is short by design).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from dinotrain.distributed.checkpoint import full_state_dict
+from dinotrain.distributed.env import DistEnv, all_reduce_mean
+from dinotrain.distributed.fsdp import clip_grad_norm, compute_dtype
+from dinotrain.models.vision_transformer import ViTSpec
+from dinotrain.train.batches import build_train_loader, seed_step, to_device
+from dinotrain.train.optim import apply_schedules, build_optimizer
+from dinotrain.train.schedules import CosineScheduler, Schedules, WarmupThenConstant, scaled_lr
+from dinotrain.train.ssl import SSLMetaArch
+
+log = logging.getLogger("dinotrain.head_warmup")
+WARMUP_DIR = "head_warmup"
+WARMUP_FILE = "teacher_full.safetensors"
+
+
+def warmup_schedules(cfg: DictConfig, iterations: int, lr: float) -> Schedules:
+    """lr: linear warmup over the first 10 % then cosine to `optim.min_lr`; weight decay `optim.weight_decay`;
+    teacher momentum cosine `teacher.momentum_teacher` -> `final_momentum_teacher`; teacher temperature
+    `teacher.teacher_temp` throughout (the backbone is trained already: no temperature warmup)."""
+    lr_sched = CosineScheduler(lr, cfg.optim.min_lr, iterations, warmup_iters=max(1, iterations // 10))
+    wd = cfg.optim.weight_decay
+    return Schedules(lr=lr_sched, last_layer_lr=lr_sched, wd=CosineScheduler(wd, wd, iterations),
+                     momentum=CosineScheduler(cfg.teacher.momentum_teacher, cfg.teacher.final_momentum_teacher,
+                                              iterations),
+                     teacher_temp=WarmupThenConstant(cfg.teacher.teacher_temp, cfg.teacher.teacher_temp, 0),
+                     total_iters=iterations)
+
+
+def _reusable(out: Path, backbone_fingerprint: str, iterations: int) -> bool:
+    from dinotrain.export.full import read_full
+
+    if not out.is_file():
+        return False
+    try:
+        info = read_full(out).config.get("head_warmup", {})
+    except Exception as exc:  # a damaged file is redone, never trusted
+        log.warning("head warm-up file %s is unreadable (%s); redoing the warm-up", out, exc)
+        return False
+    return info.get("backbone_fingerprint") == backbone_fingerprint and info.get("iterations") == iterations
+
+
+def warm_up_heads(cfg: DictConfig, backbone: dict, spec: ViTSpec, out: Path, env: DistEnv, dataset,
+                  source: str, build_student_arch: bool = False) -> Path:
+    """Warm up heads on `backbone` (frozen) for `train.head_warmup_iterations`; write the full export `out`.
+
+    The model has the backbone's shapes (`spec`, e.g. a distillation teacher), or with `build_student_arch`
+    the config's student (continued pretraining; the weights must fit it). Reuses `out` when it was made
+    from the same weights and length.
+    """
+    from dinotrain.export.full import FullExport, write_full
+    from dinotrain.train.teacher import fingerprint
+
+    iterations = cfg.train.head_warmup_iterations
+    backbone_fp = fingerprint(backbone)
+    if _reusable(out, backbone_fp, iterations):
+        log.info("head warm-up: reusing %s (made from the same backbone, %d iterations)", out, iterations)
+        return out
+    wcfg = OmegaConf.merge(cfg, {"student": {"drop_path_rate": 0.0, "pretrained_weights": ""}})
+    torch.manual_seed(cfg.train.seed)
+    model = SSLMetaArch(wcfg, spec=None if build_student_arch else spec)
+    model.load_student_backbone(backbone)
+    model.student["backbone"].requires_grad_(False)
+    dtype = compute_dtype(cfg.compute_precision.dtype, env.device)
+    model.to(env.device)
+    model.shard(dtype)
+    optimizer = build_optimizer(model.student, wcfg)  # the heads: frozen parameters are in no group
+    accum = cfg.train.grad_accum_steps
+    global_batch = cfg.train.batch_size_per_gpu * env.world_size * accum
+    schedules = warmup_schedules(cfg, iterations, scaled_lr(cfg, global_batch))
+    loader, _ = build_train_loader(cfg, env.rank, env.world_size, 0, dataset=dataset)
+    data = iter(loader)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metrics = out.parent / "metrics.jsonl"
+    if env.is_main:
+        metrics.unlink(missing_ok=True)
+    log.info("head warm-up: %d iterations on the frozen backbone of %s (heads trained, teacher heads = EMA)",
+             iterations, source)
+    t0 = t_log = time.perf_counter()
+    it_log = 0
+    for it in range(iterations):
+        seed_step(cfg.train.seed + 1, it, env.rank)  # its own stream of randomness, apart from the run's
+        sched = schedules.at(it)
+        apply_schedules(optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
+        optimizer.zero_grad(set_to_none=True)
+        loss = 0.0
+        for _ in range(accum):
+            batch = to_device(next(data), env.device)
+            total, _terms = model.compute_losses(batch, sched["teacher_temp"])
+            (total / accum).backward()
+            loss += float(total.detach()) / accum
+        if cfg.optim.clip_grad:
+            for name, module in model.student.items():
+                if name != "backbone":
+                    clip_grad_norm(module, cfg.optim.clip_grad)
+        optimizer.step()
+        model.update_teacher(sched["mom"], heads_only=True)
+        done = it + 1
+        if done % cfg.train.log_every == 0 or done == iterations:
+            now = time.perf_counter()
+            record = {"iteration": done, **all_reduce_mean({"loss": loss}, env.device), "lr": sched["lr"],
+                      "images_per_s": (done - it_log) * global_batch / max(now - t_log, 1e-9)}
+            t_log, it_log = now, done
+            if env.is_main:
+                with metrics.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                log.info("head warm-up it %d/%d  loss %.4f  lr %.2e  %.1f img/s", done, iterations, record["loss"],
+                         sched["lr"], record["images_per_s"])
+    heads = {name: full_state_dict(model.teacher[name]) for name in model.teacher if name != "backbone"}
+    if env.is_main:
+        config = OmegaConf.to_container(wcfg, resolve=True)
+        config["head_warmup"] = {"iterations": iterations, "backbone_fingerprint": backbone_fp, "source": str(source),
+                                 "seconds": round(time.perf_counter() - t0, 1)}
+        write_full(out, FullExport(backbone={k: v.detach().cpu() for k, v in backbone.items()},
+                                   spec=spec, heads=heads, config=config))
+        log.info("head warm-up done in %.0f s: backbone + warmed-up heads written to %s", time.perf_counter() - t0, out)
+    if dist.is_initialized():
+        dist.barrier()
+    return out
+
+
+def pretrained_with_heads(cfg: DictConfig, run_dir: Path, env: DistEnv, dataset):
+    """What `dinotrain train` loads from `student.pretrained_weights`: a full export as it is; backbone-only
+    weights through the head warm-up when `train.head_warmup_iterations` > 0 (else with random heads, warned)."""
+    from dinotrain.export.convert import read_weights
+    from dinotrain.export.full import is_full_export
+
+    path = cfg.student.pretrained_weights
+    if Path(path).is_file() and str(path).endswith(".safetensors") and is_full_export(path):
+        return path
+    if cfg.train.head_warmup_iterations <= 0:
+        log.warning("student.pretrained_weights holds a backbone without DINO/iBOT heads: the heads start random, "
+                    "which can wreck the pretrained features early on; set train.head_warmup_iterations (e.g. 500) "
+                    "to warm them up on the frozen backbone first")
+        return path
+    try:
+        backbone, spec = read_weights(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"config key 'student.pretrained_weights' = {path}: {exc}") from exc
+    return warm_up_heads(cfg, backbone, spec, run_dir / WARMUP_DIR / WARMUP_FILE, env, dataset, source=str(path),
+                         build_student_arch=True)
