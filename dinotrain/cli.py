@@ -24,39 +24,33 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 # ---- train ------------------------------------------------------------------------------------------
-def cmd_train(args: argparse.Namespace) -> int:
+def _run_loop(args: argparse.Namespace, loop_class) -> int:
     from dinotrain.config import load_config
     from dinotrain.distributed.env import destroy_distributed
-    from dinotrain.train.loop import Trainer
 
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
     cfg = load_config(args.config, overrides)
     try:
-        Trainer(cfg, cfg.train.output_dir, resume=not args.no_resume,
-                allow_config_change=args.allow_config_change).run()
+        loop_class(cfg, cfg.train.output_dir, resume=not args.no_resume,
+                   allow_config_change=args.allow_config_change).run()
     finally:
         destroy_distributed()
     return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dinotrain.train.loop import Trainer
+
+    return _run_loop(args, Trainer)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
     """`train`'s twin for distillation: same arguments, run directory and resume rules."""
-    from dinotrain.config import load_config
-    from dinotrain.distributed.env import destroy_distributed
     from dinotrain.train.distill import Distiller
 
-    overrides = list(args.overrides)
-    if args.output_dir:
-        overrides.append(f"train.output_dir={args.output_dir}")
-    cfg = load_config(args.config, overrides)
-    try:
-        Distiller(cfg, cfg.train.output_dir, resume=not args.no_resume,
-                  allow_config_change=args.allow_config_change).run()
-    finally:
-        destroy_distributed()
-    return 0
+    return _run_loop(args, Distiller)
 
 
 # ---- eval -------------------------------------------------------------------------------------------
@@ -78,7 +72,7 @@ def _backbone_from_args(weights: str | None, model: str | None, seed: int = 0):
                              f"pass one of them, e.g. --weights {students[0]}")
         elif path.is_dir() and ((path / "checkpoints").is_dir() or (path / "config.yaml").is_file()):
             raise FileNotFoundError(
-                f"{path} is a training run directory without teacher_backbone.pth (written when the run finishes); "
+                f"{path} is a run directory without teacher_backbone.pth or students/*.pth (written when the run finishes); "
                 f"export its newest checkpoint with `dinotrain export {path} teacher.pth --to hub` and pass that")
         return load_backbone(path)
     if not model:
@@ -262,25 +256,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="self-supervised pretraining (DINO + iBOT + KoLeo)")
-    t.add_argument("--config", help="a YAML file or a shipped config name such as smoke/cpu_tiny")
-    t.add_argument("--output-dir", help="run directory (checkpoints, metrics.jsonl, log.txt)")
-    t.add_argument("--no-resume", action="store_true",
-                   help="start over: existing checkpoints and metrics of the run directory are moved aside")
-    t.add_argument("--allow-config-change", action="store_true",
-                   help="resume even though train.dataset_path or train.centering differ from the checkpoint's")
-    t.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.base_lr=1e-3")
-    t.set_defaults(func=cmd_train)
-
-    ds = sub.add_parser("distill", help="distil students from a frozen teacher (backbone + DINO/iBOT heads)")
-    ds.add_argument("--config", help="a YAML file or a shipped config name (see configs/distill/)")
-    ds.add_argument("--output-dir", help="run directory (checkpoints, metrics.jsonl, log.txt)")
-    ds.add_argument("--no-resume", action="store_true",
-                    help="start over: existing checkpoints and metrics of the run directory are moved aside")
-    ds.add_argument("--allow-config-change", action="store_true",
-                    help="resume even though train.dataset_path or train.centering differ from the checkpoint's")
-    ds.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.base_lr=1e-3")
-    ds.set_defaults(func=cmd_distill)
+    for name, func, help_text, config_help in (
+            ("train", cmd_train, "self-supervised pretraining (DINO + iBOT + KoLeo)",
+             "a YAML file or a shipped config name such as smoke/cpu_tiny"),
+            ("distill", cmd_distill, "distil students from a frozen teacher (backbone + DINO/iBOT heads)",
+             "a YAML file or a shipped config name such as smoke/distill_cpu_tiny (see configs/distill/)")):
+        t = sub.add_parser(name, help=help_text)
+        t.add_argument("--config", help=config_help)
+        t.add_argument("--output-dir", help="run directory (checkpoints, metrics.jsonl, log.txt)")
+        t.add_argument("--no-resume", action="store_true",
+                       help="start over: existing checkpoints and metrics of the run directory are moved aside")
+        t.add_argument("--allow-config-change", action="store_true",
+                       help="resume even though train.dataset_path or train.centering differ from the checkpoint's")
+        t.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.base_lr=1e-3")
+        t.set_defaults(func=func)
 
     e = sub.add_parser("eval", help="evaluate a backbone")
     esub = e.add_subparsers(dest="eval_command", required=True)

@@ -98,6 +98,9 @@ def _check_student_entries(students: DictConfig, source: str) -> None:
             raise ConfigError(f"distillation student name {name!r} (from {source}) must be a string; quote it in YAML, "
                               f"e.g. '{name}':")
         where = f"{_STUDENTS}.{name}"
+        if name == "teacher":
+            raise ConfigError(f"distillation student name 'teacher' (from {source}) is reserved: `dinotrain export "
+                              "--which teacher` means the teacher; choose another name")
         if not _STUDENT_NAME.match(name):
             raise ConfigError(f"distillation student name {name!r} (from {source}) is not allowed: it becomes a directory "
                               "name and a metrics prefix, so it must start with a letter or digit and hold only "

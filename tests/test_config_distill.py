@@ -251,3 +251,8 @@ def test_each_student_config_loads_as_a_whole_config(tmp_path: Path):
         f = tmp_path / "s.yaml"
         f.write_text(OmegaConf.to_yaml(s))
         assert OmegaConf.to_container(load_config(f)) == OmegaConf.to_container(s)
+
+
+def test_teacher_is_a_reserved_student_name():
+    with pytest.raises(ConfigError, match="reserved"):
+        load_config(None, ["distillation.students.teacher.student.depth=2"])

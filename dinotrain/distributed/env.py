@@ -117,3 +117,21 @@ def all_ranks(fn, env: DistEnv):
     if not int(ok.item()):
         raise PeerFailed("another rank failed a step all ranks take together; see its error")
     return result
+
+
+def from_main(value):
+    """Rank 0's value (any picklable object) on every rank: a decision that must not differ between ranks."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def gathered(value) -> list:
+    """Every rank's value (any picklable object), on every rank."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, value)
+        return out
+    return [value]

@@ -15,6 +15,7 @@ Students share the processes, each sharded over all ranks. The teacher is never 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import zlib
 from pathlib import Path
@@ -24,13 +25,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from dinotrain.config import ConfigError, student_configs
 from dinotrain.distributed.checkpoint import Parts, full_state_dict
+from dinotrain.distributed.env import all_ranks, from_main, gathered
 from dinotrain.train.batches import _mix
-from dinotrain.train.head_warmup import WARMUP_DIR, WARMUP_FILE, warm_up_heads
+from dinotrain.train.head_warmup import WARMUP_DIR, WARMUP_FILE, reusable, warm_up_heads
 from dinotrain.train.loop import Learner, Trainer
 from dinotrain.train.schedules import build_schedules, scaled_lr
 from dinotrain.train.ssl import SSLMetaArch
-from dinotrain.train.teacher import (FrozenTeacher, TeacherWeights, all_tensors, check_student_fits, fingerprint,
-                                     read_teacher)
+from dinotrain.train.resume import check_resume
+from dinotrain.train.teacher import (KEY, FrozenTeacher, TeacherWeights, all_tensors, check_student_fits, fingerprint,
+                                     read_teacher, resolve_source)
 
 log = logging.getLogger("dinotrain.distill")
 STUDENTS_DIR = "students"
@@ -47,38 +50,69 @@ class Distiller(Trainer):
     def _check_before_start(self, newest_extra: dict | None) -> None:
         cfg = self.cfg
         self.student_cfgs = student_configs(cfg)
+        self._check_students(newest_extra)
         given = cfg.distillation.teacher
         recorded = (newest_extra or {}).get("teacher")
-        source = given
         if recorded and recorded.get("given") == given and Path(recorded.get("source", "")).exists():
-            source = recorded["source"]  # the checkpoint it resolved to, even if the teacher run went on since
-        self.teacher_weights = read_teacher(source)
-        tw = self.teacher_weights
+            pinned = recorded["source"]  # the checkpoint it resolved to, even if the teacher run went on since
+        else:  # rank 0 resolves (a run's newest checkpoint may change meanwhile): every rank reads the same one
+            pinned = from_main(all_ranks(lambda: resolve_source(given) if self.env.is_main else None, self.env))
+        tw = self.teacher_weights = all_ranks(lambda: read_teacher(pinned), self.env)
         self.backbone_fingerprint = fingerprint(tw.backbone)
+        if len(set(gathered(self.backbone_fingerprint))) > 1:
+            raise ConfigError(f"the processes read different teacher weights from {pinned} (was it being written?); "
+                              "start again once the teacher is complete")
         if recorded and recorded.get("backbone_fingerprint") != self.backbone_fingerprint:
             raise ConfigError(
-                f"the teacher changed since the checkpoint: {KEY_TEACHER} = {given} now has other weights than the "
+                f"the teacher changed since the checkpoint: {KEY} = {given} now has other weights than the "
                 f"ones this run was distilled from ({recorded.get('source')}, fingerprint "
                 f"{str(recorded.get('backbone_fingerprint'))[:12]}..., now {self.backbone_fingerprint[:12]}...). "
                 "Restore that teacher, or start a new run (another --output-dir, or --no-resume).")
         if tw.heads is None and cfg.train.head_warmup_iterations <= 0:
-            raise ConfigError(f"{KEY_TEACHER} = {given} is a backbone without DINO/iBOT heads: set "
+            raise ConfigError(f"{KEY} = {given} is a backbone without DINO/iBOT heads: set "
                               "train.head_warmup_iterations (e.g. 1000) to warm heads up on it first, or give a run "
                               "directory or a full export (`dinotrain export RUN OUT.safetensors --to full`)")
+        warm = self.run_dir / WARMUP_DIR / WARMUP_FILE
+        if recorded and tw.heads is None and not reusable(warm, cfg, self.backbone_fingerprint):
+            raise ConfigError(f"this run's teacher heads came from its head warm-up, but {warm} is missing or was made "
+                              "with other settings (dino/ibot/crops/teacher/optim/train keys it depends on): a new "
+                              "warm-up would give other heads. Restore it and those settings, or start a new run.")
         for name, scfg in self.student_cfgs.items():
             check_student_fits(tw, name, scfg)
         log.info("teacher: %s (%s; ViT dim %d, depth %d, patch %d%s); students: %s", tw.source, tw.kind,
                  tw.spec.embed_dim, tw.spec.depth, tw.spec.patch_size,
                  "; heads from the head warm-up" if tw.heads is None else "", ", ".join(self.student_cfgs))
 
+    def _check_students(self, newest_extra: dict | None) -> None:
+        """Students that can share one run, and a resume that keeps them as they were."""
+        for name, scfg in self.student_cfgs.items():
+            if scfg.optim.epochs != self.cfg.optim.epochs:
+                raise ConfigError(f"student {name!r} sets optim.epochs={scfg.optim.epochs} but the run lasts "
+                                  f"optim.epochs={self.cfg.optim.epochs}: all students train for the run's length "
+                                  "(their lr warmup and lr may differ)")
+            if scfg.student.drop_path_rate > 0:
+                log.warning("student %s: student.drop_path_rate=%s; the distillation recipe uses no stochastic depth "
+                            "(set it to 0)", name, scfg.student.drop_path_rate)
+        saved = (newest_extra or {}).get("students")
+        if saved is None:
+            return
+        if set(saved) != set(self.student_cfgs):
+            raise ConfigError(f"the checkpoint has students {', '.join(saved)} but the config has "
+                              f"{', '.join(self.student_cfgs)}: a resumed distillation keeps its students (use another "
+                              "--output-dir for other ones)")
+        for name, scfg in self.student_cfgs.items():
+            check_resume(saved[name].get("config", {}), scfg, Path(f"the checkpoint of student {name!r}"),
+                         self.allow_config_change)
+
     def _teacher_with_heads(self) -> TeacherWeights:
+        """The teacher's weights with heads: its own, or those of the head warm-up on its backbone."""
         tw = self.teacher_weights
         if tw.heads is not None:
             return tw
         from dinotrain.export.full import read_full
 
         out = warm_up_heads(self.cfg, tw.backbone, tw.spec, self.run_dir / WARMUP_DIR / WARMUP_FILE, self.env,
-                            self.dataset, source=tw.source)
+                            self.dataset, source=tw.source, backbone_fingerprint=self.backbone_fingerprint)
         full = read_full(out)
         warmed = TeacherWeights(tw.source, "backbone+warm-up", full.backbone, tw.spec, full.heads, full.config)
         for name, scfg in self.student_cfgs.items():
@@ -89,7 +123,10 @@ class Distiller(Trainer):
         cfg = self.cfg
         self.teacher_weights = self._teacher_with_heads()
         self.teacher_fingerprint = fingerprint(all_tensors(self.teacher_weights))
-        self.teacher = FrozenTeacher(self.teacher_weights, cfg)
+        do_ibot = any(scfg.ibot.loss_weight > 0 for scfg in self.student_cfgs.values())
+        self.teacher = FrozenTeacher(self.teacher_weights, cfg, do_ibot=do_ibot)
+        # the tensors now live in the (sharded) teacher: keep only where they came from
+        self.teacher_weights = dataclasses.replace(self.teacher_weights, backbone={}, heads={})
         self.teacher.to(self.env.device)
         self.teacher.shard(self.dtype, reshard_after_forward=cfg.fsdp.reshard_after_forward)
         learners = []
@@ -169,9 +206,6 @@ class Distiller(Trainer):
                 torch.save(state, tmp)
                 tmp.replace(path)
                 log.info("student %s (EMA backbone) written to %s", name, path)
-
-
-KEY_TEACHER = "distillation.teacher"
 
 
 def distill(cfg: DictConfig, run_dir: str | Path, resume: bool = True, allow_config_change: bool = False) -> dict:

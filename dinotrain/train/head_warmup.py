@@ -5,24 +5,25 @@ pretraining with random heads wrecks the features in the first iterations (dinov
 10 %), and a distillation teacher needs heads to give targets. The warm-up runs the DINO recipe with
 the backbone frozen (student and teacher backbones identical): only the student heads learn, the
 teacher heads are their EMA. The result, backbone + teacher heads + config, is written as a full
-export (`dinotrain export --to full` layout) in `<run>/head_warmup/`, reused when the run restarts,
-and usable as `student.pretrained_weights` or `distillation.teacher` elsewhere. It is not resumed
-mid-way: a run killed during the warm-up repeats it (it is short by design).
+export (`dinotrain export --to full` layout) in `<run>/head_warmup/`, reused whenever the same backbone
+and warm-up settings come back (a restart, `--no-resume`), and usable as `student.pretrained_weights` or
+`distillation.teacher` elsewhere. It is not resumed mid-way: a run killed during the warm-up repeats it
+(it is short by design).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from dinotrain.distributed.checkpoint import full_state_dict
-from dinotrain.distributed.env import DistEnv, all_reduce_mean
+from dinotrain.distributed.env import DistEnv, all_ranks, all_reduce_mean, from_main
 from dinotrain.distributed.fsdp import clip_grad_norm, compute_dtype
 from dinotrain.models.vision_transformer import ViTSpec
 from dinotrain.train.batches import build_train_loader, seed_step, to_device
@@ -48,21 +49,37 @@ def warmup_schedules(cfg: DictConfig, iterations: int, lr: float) -> Schedules:
                      total_iters=iterations)
 
 
-def _reusable(out: Path, backbone_fingerprint: str, iterations: int) -> bool:
-    from dinotrain.export.full import read_full
+# What the warmed-up heads depend on besides the backbone: a saved warm-up is reused only if these match.
+_SETTINGS = ("dino", "ibot", "crops", "teacher", "optim", "train.dataset_path", "train.seed", "train.centering",
+             "train.batch_size_per_gpu", "train.grad_accum_steps", "train.head_warmup_iterations",
+             "compute_precision.dtype")
 
+
+def warmup_settings(cfg: DictConfig) -> str:
+    """sha256 of the config values the warm-up's result depends on (the schedule length of the main run aside)."""
+    values = {key: OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+              for key in _SETTINGS for node in [OmegaConf.select(cfg, key)]}
+    values["optim"] = {k: v for k, v in values["optim"].items() if k not in ("epochs", "warmup_epochs", "lr")}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
+def reusable(out: Path, cfg: DictConfig, backbone_fingerprint: str) -> bool:
+    """`out` holds heads warmed up on these backbone weights with these settings (reads only its header)."""
     if not out.is_file():
         return False
     try:
-        info = read_full(out).config.get("head_warmup", {})
+        from safetensors import safe_open
+
+        with safe_open(str(out), "pt") as f:
+            info = json.loads((f.metadata() or {}).get("config", "{}")).get("head_warmup", {})
     except Exception as exc:  # a damaged file is redone, never trusted
-        log.warning("head warm-up file %s is unreadable (%s); redoing the warm-up", out, exc)
+        log.warning("head warm-up file %s is unreadable (%s); it will be redone", out, exc)
         return False
-    return info.get("backbone_fingerprint") == backbone_fingerprint and info.get("iterations") == iterations
+    return info.get("backbone_fingerprint") == backbone_fingerprint and info.get("settings") == warmup_settings(cfg)
 
 
 def warm_up_heads(cfg: DictConfig, backbone: dict, spec: ViTSpec, out: Path, env: DistEnv, dataset,
-                  source: str, build_student_arch: bool = False) -> Path:
+                  source: str, build_student_arch: bool = False, backbone_fingerprint: str | None = None) -> Path:
     """Warm up heads on `backbone` (frozen) for `train.head_warmup_iterations`; write the full export `out`.
 
     The model has the backbone's shapes (`spec`, e.g. a distillation teacher), or with `build_student_arch`
@@ -70,12 +87,13 @@ def warm_up_heads(cfg: DictConfig, backbone: dict, spec: ViTSpec, out: Path, env
     from the same weights and length.
     """
     from dinotrain.export.full import FullExport, write_full
+    from dinotrain.train.loop import TrainingDiverged, finite_everywhere
     from dinotrain.train.teacher import fingerprint
 
     iterations = cfg.train.head_warmup_iterations
-    backbone_fp = fingerprint(backbone)
-    if _reusable(out, backbone_fp, iterations):
-        log.info("head warm-up: reusing %s (made from the same backbone, %d iterations)", out, iterations)
+    backbone_fp = backbone_fingerprint or fingerprint(backbone)
+    if from_main(reusable(out, cfg, backbone_fp)):
+        log.info("head warm-up: reusing %s (made from the same backbone and settings, %d iterations)", out, iterations)
         return out
     wcfg = OmegaConf.merge(cfg, {"student": {"drop_path_rate": 0.0, "pretrained_weights": ""}})
     torch.manual_seed(cfg.train.seed)
@@ -86,6 +104,11 @@ def warm_up_heads(cfg: DictConfig, backbone: dict, spec: ViTSpec, out: Path, env
     model.to(env.device)
     model.shard(dtype)
     optimizer = build_optimizer(model.student, wcfg)  # the heads: frozen parameters are in no group
+    scaler = None
+    if dtype == torch.float16 and cfg.compute_precision.grad_scaler:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        scaler = ShardedGradScaler(device=env.device.type)
     accum = cfg.train.grad_accum_steps
     global_batch = cfg.train.batch_size_per_gpu * env.world_size * accum
     schedules = warmup_schedules(cfg, iterations, scaled_lr(cfg, global_batch))
@@ -108,13 +131,22 @@ def warm_up_heads(cfg: DictConfig, backbone: dict, spec: ViTSpec, out: Path, env
         for _ in range(accum):
             batch = to_device(next(data), env.device)
             total, _terms = model.compute_losses(batch, sched["teacher_temp"])
-            (total / accum).backward()
+            if not finite_everywhere(total.detach()):  # heads that would be saved and reused: never NaN
+                raise TrainingDiverged(f"head warm-up diverged: the loss is {float(total)} at iteration {it}; lower "
+                                       "optim.base_lr or train.head_warmup_iterations' lr warmup share")
+            ((scaler.scale(total) if scaler else total) / accum).backward()
             loss += float(total.detach()) / accum
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         if cfg.optim.clip_grad:
             for name, module in model.student.items():
                 if name != "backbone":
                     clip_grad_norm(module, cfg.optim.clip_grad)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         model.update_teacher(sched["mom"], heads_only=True)
         done = it + 1
         if done % cfg.train.log_every == 0 or done == iterations:
@@ -128,15 +160,13 @@ def warm_up_heads(cfg: DictConfig, backbone: dict, spec: ViTSpec, out: Path, env
                 log.info("head warm-up it %d/%d  loss %.4f  lr %.2e  %.1f img/s", done, iterations, record["loss"],
                          sched["lr"], record["images_per_s"])
     heads = {name: full_state_dict(model.teacher[name]) for name in model.teacher if name != "backbone"}
-    if env.is_main:
-        config = OmegaConf.to_container(wcfg, resolve=True)
-        config["head_warmup"] = {"iterations": iterations, "backbone_fingerprint": backbone_fp, "source": str(source),
-                                 "seconds": round(time.perf_counter() - t0, 1)}
-        write_full(out, FullExport(backbone={k: v.detach().cpu() for k, v in backbone.items()},
-                                   spec=spec, heads=heads, config=config))
-        log.info("head warm-up done in %.0f s: backbone + warmed-up heads written to %s", time.perf_counter() - t0, out)
-    if dist.is_initialized():
-        dist.barrier()
+    config = OmegaConf.to_container(wcfg, resolve=True)
+    config["head_warmup"] = {"iterations": iterations, "backbone_fingerprint": backbone_fp, "source": str(source),
+                             "settings": warmup_settings(cfg), "seconds": round(time.perf_counter() - t0, 1)}
+    # written by rank 0; a failure there (disk full) stops every rank instead of leaving them in a barrier
+    all_ranks(lambda: write_full(out, FullExport(backbone={k: v.detach().cpu() for k, v in backbone.items()},
+                                                 spec=spec, heads=heads, config=config)) if env.is_main else None, env)
+    log.info("head warm-up done in %.0f s: backbone + warmed-up heads written to %s", time.perf_counter() - t0, out)
     return out
 
 

@@ -2,7 +2,8 @@
 
 Run directory: `config.yaml` (resolved config), `metrics.jsonl` (one JSON object per logged
 iteration), `log.txt`, `checkpoints/<iteration>/` (sharded, last N kept) and, at the end,
-`teacher_backbone.pth` (the official hub layout, ready for `dinotrain convert` and evaluation).
+`teacher_backbone.pth` (the official hub layout, ready for `dinotrain convert` and evaluation; a
+distillation writes `students/<name>.pth` instead).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def total_iterations(cfg: DictConfig) -> int:
     return min(full, cfg.train.max_iterations) if cfg.train.max_iterations else full
 
 
-def _finite_everywhere(loss: torch.Tensor) -> bool:
+def finite_everywhere(loss: torch.Tensor) -> bool:
     flag = torch.tensor([1.0 if torch.isfinite(loss).item() else 0.0], device=loss.device)
     if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -80,6 +81,7 @@ class Trainer:
         self.env = env or init_distributed()
         self.run_dir = Path(run_dir)
         self.cfg = cfg
+        self.allow_config_change = allow_config_change
         # 1. Everything a user can get wrong is checked before any model is built, on every rank.
         prepare_run_dir(self.run_dir)
         setup_logging(self.run_dir, self.env.is_main)
@@ -224,7 +226,7 @@ class Trainer:
             n_skipped += batch["n_skipped"]
             batch = to_device(batch, self.env.device)
             for prefix, (total, terms) in self._forward_backward(batch, it, micro).items():
-                finite = finite and _finite_everywhere(total.detach())
+                finite = finite and finite_everywhere(total.detach())
                 for k, v in {"backprop_loss": total, **terms}.items():
                     sums[prefix + k] = sums.get(prefix + k, 0.0) + float(v.detach()) / self.accum
         for prefix in scheds:  # official convention: the displayed total is the sum of the displayed terms

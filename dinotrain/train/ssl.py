@@ -57,7 +57,8 @@ def _build_networks(cfg: DictConfig, for_teacher: bool, spec: ViTSpec | None = N
 
 
 class SSLMetaArch(nn.Module):
-    """Student + EMA teacher + losses. `forward_backward` runs one (micro-)step and returns its losses."""
+    """Student + EMA teacher + losses. `compute_losses` runs one (micro-)step's forward and returns its losses;
+    `student_losses` is the student's half, given targets (from the EMA teacher, or a frozen one in distillation)."""
 
     def __init__(self, cfg: DictConfig, spec: ViTSpec | None = None):
         super().__init__()

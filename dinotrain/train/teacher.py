@@ -63,18 +63,31 @@ def _split_heads(tensors: dict[str, Tensor]) -> tuple[dict, dict]:
     return backbone, {h: sd for h, sd in heads.items() if sd}
 
 
-def _from_run(path: Path) -> TeacherWeights:
-    """The EMA teacher (backbone + heads) of a training checkpoint, or of a run's newest checkpoint."""
-    from dinotrain.distributed.checkpoint import complete_checkpoints, read_extra
-    from dinotrain.distributed.checkpoint_files import read_tensors
-    from dinotrain.models.state_dict import infer_spec
+def resolve_source(given: str) -> str:
+    """What `distillation.teacher` names, pinned: a run directory becomes its newest complete checkpoint
+    (so every rank, and every resume, reads the same weights even while the teacher run goes on)."""
+    from dinotrain.distributed.checkpoint import complete_checkpoints
 
-    ckpt = path
-    if not (path / "extra.json").is_file():
+    if not given:
+        raise ConfigError(f"{KEY} is empty: give a dinotrain run directory, a full export (.safetensors with "
+                          "heads) or backbone weights (.pth, .safetensors, Hugging Face directory)")
+    path = Path(given)
+    if not path.exists():
+        raise FileNotFoundError(f"{KEY}: {path} does not exist")
+    if path.is_dir() and not (path / "extra.json").is_file() and (path / "checkpoints").is_dir():
         found = complete_checkpoints(path)
         if not found:
             raise FileNotFoundError(f"{KEY}: the run directory {path} has no complete checkpoint yet")
-        ckpt = found[-1]
+        return str(found[-1])
+    return str(path)
+
+
+def _from_checkpoint(ckpt: Path) -> TeacherWeights:
+    """The EMA teacher (backbone + heads) of a training checkpoint."""
+    from dinotrain.distributed.checkpoint import read_extra
+    from dinotrain.distributed.checkpoint_files import read_tensors
+    from dinotrain.models.state_dict import infer_spec
+
     if (ckpt / "students").is_dir():
         raise ConfigError(f"{KEY}: {ckpt} is a distillation checkpoint (its frozen teacher is not stored there); "
                           "export a student with `dinotrain export RUN OUT.safetensors --to full --which NAME` "
@@ -95,15 +108,10 @@ def read_teacher(given: str) -> TeacherWeights:
     from dinotrain.export.convert import read_weights
     from dinotrain.export.full import is_full_export, read_full
 
-    if not given:
-        raise ConfigError(f"{KEY} is empty: give a dinotrain run directory, a full export (.safetensors with "
-                          "heads) or backbone weights (.pth, .safetensors, Hugging Face directory)")
-    path = Path(given)
-    if not path.exists():
-        raise FileNotFoundError(f"{KEY}: {path} does not exist")
+    path = Path(resolve_source(given))
     try:
-        if path.is_dir() and ((path / "extra.json").is_file() or (path / "checkpoints").is_dir()):
-            return _from_run(path)
+        if path.is_dir() and (path / "extra.json").is_file():
+            return _from_checkpoint(path)
         if path.is_file() and path.suffix == ".safetensors" and is_full_export(path):
             full = read_full(path)
             return TeacherWeights(str(path), "full", full.backbone, full.spec, full.heads, full.config)
@@ -149,19 +157,19 @@ class FrozenTeacher(nn.Module):
     teacher a distillation checkpoint stores.
     """
 
-    def __init__(self, weights: TeacherWeights, cfg: DictConfig):
+    def __init__(self, weights: TeacherWeights, cfg: DictConfig, do_ibot: bool = True):
         super().__init__()
         from dinotrain.models.heads import head_from_state_dict
 
         assert weights.heads is not None, "a backbone-only teacher needs the head warm-up first"
-        backbone = vit_from_spec(weights.spec)
+        backbone = vit_from_spec(weights.spec, attn_impl=cfg.student.attn_impl)
         backbone.load_state_dict(weights.backbone, strict=True)
         self.nets = nn.ModuleDict({"backbone": backbone})
         for name, state in weights.heads.items():
             self.nets[name] = head_from_state_dict(state, what=f"teacher {name}")
         self.nets.requires_grad_(False)
         self.nets.eval()
-        self.do_ibot = cfg.ibot.loss_weight > 0
+        self.do_ibot = do_ibot  # patch targets are computed when any student has an iBOT loss
         self.centering = cfg.train.centering
         ibot_head = self.nets["ibot_head"] if "ibot_head" in self.nets else self.nets["dino_head"]
         self.centers = nn.ModuleDict({"dino_loss": DINOLoss(self.nets["dino_head"].out_dim),
@@ -171,11 +179,6 @@ class FrozenTeacher(nn.Module):
     def shard(self, dtype: torch.dtype, reshard_after_forward: bool = True) -> None:
         for module in self.nets.values():
             shard_module(module, dtype, reshard_after_forward=reshard_after_forward)
-
-    def train(self, mode: bool = True) -> "FrozenTeacher":
-        super().train(mode)
-        self.nets.eval()  # always: the teacher's forward is an inference
-        return self
 
     @torch.no_grad()
     def targets(self, batch: dict, teacher_temp: float) -> tuple[Tensor, Tensor | None]:

@@ -177,3 +177,30 @@ def test_changed_full_export_teacher_is_refused_on_resume(full_export, tmp_path,
     write_full(teacher, changed)
     err = _error(capsys, _cli(run, teacher, "train.max_iterations=3"))
     assert "differ from the ones this run was distilled from" in err
+
+
+def test_students_must_share_the_runs_length_and_keep_their_names_on_resume(teacher_run, tmp_path, capsys):
+    assert "optim.epochs" in _error(capsys, _cli(tmp_path / "d0", teacher_run, "distillation.students.a.optim.epochs=5"))
+    run = tmp_path / "d"
+    two = ["distillation.students.a.student.depth=2", "distillation.students.b.student.depth=3"]
+    _run(_distiller(run, teacher_run, "train.max_iterations=3", *two))
+    assert "keeps its students" in _error(capsys, _cli(run, teacher_run, "train.max_iterations=4", two[0]))
+    changed = _error(capsys, _cli(run, teacher_run, "train.max_iterations=4", two[0],
+                                  "distillation.students.b.student.depth=4"))
+    assert "student 'b'" in changed and "student.depth" in changed
+
+
+def test_a_student_with_ibot_gets_patch_targets_when_the_top_level_has_none(teacher_run, tmp_path):
+    d = _distiller(tmp_path / "d", teacher_run, "train.max_iterations=2", "ibot.loss_weight=0",
+                   "distillation.students.a.ibot.loss_weight=1.0", "distillation.students.b.student.depth=2")
+    last = _run(d)
+    assert last["a/ibot_loss"] > 0 and "b/ibot_loss" not in last
+
+
+def test_a_resume_never_redoes_the_warm_up_with_other_settings(teacher_run, tmp_path, capsys):
+    backbone = teacher_run / "teacher_backbone.pth"
+    run = tmp_path / "d"
+    _run(_distiller(run, backbone, "train.max_iterations=2", "train.head_warmup_iterations=2"))
+    err = _error(capsys, _cli(run, backbone, "train.max_iterations=3", "train.head_warmup_iterations=2",
+                              "teacher.teacher_temp=0.05", "teacher.warmup_teacher_temp=0.05"))
+    assert "head warm-up" in err and "other settings" in err
