@@ -21,10 +21,10 @@ import zlib
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from dinotrain.config import ConfigError, student_configs
-from dinotrain.distributed.checkpoint import Parts, full_state_dict
+from dinotrain.distributed.checkpoint import Parts
 from dinotrain.distributed.env import all_ranks, from_main, gathered
 from dinotrain.train.batches import _mix
 from dinotrain.train.head_warmup import WARMUP_DIR, WARMUP_FILE, reusable, warm_up_heads
@@ -198,15 +198,5 @@ class Distiller(Trainer):
     def export_final(self) -> None:
         """Each student's EMA backbone as an official hub state dict: `<run>/students/<name>.pth`."""
         for name, learner in zip(self.names, self.learners):
-            state = full_state_dict(learner.model.teacher["backbone"])
-            path = self.run_dir / STUDENTS_DIR / f"{name}.pth"
-            if self.env.is_main:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                torch.save(state, tmp)
-                tmp.replace(path)
-                log.info("student %s (EMA backbone) written to %s", name, path)
-
-
-def distill(cfg: DictConfig, run_dir: str | Path, resume: bool = True, allow_config_change: bool = False) -> dict:
-    return Distiller(cfg, run_dir, resume=resume, allow_config_change=allow_config_change).run()
+            self._write_ema_backbone(learner, self.run_dir / STUDENTS_DIR / f"{name}.pth",
+                                     f"student {name} (EMA backbone)")

@@ -331,13 +331,17 @@ class Trainer:
 
     def export_teacher(self) -> Path:
         """Write the teacher backbone as an official hub state dict (the artifact later steps use)."""
-        state = full_state_dict(self.model.teacher["backbone"])
-        path = self.run_dir / "teacher_backbone.pth"
+        return self._write_ema_backbone(self.learners[0], self.run_dir / "teacher_backbone.pth", "teacher backbone")
+
+    def _write_ema_backbone(self, learner: Learner, path: Path, what: str) -> Path:
+        """A learner's EMA backbone, gathered from every rank, written atomically by rank 0 (hub layout)."""
+        state = full_state_dict(learner.model.teacher["backbone"])
         if self.env.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             torch.save(state, tmp)
             tmp.replace(path)
-            log.info("teacher backbone written to %s", path)
+            log.info("%s written to %s", what, path)
         return path
 
 
