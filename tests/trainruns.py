@@ -126,3 +126,14 @@ def kill_tree(pid: int) -> None:
             os.kill(p, 9)
         except ProcessLookupError:
             pass
+
+
+def wait_for(path: Path, proc, timeout: int = 120) -> None:
+    """Wait until `path` exists while `proc` (a run to kill mid-way) is still running."""
+    import time
+
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.02)

@@ -8,14 +8,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from dinotrain.distributed.checkpoint import complete_checkpoints
-from trainruns import FAST, REPO, env, free_port, max_abs_diff, metrics, run_cli, train
+from trainruns import FAST, REPO, env, free_port, max_abs_diff, metrics, run_cli, train, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -66,13 +65,6 @@ def _without_speed(records):
     return [{k: v for k, v in r.items() if k != "images_per_s"} for r in records]
 
 
-def _wait_for(path, proc, timeout=120):
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, "the distillation ended before it could be killed"
-        assert time.time() < deadline, f"{path} did not appear"
-        time.sleep(0.02)
-
 
 @pytest.fixture(scope="module")
 def reference(teacher_run, tmp_path_factory):
@@ -86,7 +78,7 @@ def test_exact_resume_after_sigkill(teacher_run, reference, tmp_path):
     run = tmp_path / "run"
     proc = start_distill(run, teacher_run, ["train.max_iterations=1000", *SAME_STEPS])  # killed mid-way
     try:
-        _wait_for(run / "checkpoints" / f"{K // 2:08d}" / "extra.json", proc)
+        wait_for(run / "checkpoints" / f"{K // 2:08d}" / "extra.json", proc)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
     finally:

@@ -5,13 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from dinotrain.distributed.checkpoint import complete_checkpoints
-from trainruns import REPO, env, max_abs_diff, metrics, start, teacher, train
+from trainruns import REPO, env, max_abs_diff, metrics, start, teacher, train, wait_for
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -30,13 +29,6 @@ def reference(tmp_path_factory):
     return run
 
 
-def _wait_for(path, proc, timeout=120):
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline, f"{path} did not appear"
-        time.sleep(0.02)
-
 
 def test_two_processes_take_the_same_steps_as_one(reference, tmp_path):
     run = tmp_path / "run2"
@@ -53,7 +45,7 @@ def test_exact_resume_after_sigkill(reference, tmp_path):
     run = tmp_path / "run"
     proc = start(run, ["train.max_iterations=1000", *SAME_STEPS])  # would run long: we kill it mid-way
     try:
-        _wait_for(run / "checkpoints" / f"{K // 2:08d}" / "extra.json", proc)
+        wait_for(run / "checkpoints" / f"{K // 2:08d}" / "extra.json", proc)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
     finally:
