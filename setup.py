@@ -19,6 +19,7 @@ setup(
         "torch>=2.6",
         "torchvision",
         "omegaconf>=2.3",
+        "pyyaml",  # cluster profiles (slurm/*.yaml)
         "submitit>=1.5",
         "fvcore",
         "safetensors",

@@ -1,4 +1,4 @@
-"""The `dinotrain` command: train, distill, eval, export, convert, embed, tiny-dataset.
+"""The `dinotrain` command: train, distill, submit, eval, export, convert, embed, tiny-dataset.
 
 Errors a user can fix (bad config, missing file, wrong weights) print one clear line and exit 2;
 `--debug` shows the traceback.
@@ -19,8 +19,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from dinotrain.models.state_dict import WeightsError
     from dinotrain.distributed.env import PeerFailed
     from dinotrain.train.loop import TrainingDiverged
+    from dinotrain.launch.slurm import SubmitError
 
-    return ConfigError, WeightsError, CheckpointError, TrainingDiverged, PeerFailed, FileNotFoundError, ValueError
+    return (ConfigError, WeightsError, CheckpointError, TrainingDiverged, PeerFailed, SubmitError, FileNotFoundError,
+            ValueError)
 
 
 # ---- train ------------------------------------------------------------------------------------------
@@ -51,6 +53,56 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from dinotrain.train.distill import Distiller
 
     return _run_loop(args, Distiller)
+
+
+# ---- submit -----------------------------------------------------------------------------------------
+SUBMIT_FLAGS = ("nodes", "gpus_per_node", "tasks_per_node", "partition", "account", "qos", "time", "mem_gb",
+                "cpus_per_task", "constraint", "signal_delay_s")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """`train` or `distill` as a SLURM job; follows it to its end unless `--no-wait`."""
+    from dinotrain.config import ConfigError, load_config
+    from dinotrain.launch.slurm import (build_request, check_gpus_available, job_name, parse_slurm_extra, require_slurm,
+                                        sbatch_script, submit)
+    from dinotrain.launch.watch import follow
+    from dinotrain.train.rundir import move_aside, prepare_run_dir
+
+    if not args.output_dir:
+        raise ConfigError("give --output-dir DIR: the run directory, on a filesystem the compute nodes share")
+    run_dir = Path(args.output_dir).resolve()
+    cfg = load_config(args.config, [*args.overrides, f"train.output_dir={run_dir}"])  # checked before submitting
+    flags = {key: getattr(args, key) for key in SUBMIT_FLAGS}
+    flags["slurm_extra"] = parse_slurm_extra(args.slurm_extra)
+    request = build_request(args.cluster, flags)
+    name = job_name(args.job, run_dir)
+    if args.dry_run:
+        print(sbatch_script(request, run_dir / "slurm", name))
+        return 0
+    require_slurm()
+    check_gpus_available(request)
+    prepare_run_dir(run_dir)
+    if args.no_resume:
+        move_aside(run_dir)
+    job = submit(args.job, cfg, run_dir, request, allow_config_change=args.allow_config_change)
+    where = f"partition {request.partition}" if request.partition else "the default partition"
+    per_node = f"{request.gpus_per_node} GPU(s)" if request.gpus_per_node else f"{request.tasks_per_node} CPU process(es)"
+    print(f"submitted job {job.job_id} ({name}): {request.nodes} node(s) x {per_node} on {where}, "
+          f"time limit {request.time} min, up to {cfg.launch.max_requeues} requeues")
+    print(f"  run directory {run_dir}; job logs {run_dir / 'slurm'}/{job.job_id}_<task>_log.out|err")
+    print(f"  watch: squeue -j {job.job_id}; tail -f {run_dir / 'log.txt'}   cancel: scancel {job.job_id}")
+    sys.stdout.flush()
+    if args.no_wait:
+        return 0
+    try:
+        result = follow(job, run_dir, print_fn=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        print(f"stopped following job {job.job_id}; it keeps running (scancel {job.job_id} to stop it)", file=sys.stderr)
+        return 130
+    metrics = result.get("metrics") or {}
+    loss = f", total_loss {metrics['total_loss']:.4f}" if "total_loss" in metrics else ""
+    print(f"job {job.job_id} completed: iteration {result.get('iteration')}{loss}; run directory {result.get('run_dir')}")
+    return 0
 
 
 # ---- eval -------------------------------------------------------------------------------------------
@@ -251,6 +303,17 @@ def cmd_tiny_dataset(args: argparse.Namespace) -> int:
 
 
 # ---- parser -----------------------------------------------------------------------------------------
+def _add_run_arguments(parser: argparse.ArgumentParser, config_help: str, output_help: str) -> None:
+    """What `train`, `distill` and `submit train|distill` share: config, run directory, resume, overrides."""
+    parser.add_argument("--config", help=config_help)
+    parser.add_argument("--output-dir", help=output_help)
+    parser.add_argument("--no-resume", action="store_true",
+                        help="start over: existing checkpoints and metrics of the run directory are moved aside")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume even though train.dataset_path or train.centering differ from the checkpoint's")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.base_lr=1e-3")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dinotrain", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -262,14 +325,35 @@ def build_parser() -> argparse.ArgumentParser:
             ("distill", cmd_distill, "distil students from a frozen teacher (backbone + DINO/iBOT heads)",
              "a YAML file or a shipped config name such as smoke/distill_cpu_tiny (see configs/distill/)")):
         t = sub.add_parser(name, help=help_text)
-        t.add_argument("--config", help=config_help)
-        t.add_argument("--output-dir", help="run directory (checkpoints, metrics.jsonl, log.txt)")
-        t.add_argument("--no-resume", action="store_true",
-                       help="start over: existing checkpoints and metrics of the run directory are moved aside")
-        t.add_argument("--allow-config-change", action="store_true",
-                       help="resume even though train.dataset_path or train.centering differ from the checkpoint's")
-        t.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.base_lr=1e-3")
+        _add_run_arguments(t, config_help, "run directory (checkpoints, metrics.jsonl, log.txt)")
         t.set_defaults(func=func)
+
+    s = sub.add_parser("submit", help="run train or distill as a SLURM job (submitit), requeued on preemption and "
+                                      "at the time limit")
+    ssub = s.add_subparsers(dest="job", required=True)
+    for job in ("train", "distill"):
+        j = ssub.add_parser(job, help=f"`dinotrain {job}` as a SLURM job")
+        _add_run_arguments(j, f"a YAML file or a shipped config name, as for `dinotrain {job}`",
+                           "run directory on a filesystem the nodes share (job logs go to its slurm/)")
+        j.add_argument("--cluster", help="cluster profile: NAME (slurm/NAME.yaml, ~/.config/dinotrain/slurm/NAME.yaml, "
+                                         "$DINOTRAIN_SLURM_PROFILES) or a path to a YAML file")
+        j.add_argument("--nodes", type=int, help="nodes (default 1)")
+        j.add_argument("--gpus-per-node", type=int, help="GPUs per node, one process each (0: CPU processes)")
+        j.add_argument("--tasks-per-node", type=int, help="CPU processes per node with --gpus-per-node 0 (default 1)")
+        j.add_argument("--partition")
+        j.add_argument("--account")
+        j.add_argument("--qos")
+        j.add_argument("--constraint", help="node features (sbatch --constraint)")
+        j.add_argument("--time", type=int, help="time limit of one job run in minutes (default: the profile's, else 2800)")
+        j.add_argument("--mem-gb", type=float, help="memory per node in GB")
+        j.add_argument("--cpus-per-task", type=int, help="CPU cores per process")
+        j.add_argument("--signal-delay-s", type=int,
+                       help="seconds before the time limit at which the job checkpoints and requeues (default 120)")
+        j.add_argument("--slurm-extra", action="append", metavar="KEY=VALUE",
+                       help="another sbatch option, e.g. reservation=x or exclusive (repeat for more)")
+        j.add_argument("--dry-run", action="store_true", help="print the sbatch script instead of submitting")
+        j.add_argument("--no-wait", action="store_true", help="print the job id and return instead of following the job")
+        j.set_defaults(func=cmd_submit)
 
     e = sub.add_parser("eval", help="evaluate a backbone")
     esub = e.add_subparsers(dest="eval_command", required=True)
@@ -339,6 +423,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from dinotrain.launch.watch import JobFailed
+
+        if isinstance(exc, JobFailed) and not args.debug:  # the job's own error text, not ours: exit code 1
+            print(f"dinotrain {args.command}: {exc}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

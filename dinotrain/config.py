@@ -229,7 +229,7 @@ def _check_values(cfg: DictConfig) -> None:
         if get(key) <= 0:
             raise ConfigError(f"config key '{key}' must be positive; got {get(key)}")
     for key in ("train.num_workers", "crops.local_crops_number", "student.num_register_tokens", "train.nan_tolerance",
-                "train.head_warmup_iterations"):
+                "train.head_warmup_iterations", "launch.max_requeues"):
         if get(key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0; got {get(key)}")
     for key in ("crops.global_crops_scale", "crops.local_crops_scale", "ibot.mask_ratio_min_max"):

@@ -276,8 +276,20 @@ class Trainer:
         except UnreadableDatasetError as exc:  # from a DataLoader worker the message carries its traceback
             raise UnreadableDatasetError(str(exc).strip().splitlines()[-1].split("UnreadableDatasetError: ")[-1]) from exc
 
-    def run(self) -> dict[str, float]:
-        """Train from the current iteration to the last; returns the last logged metrics."""
+    def run(self, stop=None) -> dict[str, float]:
+        """Train from the current iteration to the last; returns the last logged metrics.
+
+        `stop` (a `launch.job.StopRequest`, in SLURM jobs): after each iteration all ranks agree whether
+        any of them got the preemption / time-limit signal; if so they save a checkpoint together and
+        return early with `self.stopped_at` set to the iteration reached (no final export).
+        """
+        self.stopped_at = None
+        if stop is None:
+            return self._run()
+        with stop.armed():
+            return self._run(stop)
+
+    def _run(self, stop=None) -> dict[str, float]:
         data = iter(self.loader)
         metrics_path = self.run_dir / "metrics.jsonl"
         bad_in_a_row, skipped_images = 0, self.skipped_before
@@ -320,6 +332,11 @@ class Trainer:
                 t_log, it_log = now, done
             if done % self.checkpoint_period == 0 and done != self.max_iter:
                 self._save(done, skipped_images)
+            if stop is not None and done != self.max_iter and stop.agreed(self.env.device):
+                if done % self.checkpoint_period != 0:
+                    self._save(done, skipped_images)
+                self.stopped_at = done
+                return last
         if self.max_iter > self.start_iter:
             self._save(self.max_iter, skipped_images)
         self.export_final()

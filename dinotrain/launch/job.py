@@ -1,0 +1,196 @@
+"""Inside a SLURM job: run `train`/`distill` on every task, and on preemption or time limit checkpoint
+with all ranks together, then requeue.
+
+SLURM sends USR2 `signal_delay_s` before the time limit (and at preemption, with
+`PreemptParameters=send_user_signal`, or `submitit`'s `job._interrupt()`). submitit's handler calls the
+job's `checkpoint()` and requeues, but only on global rank 0 and right inside the signal handler: a
+sharded checkpoint saved there would wait forever for ranks that are elsewhere in the step. So the
+handler only raises a flag; at the end of the iteration every rank learns whether any rank got the
+signal (one all-reduce), all ranks save the checkpoint together, and only then rank 0 hands over to
+submitit's handler, which calls `SlurmRun.checkpoint()` (bounded by `launch.max_requeues`) and
+requeues the job. The requeued job resumes from that checkpoint like `dinotrain train` does.
+Before the loop runs (start-up, head warm-up) and after it, there is nothing new to save: the
+signal goes straight to submitit, which requeues at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import submitit
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+log = logging.getLogger("dinotrain.launch")
+
+
+class RequeueLimitReached(RuntimeError):
+    """The job stopped (preempted or at its time limit) more often than `launch.max_requeues` allows."""
+
+
+def _preemption_signal() -> int:
+    return submitit.JobEnvironment._usr_sig()  # USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise
+
+
+class StopRequest:
+    """The preemption / time-limit signal, turned into a decision all ranks take at the same iteration."""
+
+    def __init__(self) -> None:
+        self.signum = _preemption_signal()
+        self.received_at: float | None = None
+        self._armed = False
+        self._submitit_handler = signal.getsignal(self.signum)  # installed by submitit before our code runs
+        signal.signal(self.signum, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if not self._armed:  # nothing newer than the last checkpoint to save: let submitit requeue now
+            log.warning("got %s outside the training loop: requeueing without a new checkpoint",
+                        signal.Signals(signum).name)
+            self._call_submitit(signum, frame)
+            return
+        if self.received_at is None:
+            log.warning("got %s: checkpointing at the end of this iteration, then requeueing",
+                        signal.Signals(signum).name)
+        self.received_at = time.time()
+
+    def _call_submitit(self, signum, frame) -> None:
+        handler = self._submitit_handler
+        if callable(handler):
+            handler(signum, frame)
+
+    @contextlib.contextmanager
+    def armed(self):
+        """For the training loop: while inside, a signal waits for the end of the iteration."""
+        self._armed = True
+        try:
+            yield
+        finally:
+            self._armed = False
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank if any rank got the signal (all ranks call this at the same iteration)."""
+        flag = torch.tensor([1 if self.received_at is not None else 0], dtype=torch.int32, device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def hand_over(self) -> None:
+        """After the checkpoint: rank 0 lets submitit call `checkpoint()` and requeue (it exits the process)."""
+        self._call_submitit(self.signum, None)
+
+
+def _forget_stale_result() -> None:
+    """A requeued run reuses the job id, hence the result file names: remove this task's file of an earlier
+    run, so that nobody reads it as this run's outcome."""
+    try:
+        submitit.JobEnvironment().paths.result_pickle.unlink(missing_ok=True)
+    except (OSError, RuntimeError, KeyError):
+        pass
+
+
+def _time_left_s() -> float | None:
+    """Seconds until this job's time limit, from squeue (None if it cannot tell)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%L"], capture_output=True, text=True,
+                             timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_slurm_duration(out)
+
+
+def parse_slurm_duration(text: str) -> float | None:
+    """`[days-]hours:minutes:seconds`, `minutes:seconds` (squeue's %L) in seconds; None if not a duration."""
+    text = text.strip()
+    days = 0
+    if "-" in text:
+        d, text = text.split("-", 1)
+        if not d.isdigit():
+            return None
+        days = int(d)
+    parts = text.split(":")
+    if not parts or not all(p.isdigit() for p in parts) or len(parts) > 3:
+        return None
+    seconds = 0
+    for p in parts:
+        seconds = seconds * 60 + int(p)
+    return days * 86400 + seconds
+
+
+def stop_reason(signal_delay_s: int) -> str:
+    """Why SLURM signalled: the time limit is near, or not (preemption, or a signal sent by hand)."""
+    left = _time_left_s()
+    if left is None:
+        return "SLURM's stop signal (preemption or time limit)"
+    if left <= signal_delay_s + 60:
+        return f"the time limit ({left:.0f} s left)"
+    return f"preemption or a signal sent to the job ({left:.0f} s before the time limit)"
+
+
+class SlurmRun(submitit.helpers.Checkpointable):
+    """What every task of a `dinotrain submit` job runs: `dinotrain train` or `distill` on the resolved config."""
+
+    def __init__(self, command: str, config: dict, run_dir: str, signal_delay_s: int,
+                 allow_config_change: bool = False):
+        self.command = command
+        self.config = config
+        self.run_dir = run_dir
+        self.signal_delay_s = signal_delay_s
+        self.allow_config_change = allow_config_change
+
+    def _loop_class(self):
+        if self.command == "train":
+            from dinotrain.train.loop import Trainer
+
+            return Trainer
+        from dinotrain.train.distill import Distiller
+
+        return Distiller
+
+    def __call__(self) -> dict:
+        from dinotrain.distributed.env import destroy_distributed
+
+        _forget_stale_result()
+        stop = StopRequest()
+        cfg = OmegaConf.create(self.config)
+        OmegaConf.set_readonly(cfg, True)
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        try:
+            trainer = self._loop_class()(cfg, self.run_dir, resume=True, allow_config_change=self.allow_config_change)
+            where = (f"resuming from iteration {trainer.start_iter}" if trainer.start_iter else "starting at iteration 0")
+            log.info("SLURM job %s (%s task(s)%s): %s", os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_NTASKS"),
+                     f", requeued {restarts} time(s)" if restarts else "", where)
+            last = trainer.run(stop=stop)
+            if trainer.stopped_at is None:
+                return {"run_dir": str(Path(self.run_dir).resolve()), "iteration": trainer.max_iter, "metrics": last}
+            is_main = trainer.env.is_main
+            if is_main:
+                log.warning("stopping at iteration %d: %s; checkpoint saved, requeueing (requeue %d of at most %d)",
+                            trainer.stopped_at, stop_reason(self.signal_delay_s), restarts + 1, cfg.launch.max_requeues)
+        finally:
+            destroy_distributed()
+        if is_main:
+            stop.hand_over()  # submitit requeues and exits; raises RequeueLimitReached when the limit is reached
+        # the other ranks leave without a result file: the job is not over, its requeued run writes the results
+        raise SystemExit(0)
+
+    def checkpoint(self, *args, **kwargs):
+        """Called by submitit on rank 0 after the checkpoint is saved: the same run again, or no more requeues."""
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        limit = int(self.config.get("launch", {}).get("max_requeues", 0))
+        if restarts >= limit:
+            raise RequeueLimitReached(
+                f"the job stopped (preemption or time limit) and was already requeued {restarts} time(s), "
+                f"launch.max_requeues={limit}: not requeued. Its checkpoint is saved in {self.run_dir}; submit "
+                "the same command again to continue, or raise launch.max_requeues")
+        return submitit.helpers.DelayedSubmission(
+            SlurmRun(self.command, self.config, self.run_dir, self.signal_delay_s, self.allow_config_change))

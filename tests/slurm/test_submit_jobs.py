@@ -1,0 +1,231 @@
+"""`dinotrain submit` against a real local SLURM: a job runs like torchrun, survives preemption and its time
+limit by checkpointing and requeueing itself, and every way a job can fail reaches the submitting command."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+
+from trainruns import FAST, REPO, env, kill_tree, max_abs_diff, metrics, run_cli, teacher
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+# 80 iterations of the few-second smoke run (~40 s on 2 processes): long enough to be preempted mid-way and to
+# meet a 1-minute time limit. Checkpoints only when stopped and at the end.
+RUN = [*FAST, "optim.epochs=20", "checkpoint.period_iterations=1000"]
+DISTILL = [*FAST, "student.depth=2", "optim.epochs=10", "checkpoint.period_iterations=1000"]
+
+
+class Submission:
+    """`dinotrain submit ...` running in the background; its job is cancelled if the test leaves it behind."""
+
+    def __init__(self, args: list[str], out: Path):
+        self.out = out
+        self.proc = subprocess.Popen([sys.executable, "-m", "dinotrain", "submit", *args], env=env(), cwd=REPO,
+                                     stdout=open(out, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.job_id = None
+
+    def text(self) -> str:
+        return self.out.read_text()
+
+    def wait_job_id(self, timeout: float = 60) -> str:
+        deadline = time.time() + timeout
+        while self.job_id is None:
+            m = re.search(r"submitted job (\d+)", self.text())
+            if m:
+                self.job_id = m.group(1)
+                break
+            assert self.proc.poll() is None, f"submit ended before submitting:\n{self.text()}"
+            assert time.time() < deadline, f"no job id after {timeout} s:\n{self.text()}"
+            time.sleep(0.2)
+        return self.job_id
+
+    def wait(self, timeout: float = 300) -> tuple[int, str]:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(self.proc.pid)
+            pytest.fail(f"`dinotrain submit` still waiting after {timeout} s (a hang):\n{self.text()}")
+        return rc, self.text()
+
+    def cleanup(self) -> None:
+        if self.proc.poll() is None:
+            kill_tree(self.proc.pid)
+        if self.job_id:
+            subprocess.run(["scancel", self.job_id], capture_output=True)
+            for _ in range(120):  # the next test's job must not queue behind this one
+                if not subprocess.run(["squeue", "-h", "-j", self.job_id], capture_output=True, text=True).stdout.strip():
+                    break
+                time.sleep(0.5)
+
+
+@pytest.fixture
+def submissions():
+    started: list[Submission] = []
+
+    def start(args, out):
+        started.append(Submission(args, out))
+        return started[-1]
+
+    yield start
+    for s in started:
+        s.cleanup()
+
+
+def submit_args(kind: str, run_dir: Path, overrides, *flags) -> list[str]:
+    config = "smoke/cpu_tiny" if kind == "train" else "smoke/distill_cpu_tiny"
+    return [kind, "--cluster", "local", "--config", config, "--output-dir", str(run_dir), *flags, *overrides]
+
+
+def wait_for_iteration(run_dir: Path, iteration: int, sub: Submission, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while True:
+        done = metrics(run_dir)[-1]["iteration"] if (run_dir / "metrics.jsonl").is_file() and metrics(run_dir) else 0
+        if done >= iteration:
+            return
+        assert sub.proc.poll() is None, f"submit ended before iteration {iteration}:\n{sub.text()}"
+        assert time.time() < deadline, f"iteration {iteration} not reached in {timeout} s:\n{sub.text()}"
+        time.sleep(0.2)
+
+
+def task_pid(job_id: str, rank: int) -> int:
+    """The process of one task of a job (the submitit runner with SLURM_PROCID=rank)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if (b"submitit.core._submit" in cmdline and f"SLURM_JOB_ID={job_id}".encode() in environ
+                and f"SLURM_PROCID={rank}".encode() in environ):
+            return int(proc.name)
+    raise AssertionError(f"no process for task {rank} of job {job_id}")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same run under `torchrun --nproc_per_node=2`, never interrupted."""
+    run = tmp_path_factory.mktemp("torchrun") / "run"
+    proc = run_cli(["train", "--config", "smoke/cpu_tiny", "--output-dir", str(run), *RUN], nproc=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def distill_reference(reference, tmp_path_factory):
+    run = tmp_path_factory.mktemp("torchrun-distill") / "run"
+    proc = run_cli(["distill", "--config", "smoke/distill_cpu_tiny", "--output-dir", str(run), *DISTILL,
+                    f"distillation.teacher={reference}"], nproc=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+def test_submitted_job_matches_torchrun(slurm_cluster, reference, submissions, tmp_path):
+    run = tmp_path / "run"
+    rc, out = submissions(submit_args("train", run, RUN), tmp_path / "submit.out").wait()
+    assert rc == 0, out
+    assert re.search(r"job \d+ completed: iteration 80", out), out
+    assert "2 CPU process(es)" in out
+    ours, theirs = metrics(run), metrics(reference)
+    assert [m["iteration"] for m in ours] == [m["iteration"] for m in theirs]
+    for key in ("total_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss", "backprop_loss"):
+        assert ours[-1][key] == pytest.approx(theirs[-1][key], abs=1e-6), key
+    assert max_abs_diff(teacher(run), teacher(reference)) == 0.0
+    assert "world size 2" in (run / "log.txt").read_text()
+    assert sorted(p.name for p in (run / "slurm").glob("*_log.out")), "the job's stdout belongs in the run directory"
+
+
+def test_preempted_job_checkpoints_requeues_and_ends_as_uninterrupted(slurm_cluster, reference, submissions, tmp_path):
+    run = tmp_path / "run"
+    sub = submissions(submit_args("train", run, RUN), tmp_path / "submit.out")
+    job_id = sub.wait_job_id()
+    wait_for_iteration(run, 10, sub)
+    submitit.SlurmJob(run / "slurm", job_id, tasks=[0, 1])._interrupt()  # what SLURM sends before preemption
+    rc, out = sub.wait()
+    assert rc == 0, out
+    assert "requeued 1 time(s)" in out
+    log = (run / "log.txt").read_text()
+    stopped = re.search(r"stopping at iteration (\d+): preemption", log)
+    assert stopped, log
+    assert f"requeued 1 time(s)): resuming from iteration {stopped.group(1)}" in log
+    assert int(stopped.group(1)) >= 10
+    assert max_abs_diff(teacher(run), teacher(reference)) == 0.0, "the requeued job must end where the uninterrupted one does"
+
+
+def test_time_limit_checkpoints_and_requeues(slurm_cluster, reference, submissions, tmp_path):
+    """A real time limit: 1 minute, the signal 30 s before it; the 40-s run needs at least two job runs."""
+    run = tmp_path / "run"
+    rc, out = submissions(submit_args("train", run, RUN, "--time", "1", "--signal-delay-s", "30"),
+                          tmp_path / "submit.out").wait(timeout=400)
+    assert rc == 0, out
+    log = (run / "log.txt").read_text()
+    assert re.search(r"stopping at iteration \d+: the time limit", log), log
+    assert re.search(r"requeued \d time\(s\)\): resuming from iteration [1-9]", log), log
+    assert max_abs_diff(teacher(run), teacher(reference)) == 0.0
+
+
+def test_preempted_distillation_resumes(slurm_cluster, reference, distill_reference, submissions, tmp_path):
+    import torch
+
+    run = tmp_path / "run"
+    sub = submissions(submit_args("distill", run, [*DISTILL, f"distillation.teacher={reference}"]),
+                      tmp_path / "submit.out")
+    job_id = sub.wait_job_id()
+    wait_for_iteration(run, 8, sub)
+    submitit.SlurmJob(run / "slurm", job_id, tasks=[0, 1])._interrupt()
+    rc, out = sub.wait()
+    assert rc == 0, out
+    log = (run / "log.txt").read_text()
+    assert re.search(r"stopping at iteration \d+: preemption", log) and "requeued 1 time(s)): resuming" in log, log
+    ours = torch.load(run / "students" / "student.pth", weights_only=True)
+    theirs = torch.load(distill_reference / "students" / "student.pth", weights_only=True)
+    assert max_abs_diff(ours, theirs) == 0.0
+
+
+def test_error_inside_the_job_reaches_the_submitter(slurm_cluster, submissions, tmp_path):
+    rc, out = submissions(submit_args("train", tmp_path / "run", [*FAST, "train.dataset_path=/no/such/images"]),
+                          tmp_path / "submit.out").wait(timeout=120)
+    assert rc == 1, out
+    assert "FAILED" in out and "dataset folder does not exist: /no/such/images" in out, out
+    assert "PeerFailed" not in out, "the cause, not its echo on the other rank"
+
+
+def test_crash_of_one_rank_ends_the_job_and_is_reported(slurm_cluster, submissions, tmp_path):
+    run = tmp_path / "run"
+    sub = submissions(submit_args("train", run, RUN), tmp_path / "submit.out")
+    job_id = sub.wait_job_id()
+    wait_for_iteration(run, 3, sub)
+    os.kill(task_pid(job_id, 1), 9)  # as the OOM killer would
+    t0 = time.time()
+    rc, out = sub.wait(timeout=120)
+    assert rc == 1, out
+    assert f"job {job_id} ended FAILED" in out and "task 1: Killed" in out, out
+    assert time.time() - t0 < 60, "the other rank must not wait for the dead one until a collective times out"
+
+
+def test_cancelled_job_is_reported_as_cancelled(slurm_cluster, submissions, tmp_path):
+    run = tmp_path / "run"
+    sub = submissions(submit_args("train", run, RUN), tmp_path / "submit.out")
+    job_id = sub.wait_job_id()
+    wait_for_iteration(run, 1, sub)
+    subprocess.run(["scancel", job_id], check=True)
+    rc, out = sub.wait(timeout=120)
+    assert rc == 1, out
+    assert f"job {job_id} was cancelled" in out, out
+
+
+def test_slurm_refusals_are_shown(slurm_cluster, tmp_path):
+    bad_partition = run_cli(["submit", *submit_args("train", tmp_path / "a", FAST, "--partition", "nosuch")], timeout=60)
+    assert bad_partition.returncode == 2
+    assert "sbatch refused the job" in bad_partition.stderr and "invalid partition" in bad_partition.stderr.lower()
+    gpus = run_cli(["submit", *submit_args("train", tmp_path / "b", FAST, "--gpus-per-node", "1")], timeout=60)
+    assert gpus.returncode == 2
+    assert "partition 'debug' have no GPUs" in gpus.stderr, gpus.stderr
+    assert "Traceback" not in bad_partition.stderr + gpus.stderr
