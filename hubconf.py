@@ -71,3 +71,15 @@ dino_vits16 = _entry_point("dino_vits16")
 dino_vits8 = _entry_point("dino_vits8")
 dino_vitb16 = _entry_point("dino_vitb16")
 dino_vitb8 = _entry_point("dino_vitb8")
+
+
+def dinotrain_vit(weights, strict_pos_embed: bool = False, **kwargs):
+    """Any dinotrain backbone, built as its weights say (architecture inferred: a smoke run's ViT-Tiny/8, a
+    distilled student of custom depth, ...), in eval mode.
+
+    weights: local hub .pth, .safetensors, full export or transformers directory (nothing is downloaded).
+    kwargs: settings the weights do not fix, e.g. img_size=224 (resamples the position embeddings, see above).
+    """
+    from dinotrain.export.convert import load_backbone
+
+    return load_backbone(weights, strict_pos_embed=strict_pos_embed, **kwargs)

@@ -26,6 +26,7 @@ setup(
         "numpy",
         "pillow",
         "scikit-learn",  # ships the digits that the built-in tiny dataset is rendered from
+        "tqdm",  # progress bar of dinotrain embed
     ],
     extras_require={
         "test": ["pytest>=8", "transformers>=4.47"],

@@ -22,7 +22,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from dinotrain.launch.slurm import SubmitError
 
     return (ConfigError, WeightsError, CheckpointError, TrainingDiverged, PeerFailed, SubmitError, FileNotFoundError,
-            ValueError)
+            FileExistsError, ValueError)
 
 
 # ---- train ------------------------------------------------------------------------------------------
@@ -107,6 +107,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 # ---- eval -------------------------------------------------------------------------------------------
 def _backbone_from_args(weights: str | None, model: str | None, seed: int = 0):
+    """The backbone of `--weights` (any weights format, a full export, a run or checkpoint directory) or `--model`."""
     import torch
 
     from dinotrain.export.convert import load_backbone
@@ -116,16 +117,15 @@ def _backbone_from_args(weights: str | None, model: str | None, seed: int = 0):
         path = Path(weights)
         students = sorted((path / "students").glob("*.pth")) if path.is_dir() else []
         if path.is_dir() and (path / "teacher_backbone.pth").is_file():
-            path = path / "teacher_backbone.pth"  # a run directory
+            path = path / "teacher_backbone.pth"  # a finished run directory
         elif len(students) == 1:
-            path = students[0]  # a distillation run directory: its student's EMA backbone
+            path = students[0]  # a finished distillation run directory: its student's EMA backbone
         elif students:
             raise ValueError(f"{path} is a distillation run with students {', '.join(p.stem for p in students)}: "
                              f"pass one of them, e.g. --weights {students[0]}")
-        elif path.is_dir() and ((path / "checkpoints").is_dir() or (path / "config.yaml").is_file()):
-            raise FileNotFoundError(
-                f"{path} is a run directory without teacher_backbone.pth or students/*.pth (written when the run finishes); "
-                f"export its newest checkpoint with `dinotrain export {path} teacher.pth --to hub` and pass that")
+        elif path.is_dir() and ((path / "checkpoints").is_dir() or (path / "extra.json").is_file()
+                                or (path / "config.yaml").is_file()):
+            return _backbone_from_checkpoint(path)  # a run that has not finished, or one checkpoint
         return load_backbone(path)
     if not model:
         raise ValueError("give --weights PATH (a .pth, .safetensors, HF directory or run directory) or --model NAME")
@@ -133,14 +133,30 @@ def _backbone_from_args(weights: str | None, model: str | None, seed: int = 0):
     return build_preset(model)
 
 
-def cmd_eval_knn(args: argparse.Namespace) -> int:
-    import torch
-
-    from dinotrain.eval.features import eval_sizes, extract_features, pick_eval_device, shared_label_space
-    from dinotrain.eval.knn import knn_accuracy
+def _backbone_from_checkpoint(path: Path):
+    """The teacher EMA (or a distillation's only student EMA) of the newest complete checkpoint, read directly."""
+    from dinotrain.export.from_checkpoint import read_checkpoint_backbone
     from dinotrain.models.vision_transformer import vit_from_spec
 
-    resize, crop = eval_sizes(args.image_size, tiny=args.tiny)  # checked before any work
+    try:
+        found = read_checkpoint_backbone(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{path} is a run directory without teacher_backbone.pth or students/*.pth (written "
+                                f"when the run finishes) and without a complete checkpoint: {exc}") from exc
+    logging.getLogger("dinotrain").info("using the %s backbone of %s (iteration %s)", found.label, found.checkpoint,
+                                        found.iteration)
+    model = vit_from_spec(found.spec)
+    model.load_state_dict(found.state, strict=True)
+    return model.eval()
+
+
+def _eval_data(args: argparse.Namespace):
+    """(train root, val root, class names, resize, crop, device) of `eval knn|linear`, checked before any work."""
+    import torch
+
+    from dinotrain.eval.features import eval_sizes, pick_eval_device, shared_label_space
+
+    resize, crop = eval_sizes(args.image_size, tiny=args.tiny)
     device = pick_eval_device(getattr(args, "device", "auto"))
     train_root, val_root = args.train, args.val
     if args.tiny:
@@ -150,8 +166,28 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
         train_root, val_root = str(root / "train"), str(root / "val")
     if not train_root or not val_root:
         raise ValueError("give --train DIR and --val DIR (labelled ImageFolders), or --tiny for the built-in dataset")
-    torch.set_num_threads(args.threads) if args.threads else None
-    classes = shared_label_space(train_root, val_root)  # val classes matched to train's by name, checked first
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    classes = shared_label_space(train_root, val_root)  # val classes matched to train's by name
+    return train_root, val_root, classes, resize, crop, device
+
+
+def _write_json(path: str | None, data) -> None:
+    if path:
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=1))
+        print(f"written to {out}")
+
+
+def cmd_eval_knn(args: argparse.Namespace) -> int:
+    import torch
+
+    from dinotrain.eval.features import extract_features
+    from dinotrain.eval.knn import knn_accuracy
+    from dinotrain.models.vision_transformer import vit_from_spec
+
+    train_root, val_root, classes, resize, crop, device = _eval_data(args)
     model = _backbone_from_args(args.weights, args.model)
     candidates = {"model": model}
     if args.baseline_random:
@@ -166,12 +202,52 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
         results[name] = knn_accuracy(tr_f, tr_y, va_f, va_y, ks=args.k, temperature=args.temperature)
     for name, accs in results.items():
         print(f"k-NN top-1 ({name}): " + "  ".join(f"k={k}: {acc:.2f}%" for k, acc in accs.items()))
-    if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({n: {str(k): v for k, v in a.items()} for n, a in results.items()}, indent=1))
-        print(f"written to {out}")
+    _write_json(args.output, {n: {str(k): v for k, v in a.items()} for n, a in results.items()})
     return 0
+
+
+def cmd_eval_linear(args: argparse.Namespace) -> int:
+    """The official linear evaluation on cached features; optionally the best head as a transformers classifier."""
+    from dinotrain.eval.linear import (OFFICIAL_LRS, best_head, export_best_classifier, extract_linear_features,
+                                       head_configs, linear_eval)
+
+    if args.export_hf:
+        _refuse_existing(args.export_hf, args.force)
+    train_root, val_root, classes, resize, crop, device = _eval_data(args)
+    model = _backbone_from_args(args.weights, args.model).to(device)
+    configs = head_configs(args.n_last_blocks, {"both": (False, True), "yes": (True,), "no": (False,)}[args.avgpool],
+                           model.spec.depth)
+    n_blocks = max(c.n_blocks for c in configs)
+    logging.getLogger("dinotrain.eval").info("linear evaluation on %s: resize %d bicubic, centre crop %d", device,
+                                             resize, crop)
+    train = extract_linear_features(model, train_root, crop, resize, n_blocks, args.batch_size, classes=classes)
+    val = extract_linear_features(model, val_root, crop, resize, n_blocks, args.batch_size, classes=classes)
+    lrs = tuple(args.lrs) if args.lrs else OFFICIAL_LRS
+    results, heads = linear_eval(train, val, len(classes), configs, lrs=lrs, iterations=args.iterations,
+                                 batch_size=args.train_batch_size, seed=args.seed, device=device)
+    config, lr_index, acc = best_head(heads, val)
+    for name, accs in results.items():
+        lr, top = max(accs.items(), key=lambda kv: kv[1])
+        print(f"linear top-1 ({name}): {top:.2f}% at lr {lr}")
+    print(f"linear top-1 (best): {acc:.2f}% ({config.name}, lr {lrs[lr_index]:g}; {len(train.labels)} train / "
+          f"{len(val.labels)} val images, {len(classes)} classes, {args.iterations} iterations)")
+    summary = {"best": {"head": config.name, "lr": lrs[lr_index], "accuracy": acc}, "results": results,
+               "classes": list(classes), "n_train": len(train.labels), "n_val": len(val.labels),
+               "iterations": args.iterations, "batch_size": args.train_batch_size, "image_size": crop, "resize": resize}
+    if args.export_hf:
+        out, trained, index, hf_acc = export_best_classifier(model, heads, val, classes, args.export_hf, resize, crop)
+        lr = trained.lrs[index]
+        summary["hf_classifier"] = {"path": str(out), "head": trained.config.name, "lr": lr, "accuracy": hf_acc}
+        print(f"classifier ({trained.config.name}, lr {lr:g}, {hf_acc:.2f}%) -> {out} "
+              "(transformers.AutoModelForImageClassification.from_pretrained)")
+    _write_json(args.output, summary)
+    return 0
+
+
+def _refuse_existing(path: str, force: bool) -> None:
+    """An output that exists is not overwritten silently."""
+    if Path(path).exists() and not force:
+        raise FileExistsError(f"output {path} exists; pass --force to overwrite it, or choose another path")
 
 
 # ---- convert / embed / tiny-dataset -------------------------------------------------------------------
@@ -183,115 +259,77 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_source(ckpt: Path, which: str | None) -> tuple[Path, str, str, dict | None]:
-    """(DCP directory, tensor prefix, label, config or None = the checkpoint's) of what `--which` picks.
-
-    A training checkpoint holds `model.teacher.*` (the EMA, default) and `model.student.*`. A distillation
-    checkpoint holds one training-layout checkpoint per student under `students/<name>/`, whose
-    `model.teacher.*` is that student's EMA: the exported model. Its frozen teacher is not stored.
-    """
-    from dinotrain.distributed.checkpoint import read_extra
-
-    students = ckpt / "students"
-    if not students.is_dir():
-        which = which or "teacher"
-        if which not in ("teacher", "student"):
-            raise ValueError(f"--which {which!r}: a training checkpoint holds 'teacher' (the EMA, default) "
-                             "and 'student'")
-        return ckpt, f"model.{which}.", which, None
-    extra = read_extra(ckpt)
-    names = sorted(d.name for d in students.iterdir() if d.is_dir())
-    if not names:
-        raise FileNotFoundError(f"distillation checkpoint {ckpt} has no student under students/")
-    if which is None and len(names) > 1:
-        raise ValueError(f"distillation checkpoint {ckpt} has students {', '.join(names)}: pick one with --which NAME")
-    which = which or names[0]
-    if which not in names:
-        if which == "teacher":
-            source = (extra.get("teacher") or {}).get("source", "see its extra.json")
-            raise ValueError(f"the frozen teacher of a distillation run is not stored in its checkpoints "
-                             f"(its source: {source}); export a student with --which {names[0]}")
-        raise ValueError(f"distillation checkpoint {ckpt} has no student {which!r}; its students: {', '.join(names)}")
-    config = ((extra.get("students") or {}).get(which) or {}).get("config") or {}
-    return students / which, "model.teacher.", f"student {which!r} (EMA)", config
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     """A backbone (teacher by default) of a sharded checkpoint, consolidated in this one process (no GPU).
 
     `--to full` also writes the DINO/iBOT heads and the recipe config (dinotrain.export.full).
     """
-    import dataclasses
-
-    from dinotrain.distributed.checkpoint import complete_checkpoints, read_extra
-    from dinotrain.distributed.checkpoint_files import read_metadata, read_tensors
     from dinotrain.export.convert import write_weights
+    from dinotrain.export.from_checkpoint import read_checkpoint_backbone, read_checkpoint_heads
     from dinotrain.export.full import FullExport, write_full
-    from dinotrain.models.state_dict import infer_spec
 
-    src = Path(args.src)
-    ckpt = src
-    if not (src / "extra.json").is_file():
-        found = complete_checkpoints(src)
-        if not found:
-            raise FileNotFoundError(f"{src} is neither a checkpoint directory nor a run directory with checkpoints")
-        ckpt = found[-1]
-    tensors_dir, prefix, label, config = _export_source(ckpt, args.which)
-    # only the chosen backbone's (and heads') byte ranges are read (not the optimizer), after the shards
-    # are checked; the metadata is unpickled allow-listed and never runs code
-    state = read_tensors(tensors_dir, prefix + "backbone.", what=f"{label} backbone")
-    extra = read_extra(ckpt)
-    config = (extra.get("config") or {}) if config is None else config
-    student_cfg = config.get("student") or {}
-    spec = infer_spec(state)
-    if "interpolate_offset" in student_cfg:  # not stored in weights: take it from the run's config
-        spec = dataclasses.replace(spec, interpolate_offset=float(student_cfg["interpolate_offset"]),
-                                   interpolate_antialias=bool(student_cfg["interpolate_antialias"]))
+    _refuse_existing(args.dst, args.force)
+    found = read_checkpoint_backbone(args.src, args.which)
     if args.to == "full":
-        stored = read_metadata(tensors_dir).state_dict_metadata
-        heads = {h: read_tensors(tensors_dir, f"{prefix}{h}.", what=f"{label} {h}") for h in ("dino_head", "ibot_head")
-                 if h == "dino_head" or any(k.startswith(f"{prefix}{h}.") for k in stored)}
-        out = write_full(args.dst, FullExport(state, spec, heads, config))
-        what = f"{label} backbone + {' + '.join(heads)} + config"
+        heads = read_checkpoint_heads(found)
+        out = write_full(args.dst, FullExport(found.state, found.spec, heads, found.config))
+        what = f"{found.label} backbone + {' + '.join(heads)} + config"
     else:
-        out = write_weights(state, spec, args.dst, args.to)
-        what = f"{label} backbone"
-    print(f"{what} of {ckpt} (iteration {extra.get('iteration', ckpt.name)}) -> {out} ({args.to})")
+        out = write_weights(found.state, found.spec, args.dst, args.to)
+        what = f"{found.label} backbone"
+    print(f"{what} of {found.checkpoint} (iteration {found.iteration}) -> {out} ({args.to})")
     return 0
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    import torch
+    """Embeddings of files and folders: into an output directory (resumable, `.npy`), a JSON file, or printed."""
+    import os
 
-    from dinotrain.data.augmentations import make_eval_transform
-    from dinotrain.data.datasets import load_rgb
+    from dinotrain.embed import EmbedSettings, embed_batches, embed_to_directory, list_images
     from dinotrain.eval.features import eval_sizes, pick_eval_device
 
     resize, crop = eval_sizes(args.image_size)  # checked before any work
     device = pick_eval_device(getattr(args, "device", "auto"))
-
-    def read(image: str):
-        try:
-            return load_rgb(Path(image))
-        except (FileNotFoundError, ValueError):
-            raise  # already a clear message (missing file, image that cannot be made 8-bit RGB)
-        except Exception as exc:  # PIL's decoder errors: not an image, truncated, unsupported
-            raise ValueError(f"cannot read image {image}: {type(exc).__name__}: {exc}") from exc
-
-    images = [read(image) for image in args.images]  # every file checked before any work
+    paths = list_images(args.images)
+    to_dir = args.output is not None and not args.output.endswith(".json")
+    if not to_dir and any(Path(p).is_dir() for p in args.images):
+        raise ValueError("embedding a folder writes files: give --output DIR (embeddings.npy + paths.txt)")
+    if args.output and not to_dir:
+        _refuse_existing(args.output, args.force)
+    workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
+    settings = EmbedSettings(weights=str(args.weights or args.model), resize=resize, crop=crop, normalize=args.normalize,
+                             patch_mean=args.patch_mean, patch_tokens=args.patch_tokens, chunk_size=args.chunk_size,
+                             batch_size=args.batch_size)
+    if settings.chunk_size < 1 or settings.batch_size < 1:
+        raise ValueError("--chunk-size and --batch-size must be positive")
     model = _backbone_from_args(args.weights, args.model).eval().to(device)
-    transform = make_eval_transform(resize_size=resize, crop_size=crop)
-    rows = []
-    with torch.inference_mode():
-        for image, pil in zip(args.images, images):
-            x = transform(pil).unsqueeze(0).to(device)
-            feats = model(x)[0].float().cpu()
-            rows.append({"image": image, "image_features": feats.tolist()})
-            print(f"{image}: {feats.numel()}-dim embedding, norm {feats.norm():.3f}, first values "
-                  + " ".join(f"{v:.4f}" for v in feats[:4].tolist()))
+    if to_dir:
+        info = embed_to_directory(model, paths, Path(args.output), settings, device, workers, force=args.force,
+                                  progress=not args.no_progress)
+        print(f"{info['count']} embeddings of dimension {info['dim']} -> {Path(args.output) / 'embeddings.npy'} "
+              f"(rows: paths.txt; {info['skipped']} unreadable skipped, see skipped.txt; "
+              f"{info['images_per_s_this_run']} img/s on {device})")
+        return 0
+    rows_out, n_skipped = [], 0
+    for rows, feats, bad in embed_batches(model, paths, settings, device, workers=0):
+        for i, why in bad:
+            print(f"skipped unreadable {paths[i]}: {why}", file=sys.stderr)
+            n_skipped += 1
+        for j, i in enumerate(rows):
+            cls = feats["cls"][j]
+            row = {"image": str(paths[i]), "image_features": cls.tolist()}
+            if "patch_mean" in feats:
+                row["patch_mean"] = feats["patch_mean"][j].tolist()
+            if "patch_tokens" in feats:
+                row["patch_tokens"] = feats["patch_tokens"][j].tolist()
+            rows_out.append(row)
+            print(f"{paths[i]}: {cls.numel()}-dim embedding, norm {cls.norm():.3f}, first values "
+                  + " ".join(f"{v:.4f}" for v in cls[:4].tolist()))
+    if not rows_out:
+        raise ValueError(f"none of the {len(paths)} images could be read")
     if args.output:
-        Path(args.output).write_text(json.dumps(rows))
-        print(f"written to {args.output}")
+        Path(args.output).write_text(json.dumps(rows_out))
+        print(f"written to {args.output}" + (f" ({n_skipped} unreadable skipped)" if n_skipped else ""))
     return 0
 
 
@@ -377,6 +415,32 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--output", help="write the accuracies as JSON here")
     k.set_defaults(func=cmd_eval_knn)
 
+    lin = esub.add_parser("linear", help="linear probes on frozen features (official DINOv2 sweep, cached features); "
+                                         "exports the best head as a transformers classifier")
+    lin.add_argument("--weights", help="backbone weights: .pth, .safetensors, HF directory, full export, or a run directory")
+    lin.add_argument("--model", help="a named backbone (random init) when no --weights, e.g. dinov2_vits14")
+    lin.add_argument("--train", help="labelled ImageFolder of training images")
+    lin.add_argument("--val", help="labelled ImageFolder of validation images")
+    lin.add_argument("--tiny", action="store_true", help="use the built-in tiny dataset's train/val split")
+    lin.add_argument("--image-size", type=int, help="centre-crop side (as eval knn; default 224, or 32 with --tiny)")
+    lin.add_argument("--n-last-blocks", type=int, nargs="+", default=[1, 4],
+                     help="class tokens of the last N blocks (official: 1 and 4)")
+    lin.add_argument("--avgpool", choices=["both", "yes", "no"], default="both",
+                     help="append the mean patch token of the last block (official: both variants)")
+    lin.add_argument("--lrs", type=float, nargs="+", help="learning rates of the sweep (default: the official 13, "
+                                                         "1e-5 ... 0.1, scaled by batch/256)")
+    lin.add_argument("--iterations", type=int, default=12500, help="SGD steps (official: 12500)")
+    lin.add_argument("--train-batch-size", type=int, default=256, help="batch of cached features per step")
+    lin.add_argument("--batch-size", type=int, default=64, help="images per forward when computing features")
+    lin.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    lin.add_argument("--seed", type=int, default=0)
+    lin.add_argument("--threads", type=int, help="torch CPU threads")
+    lin.add_argument("--output", help="write all accuracies and the best head as JSON here")
+    lin.add_argument("--export-hf", metavar="DIR", help="write the best 1-block head with the backbone as a "
+                     "transformers Dinov2ForImageClassification (ViTForImageClassification for DINO v1) directory")
+    lin.add_argument("--force", action="store_true", help="overwrite an existing --export-hf directory")
+    lin.set_defaults(func=cmd_eval_linear)
+
     c = sub.add_parser("convert", help="convert backbone weights between hub .pth, Hugging Face and safetensors")
     c.add_argument("src", help="a hub .pth, a .safetensors file, or a Hugging Face model directory")
     c.add_argument("dst", help="output file (hub, safetensors) or directory (hf)")
@@ -390,10 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--to", required=True, choices=["hub", "hf", "safetensors", "full"])
     x.add_argument("--which", help="training run: teacher (the EMA, default) or student; distillation run: the "
                                    "student's name (its EMA; default: the only student)")
+    x.add_argument("--force", action="store_true", help="overwrite an existing output")
     x.set_defaults(func=cmd_export)
 
-    m = sub.add_parser("embed", help="embed images with a backbone (CLS token after the final norm)")
-    m.add_argument("images", nargs="+", help="image files")
+    m = sub.add_parser("embed", help="embed images and folders with a backbone (CLS token after the final norm)")
+    m.add_argument("images", nargs="+", help="image files and folders (searched recursively)")
     m.add_argument("--weights", help="backbone weights (any supported format) or a run directory")
     m.add_argument("--model", default=None, help="named backbone at random init when no --weights")
     m.add_argument("--image-size", type=int,
@@ -401,7 +466,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "round(size*256/224) (default 224: resize 256, crop 224, the DINO protocol)")
     m.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="default: the GPU when torch sees one, else the CPU")
-    m.add_argument("--output", help="write [{image, image_features}] as JSON here")
+    m.add_argument("--output", help="a directory (embeddings.npy, paths.txt, ...: resumable; needed for folders), "
+                                    "or a .json file ([{image, image_features}], for a few images)")
+    m.add_argument("--batch-size", type=int, default=64, help="images per forward")
+    m.add_argument("--workers", type=int, help="image decoding processes (default: min(8, CPU cores))")
+    m.add_argument("--normalize", action="store_true", help="L2-normalise the CLS embeddings (default: as the model gives them)")
+    m.add_argument("--patch-mean", action="store_true", help="also the mean patch token (patch_mean.npy)")
+    m.add_argument("--patch-tokens", action="store_true", help="also every patch token (patch_tokens.npy: N x P x D)")
+    m.add_argument("--chunk-size", type=int, default=4096, help="images per resumable chunk")
+    m.add_argument("--force", action="store_true", help="overwrite finished output, or restart an unfinished one "
+                                                        "that has other settings")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.set_defaults(func=cmd_embed)
 
     d = sub.add_parser("tiny-dataset", help="write the built-in tiny dataset (train/val ImageFolders) and print its path")

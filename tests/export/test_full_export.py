@@ -237,7 +237,9 @@ def test_export_full_from_a_training_run(tmp_path, training_run, capsys):
     assert_identical(export.heads["ibot_head"], _module_state(model.teacher.ibot_head))
     assert export.config == cfg and export.spec.interpolate_offset == 0.0 and export.spec.depth == 2
 
-    assert main(["export", str(run), str(out), "--to", "full", "--which", "student"]) == 0
+    assert main(["export", str(run), str(out), "--to", "full", "--which", "student"]) == 2  # exists: refused
+    assert "pass --force" in capsys.readouterr().err
+    assert main(["export", str(run), str(out), "--to", "full", "--which", "student", "--force"]) == 0
     export = read_full(out)
     assert_identical(export.backbone, _module_state(model.student.backbone))
     assert_identical(export.heads["dino_head"], _module_state(model.student.dino_head))
@@ -245,7 +247,7 @@ def test_export_full_from_a_training_run(tmp_path, training_run, capsys):
     hub = tmp_path / "student.pth"  # --which works for the backbone formats too
     assert main(["export", str(run), str(hub), "--to", "hub", "--which", "student"]) == 0
     assert_identical(torch.load(hub, weights_only=True), _module_state(model.student.backbone))
-    line = _user_error(capsys, ["export", str(run), str(hub), "--to", "hub", "--which", "s1"])
+    line = _user_error(capsys, ["export", str(run), str(tmp_path / "s1.pth"), "--to", "hub", "--which", "s1"])
     assert "'teacher'" in line and "'student'" in line
     line = _user_error(capsys, ["export", str(run), str(tmp_path / "f.pth"), "--to", "full"])
     assert ".safetensors" in line

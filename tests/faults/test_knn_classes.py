@@ -73,3 +73,14 @@ def test_val_class_unknown_to_train_is_an_error_naming_it_and_both_folders(folde
     assert isinstance(info.value, ValueError) and "'b'" not in str(info.value)
     with pytest.raises(UnknownClassError, match="'d'"):
         extract_features(MeanColour(), str(val), 16, classes=["a", "b", "c"])
+
+
+def test_eval_linear_refuses_a_val_class_unknown_to_train_in_one_line(folders, tmp_path, capsys, monkeypatch):
+    train, _ = folders
+    val = _folder(tmp_path / "val2", "bd")
+    called = []
+    monkeypatch.setattr(cli, "_backbone_from_args", lambda *a, **k: called.append(1))
+    assert cli.main(["eval", "linear", "--model", "x", "--train", str(train), "--val", str(val)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("dinotrain eval:")]
+    assert len(err) == 1 and err[0].startswith("dinotrain eval: error:") and "'d'" in err[0], err
+    assert not called, "checked before the backbone is built"

@@ -46,12 +46,16 @@ def test_missing_dataset_is_checked_before_the_config_is_written(tmp_path):
     assert "nope" in line and not (tmp_path / "run" / "config.yaml").exists()
 
 
-def test_corrupt_image_given_to_embed(tmp_path):
+def test_corrupt_image_given_to_embed_is_reported_and_skipped(tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8 this is not really a jpeg")
     good = next((ensure_tiny_dataset() / "val" / "1").glob("*.png"))
-    line = _one_line(run_cli(["embed", str(good), str(bad), "--model", "dino_vits16", "--image-size", "32"]), "embed")
-    assert "bad.jpg" in line
+    proc = run_cli(["embed", str(good), str(bad), "--model", "dino_vits16", "--image-size", "32"])
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped unreadable" in proc.stderr and "bad.jpg" in proc.stderr and "Traceback" not in proc.stderr
+    assert str(good) in proc.stdout and "bad.jpg" not in proc.stdout
+    only_bad = _one_line(run_cli(["embed", str(bad), "--model", "dino_vits16", "--image-size", "32"]), "embed")
+    assert "none of the 1 images could be read" in only_bad
 
 
 def test_knn_on_a_run_directory_without_teacher_backbone(tmp_path):
@@ -59,7 +63,7 @@ def test_knn_on_a_run_directory_without_teacher_backbone(tmp_path):
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text("{}")
     line = _one_line(run_cli(["eval", "knn", "--weights", str(run), "--tiny"]), "eval")
-    assert "teacher_backbone.pth" in line and "dinotrain export" in line
+    assert "teacher_backbone.pth" in line and "without a complete checkpoint" in line
 
 
 @pytest.mark.slow
@@ -75,3 +79,12 @@ def test_truncated_checkpoint_on_export(tmp_path):
     line = _one_line(run_cli(["export", str(run), str(tmp_path / "t.pth"), "--to", "hub"]), "export")
     assert "truncated" in line and not (tmp_path / "t.pth").exists()
     shutil.rmtree(run)
+
+
+def test_export_of_a_run_without_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / ".tmp-00000005").mkdir(parents=True)  # only an unfinished write
+    (run / "config.yaml").write_text("{}")
+    line = _one_line(run_cli(["export", str(run), str(tmp_path / "t.pth"), "--to", "hub"]), "export")
+    assert "without a complete checkpoint" not in line and "complete checkpoint" in line
+    assert not (tmp_path / "t.pth").exists()
