@@ -27,10 +27,12 @@ setup(
         "pillow",
         "scikit-learn",  # ships the digits that the built-in tiny dataset is rendered from
         "tqdm",  # progress bar of dinotrain embed
+        "matplotlib",  # dinotrain visualize and plot
+        "fastapi",  # dinotrain serve (ASGI app, request models, OpenAPI page)
+        "uvicorn",  # dinotrain serve (the ASGI server)
     ],
     extras_require={
         "test": ["pytest>=8", "transformers>=4.47"],
-        "serve": [],  # the embeddings HTTP endpoint will use only the standard library
         "xformers": ["xformers"],
     },
     entry_points={"console_scripts": ["dinotrain=dinotrain.cli:main"]},

@@ -1,4 +1,4 @@
-"""The `dinotrain` command: train, distill, submit, eval, export, convert, embed, tiny-dataset.
+"""The `dinotrain` command: train, distill, submit, eval, export, convert, embed, serve, visualize, plot, tiny-dataset.
 
 Errors a user can fix (bad config, missing file, wrong weights) print one clear line and exit 2;
 `--debug` shows the traceback.
@@ -333,6 +333,84 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_visualize(args: argparse.Namespace) -> int:
+    """The DINOv2 PCA picture and the DINO attention picture of a few images, as PNG files."""
+    import numpy as np
+    import torch
+
+    from dinotrain.data.augmentations import make_eval_transform
+    from dinotrain.data.datasets import load_rgb
+    from dinotrain.embed import list_images
+    from dinotrain.eval.features import eval_sizes, pick_eval_device
+    from dinotrain.viz.features import cls_attention, pca_maps
+    from dinotrain.viz.render import save_attention_figure, save_pca_figure
+
+    resize, crop = eval_sizes(args.image_size)
+    device = pick_eval_device(getattr(args, "device", "auto"))
+    paths = list_images(args.images)
+    if len(paths) > args.max_images:
+        raise ValueError(f"{len(paths)} images: a figure shows at most --max-images {args.max_images}; pass fewer")
+    model = _backbone_from_args(args.weights, args.model).eval().to(device)
+    crop = crop // model.patch_size * model.patch_size  # whole patches, so the maps cover the picture shown
+    shown = make_eval_transform(resize_size=resize, crop_size=crop).transforms[:2]  # resize + crop, no normalising
+    normalised = make_eval_transform(resize_size=resize, crop_size=crop)
+    pictures = [load_rgb(p) for p in paths]
+    images = torch.stack([normalised(p) for p in pictures]).to(device)
+    arrays = [np.asarray(shown[1](shown[0](p))) for p in pictures]
+    names = [p.name for p in paths]
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.kind in ("pca", "both"):
+        maps = pca_maps(model, images, threshold=args.threshold)
+        written = save_pca_figure(arrays, names, maps.__class__(*(t.cpu() for t in (maps.foreground, maps.rgb,
+                                                                                     maps.first_component))),
+                                  out / "pca.png")
+        print(f"PCA of patch features -> {written} (foreground: "
+              + ", ".join(f"{n} {100 * float(m.float().mean()):.0f}%" for n, m in zip(names, maps.foreground)) + ")")
+    if args.kind in ("attention", "both"):
+        written = save_attention_figure(arrays, names, cls_attention(model, images).cpu(), out / "attention.png")
+        print(f"CLS attention of the last block, per head -> {written}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Training curves of a run (losses, schedules, images/s) as PNG files."""
+    from dinotrain.viz.render import save_curves
+
+    run = Path(args.run)
+    metrics = run / "metrics.jsonl" if run.is_dir() else run
+    if not metrics.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl in {run} (give a run directory or a metrics.jsonl file)")
+    out = Path(args.output) if args.output else metrics.parent / "plots"
+    for path in save_curves(metrics, out):
+        print(f"written {path}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The embeddings endpoint (managed online-endpoint format) on uvicorn."""
+    import uvicorn
+
+    from dinotrain.eval.features import eval_sizes, pick_eval_device
+    from dinotrain.serve.app import ServeLimits, create_app
+
+    resize, crop = eval_sizes(args.image_size)
+    device = pick_eval_device(getattr(args, "device", "auto"))
+    limits = ServeLimits(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                         max_images_per_request=args.max_images_per_request, max_body_bytes=args.max_body_bytes,
+                         max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+                         url_timeout_s=args.url_timeout_s, allow_private_urls=args.allow_private_urls)
+    if limits.max_batch_size < 1 or limits.max_wait_ms < 0 or limits.max_images_per_request < 1:
+        raise ValueError("--max-batch-size and --max-images-per-request must be >= 1, --max-wait-ms >= 0")
+    model = _backbone_from_args(args.weights, args.model).eval().to(device)
+    app = create_app(model, device, limits, resize, crop, description=f"Weights: {args.weights or args.model}.")
+    print(f"serving {args.weights or args.model} ({model.embed_dim}-dim CLS features, crop {crop}) on {device} at "
+          f"http://{args.host}:{args.port}/score  (docs: /docs, health: /health; batches of up to "
+          f"{limits.max_batch_size}, waiting up to {limits.max_wait_ms:g} ms)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def cmd_tiny_dataset(args: argparse.Namespace) -> int:
     from dinotrain.data.tiny import ensure_tiny_dataset
 
@@ -350,6 +428,15 @@ def _add_run_arguments(parser: argparse.ArgumentParser, config_help: str, output
     parser.add_argument("--allow-config-change", action="store_true",
                         help="resume even though train.dataset_path or train.centering differ from the checkpoint's")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.base_lr=1e-3")
+
+
+def _add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
+    """--weights / --model / --device of every command that runs a backbone."""
+    parser.add_argument("--weights", help="backbone weights: hub .pth, .safetensors, Hugging Face directory, full "
+                                          "export, or a run / checkpoint directory (finished or not)")
+    parser.add_argument("--model", help="a named backbone at random init when no --weights, e.g. dinov2_vits14")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the backbone runs (default: the GPU when torch sees one, else the CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -396,8 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a backbone")
     esub = e.add_subparsers(dest="eval_command", required=True)
     k = esub.add_parser("knn", help="weighted k-NN accuracy of CLS features (T=0.07)")
-    k.add_argument("--weights", help="backbone weights: .pth, .safetensors, HF directory, or a run directory")
-    k.add_argument("--model", help="a named backbone (random init) when no --weights, e.g. dinov2_vits14")
+    _add_backbone_arguments(k)
     k.add_argument("--train", help="labelled ImageFolder of training images")
     k.add_argument("--val", help="labelled ImageFolder of validation images")
     k.add_argument("--tiny", action="store_true", help="use the built-in tiny dataset's train/val split")
@@ -406,8 +492,6 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--image-size", type=int,
                    help="centre-crop side in pixels; the shorter side is first resized bicubically to "
                         "round(size*256/224) (the DINO protocol: 256 -> 224). Default 224, or 32 with --tiny")
-    k.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="where features are computed (default: the GPU when torch sees one, else the CPU)")
     k.add_argument("--batch-size", type=int, default=64)
     k.add_argument("--baseline-random", action="store_true", help="also evaluate the same architecture at random init")
     k.add_argument("--seed", type=int, default=0, help="seed of the random-init baseline")
@@ -417,8 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lin = esub.add_parser("linear", help="linear probes on frozen features (official DINOv2 sweep, cached features); "
                                          "exports the best head as a transformers classifier")
-    lin.add_argument("--weights", help="backbone weights: .pth, .safetensors, HF directory, full export, or a run directory")
-    lin.add_argument("--model", help="a named backbone (random init) when no --weights, e.g. dinov2_vits14")
+    _add_backbone_arguments(lin)
     lin.add_argument("--train", help="labelled ImageFolder of training images")
     lin.add_argument("--val", help="labelled ImageFolder of validation images")
     lin.add_argument("--tiny", action="store_true", help="use the built-in tiny dataset's train/val split")
@@ -432,7 +515,6 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("--iterations", type=int, default=12500, help="SGD steps (official: 12500)")
     lin.add_argument("--train-batch-size", type=int, default=256, help="batch of cached features per step")
     lin.add_argument("--batch-size", type=int, default=64, help="images per forward when computing features")
-    lin.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     lin.add_argument("--seed", type=int, default=0)
     lin.add_argument("--threads", type=int, help="torch CPU threads")
     lin.add_argument("--output", help="write all accuracies and the best head as JSON here")
@@ -459,13 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("embed", help="embed images and folders with a backbone (CLS token after the final norm)")
     m.add_argument("images", nargs="+", help="image files and folders (searched recursively)")
-    m.add_argument("--weights", help="backbone weights (any supported format) or a run directory")
-    m.add_argument("--model", default=None, help="named backbone at random init when no --weights")
+    _add_backbone_arguments(m)
     m.add_argument("--image-size", type=int,
                    help="centre-crop side in pixels after a bicubic resize of the shorter side to "
                         "round(size*256/224) (default 224: resize 256, crop 224, the DINO protocol)")
-    m.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="default: the GPU when torch sees one, else the CPU")
     m.add_argument("--output", help="a directory (embeddings.npy, paths.txt, ...: resumable; needed for folders), "
                                     "or a .json file ([{image, image_features}], for a few images)")
     m.add_argument("--batch-size", type=int, default=64, help="images per forward")
@@ -478,6 +557,42 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "that has other settings")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.set_defaults(func=cmd_embed)
+
+    v = sub.add_parser("visualize", help="PCA of patch features (DINOv2 figure) and CLS attention per head (DINO "
+                                         "figure) of a few images, as PNG")
+    v.add_argument("images", nargs="+", help="image files or folders (at most --max-images images)")
+    _add_backbone_arguments(v)
+    v.add_argument("--image-size", type=int, help="centre-crop side after a bicubic resize to round(size*256/224) "
+                                                  "(default 224); cropped down to whole patches")
+    v.add_argument("--kind", choices=["pca", "attention", "both"], default="both")
+    v.add_argument("--threshold", type=float, default=0.5,
+                   help="foreground: first principal component (scaled to [0, 1]) above this")
+    v.add_argument("--output", default="visualizations", help="folder for pca.png and attention.png")
+    v.add_argument("--max-images", type=int, default=8)
+    v.set_defaults(func=cmd_visualize)
+
+    pl = sub.add_parser("plot", help="training curves of a run (losses, lr/wd/momentum/teacher temperature, images/s)")
+    pl.add_argument("run", help="a run directory (or its metrics.jsonl)")
+    pl.add_argument("--output", help="folder for the PNG files (default RUN/plots)")
+    pl.set_defaults(func=cmd_plot)
+
+    sv = sub.add_parser("serve", help="HTTP embeddings endpoint in the managed online-endpoint format "
+                                      "(POST /score, GET /health, /docs)")
+    _add_backbone_arguments(sv)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch-size", type=int, default=32, help="images per forward, across concurrent requests "
+                                                                   "(1: no batching)")
+    sv.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits for more images")
+    sv.add_argument("--allow-private-urls", action="store_true",
+                    help="let image URLs reach loopback, private, link-local and metadata addresses")
+    sv.add_argument("--image-size", type=int, help="centre crop after a bicubic resize (default 224, as embed)")
+    sv.add_argument("--max-images-per-request", type=int, default=64)
+    sv.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
+    sv.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024)
+    sv.add_argument("--max-image-pixels", type=int, default=40_000_000)
+    sv.add_argument("--url-timeout-s", type=float, default=10.0)
+    sv.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("tiny-dataset", help="write the built-in tiny dataset (train/val ImageFolders) and print its path")
     d.add_argument("--root", help="where to write it (default $DINOTRAIN_DATA or ~/.cache/dinotrain/tiny)")

@@ -1,0 +1,1 @@
+"""The embeddings HTTP endpoint: request format and batching (app.py), safe image fetching (fetch.py)."""

@@ -1,0 +1,1 @@
+"""Pictures: PCA of patch features and CLS attention maps (features.py), PNG figures and training curves (render.py)."""
