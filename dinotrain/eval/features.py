@@ -106,13 +106,20 @@ def shared_label_space(train_root: str | os.PathLike, val_root: str | os.PathLik
     return classes
 
 
+def _call(model, images):
+    return model(images)
+
+
 @torch.inference_mode()
 def extract_features(model: torch.nn.Module, root: str | os.PathLike, image_size: int, batch_size: int = 64,
                      num_workers: int = 0, device: torch.device | None = None,
                      classes: Optional[Sequence[str]] = None,
                      index_cache_dir: Optional[str | os.PathLike] = None,
-                     resize_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     resize_size: Optional[int] = None, forward=None) -> tuple:
     """(features (N, D) float32, labels (N,)) for the images under `root`, resized and center-cropped.
+
+    `forward(model, images)` picks what is kept of each batch (default: `model(images)`, the CLS features); when
+    it returns a tuple of tensors, the features are that tuple, each concatenated over the batches.
 
     `image_size` is the centre-crop side; the shorter side is first resized (bicubic) to `resize_size`,
     by default :func:`protocol_resize` of it (224 -> 256, the DINO protocol). Runs on `device`, by
@@ -137,10 +144,12 @@ def extract_features(model: torch.nn.Module, root: str | os.PathLike, image_size
         if batch is None:
             continue
         images, y = batch
-        feats.append(model(images.to(device, non_blocking=True)).float().cpu())
+        out = (forward or _call)(model, images.to(device, non_blocking=True))
+        feats.append(tuple(o.float().cpu() for o in out) if isinstance(out, tuple) else out.float().cpu())
         labels.append(y if to_label_space is None else to_label_space[y])
     if not feats:
         raise ValueError(f"no readable images under {root}")
-    out = torch.cat(feats), torch.cat(labels)
+    joined = tuple(map(torch.cat, zip(*feats))) if isinstance(feats[0], tuple) else torch.cat(feats)
+    out = joined, torch.cat(labels)
     log.info("features of %d images from %s in %.1f s", len(out[0]), root, time.perf_counter() - start)
     return out

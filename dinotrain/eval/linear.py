@@ -22,11 +22,8 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from dinotrain.data.augmentations import make_eval_transform
-from dinotrain.data.datasets import ImageFolderDataset
-from dinotrain.eval.features import _collate_skip_unreadable, label_map
+from dinotrain.eval.features import extract_features
 
 log = logging.getLogger("dinotrain.eval")
 
@@ -67,33 +64,20 @@ def head_configs(n_last_blocks: Sequence[int], avgpool: Sequence[bool], depth: i
     return [HeadConfig(n, a) for n in sorted(set(n_last_blocks)) for a in sorted(set(avgpool))]
 
 
-@torch.inference_mode()
 def extract_linear_features(model, root: str | os.PathLike, crop_size: int, resize_size: int, n_blocks: int,
                             batch_size: int = 64, num_workers: int = 0, classes: Optional[Sequence[str]] = None,
                             device: torch.device | None = None) -> LinearFeatures:
     """Class tokens of the last `n_blocks` blocks and the mean patch token of each image (eval transform)."""
-    device = device or next(model.parameters()).device
-    dataset = ImageFolderDataset(root, transform=make_eval_transform(resize_size=resize_size, crop_size=crop_size))
-    to_label_space = torch.from_numpy(label_map(dataset.classes, classes, root)) if classes is not None else None
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_skip_unreadable)
-    model.eval()
-    cls, means, labels = [], [], []
-    start = time.perf_counter()
-    for batch in loader:
-        if batch is None:
-            continue
-        images, y = batch
-        outputs = model.get_intermediate_layers(images.to(device), n=n_blocks, return_class_token=True, norm=True)
-        cls.append(torch.stack([c for _, c in outputs], dim=1).float().cpu())
-        means.append(outputs[-1][0].mean(dim=1).float().cpu())
-        labels.append(y if to_label_space is None else to_label_space[y])
-    if not cls:
-        raise ValueError(f"no readable images under {root}")
-    feats = LinearFeatures(torch.cat(cls), torch.cat(means), torch.cat(labels))
-    if feats.labels.min() < 0:
+
+    def tokens(net, images):
+        outputs = net.get_intermediate_layers(images, n=n_blocks, return_class_token=True, norm=True)
+        return torch.stack([c for _, c in outputs], dim=1), outputs[-1][0].mean(dim=1)
+
+    (cls, means), labels = extract_features(model, root, crop_size, batch_size, num_workers, device, classes,
+                                            resize_size=resize_size, forward=tokens)
+    if labels.min() < 0:
         raise ValueError(f"linear evaluation needs labelled images (class subfolders) in {root}")
-    log.info("linear-probe features of %d images from %s in %.1f s", len(feats.labels), root, time.perf_counter() - start)
-    return feats
+    return LinearFeatures(cls, means, labels)
 
 
 @dataclass
@@ -127,7 +111,8 @@ def batch_indices(n: int, batch_size: int, iterations: int, gen: torch.Generator
         cursor += size
 
 
-def train_heads(train: LinearFeatures, n_classes: int, configs: Sequence[HeadConfig], lrs: Sequence[float] = OFFICIAL_LRS,
+def train_heads(train: LinearFeatures, n_classes: int, configs: Sequence[HeadConfig],
+                lrs: Sequence[float] = OFFICIAL_LRS,
                 iterations: int = OFFICIAL_ITERATIONS, batch_size: int = OFFICIAL_BATCH, seed: int = 0,
                 device: torch.device | str = "cpu") -> list[TrainedHeads]:
     """Train one head per (config, lr), all at once on the same batches (the official sweep, on cached features).

@@ -326,18 +326,17 @@ def save_hf(state_dict: dict[str, Tensor], spec: ViTSpec, dst: str | Path) -> Pa
     return dst
 
 
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-
-
 def write_preprocessor_config(dst: Path, resize_size: int = 256, crop_size: int = 224) -> None:
     """`preprocessor_config.json` of the DINO evaluation transform (bicubic resize of the shorter side, centre
     crop, ImageNet mean/std; what the facebook/dinov2-* repositories ship), so `AutoImageProcessor` loads."""
+    from dinotrain.data.augmentations import IMAGENET_MEAN, IMAGENET_STD  # the transform our own evaluation uses
+
     (Path(dst) / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "BitImageProcessor", "do_convert_rgb": True,
         "do_resize": True, "size": {"shortest_edge": resize_size}, "resample": 3,  # bicubic
         "do_center_crop": True, "crop_size": {"height": crop_size, "width": crop_size},
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD,
+        "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD),
     }, indent=2) + "\n")
 
 

@@ -63,26 +63,27 @@ class UrlPolicy:
         return self.allow_private or not address_is_internal(ip)
 
 
-class _Pinned:
-    """An HTTP(S) connection to one checked address, with the URL's host name for `Host` and TLS."""
+class _PinnedHTTP(http.client.HTTPConnection):
+    """An HTTP connection to one checked address; the URL's host name only goes into `Host`."""
 
-    @staticmethod
-    def open(scheme: str, host: str, port: int, ip: str, timeout: float) -> http.client.HTTPConnection:
-        if scheme == "https":
-            context = ssl.create_default_context()
+    def __init__(self, host: str, port: int, ip: str, timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self.ip = ip
 
-            class Conn(http.client.HTTPSConnection):
-                def connect(self):
-                    sock = socket.create_connection((ip, self.port), self.timeout)
-                    self.sock = context.wrap_socket(sock, server_hostname=host)
+    def connect(self):
+        self.sock = socket.create_connection((self.ip, self.port), self.timeout)
 
-            return Conn(host, port, timeout=timeout, context=context)
 
-        class PlainConn(http.client.HTTPConnection):
-            def connect(self):
-                self.sock = socket.create_connection((ip, self.port), self.timeout)
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    """As `_PinnedHTTP`, with TLS verified against the URL's host name."""
 
-        return PlainConn(host, port, timeout=timeout)
+    def __init__(self, host: str, port: int, ip: str, timeout: float):
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self.ip = ip
+
+    def connect(self):
+        sock = socket.create_connection((self.ip, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
 def fetch_url(url: str, policy: UrlPolicy) -> bytes:
@@ -108,7 +109,7 @@ def fetch_url(url: str, policy: UrlPolicy) -> bytes:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise BadImageInput(f"fetching {url[:200]} timed out after {policy.timeout_s:g} s", 408)
-        conn = _Pinned.open(parts.scheme, parts.hostname, port, addresses[0], remaining)
+        conn = (_PinnedHTTPS if parts.scheme == "https" else _PinnedHTTP)(parts.hostname, port, addresses[0], remaining)
         try:
             path = parts.path or "/"
             conn.request("GET", path + (f"?{parts.query}" if parts.query else ""),

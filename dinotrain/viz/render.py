@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+
+from dinotrain.train.rundir import read_metrics
 
 
 def _pyplot():
@@ -49,7 +50,8 @@ def save_pca_figure(images: Sequence[np.ndarray], names: Sequence[str], maps, pa
     return path
 
 
-def save_attention_figure(images: Sequence[np.ndarray], names: Sequence[str], attention: torch.Tensor, path: Path) -> Path:
+def save_attention_figure(images: Sequence[np.ndarray], names: Sequence[str], attention: torch.Tensor,
+                          path: Path) -> Path:
     """One row per image: the image, then the CLS token's attention of each head of the last block."""
     plt = _pyplot()
     heads = attention.shape[1]
@@ -75,22 +77,10 @@ CURVES = {
 }
 
 
-def read_metrics(path: Path) -> list[dict]:
-    records = []
-    for line in Path(path).read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a half-written last line of a killed run
-        if isinstance(record, dict) and "iteration" in record:
-            records.append(record)
-    return records
-
-
 def save_curves(metrics_path: Path, out_dir: Path) -> list[Path]:
     """losses.png, schedules.png, throughput.png from a run's metrics.jsonl (distillation: one line per student)."""
     plt = _pyplot()
-    records = read_metrics(metrics_path)
+    records, _ = read_metrics(metrics_path)  # a half-written last line of a killed run is skipped
     if not records:
         raise ValueError(f"{metrics_path} has no metrics yet (one line per logged iteration)")
     out_dir.mkdir(parents=True, exist_ok=True)
