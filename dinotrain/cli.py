@@ -193,12 +193,19 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
     if args.baseline_random:
         torch.manual_seed(args.seed)
         candidates["random_init"] = vit_from_spec(model.spec)
+    if args.baseline_pixels:
+        from dinotrain.eval.pixels import PixelFeatures
+
+        candidates["raw_pixels"] = PixelFeatures()
+        candidates["raw_pixels_centered"] = PixelFeatures(centered=True)
     logging.getLogger("dinotrain.eval").info("k-NN on %s: resize %d bicubic, centre crop %d", device, resize, crop)
     results = {}
     for name, net in candidates.items():
         net = net.to(device)
-        tr_f, tr_y = extract_features(net, train_root, crop, args.batch_size, classes=classes, resize_size=resize)
-        va_f, va_y = extract_features(net, val_root, crop, args.batch_size, classes=classes, resize_size=resize)
+        tr_f, tr_y = extract_features(net, train_root, crop, args.batch_size, device=device, classes=classes,
+                                      resize_size=resize)
+        va_f, va_y = extract_features(net, val_root, crop, args.batch_size, device=device, classes=classes,
+                                      resize_size=resize)
         results[name] = knn_accuracy(tr_f, tr_y, va_f, va_y, ks=args.k, temperature=args.temperature)
     for name, accs in results.items():
         print(f"k-NN top-1 ({name}): " + "  ".join(f"k={k}: {acc:.2f}%" for k, acc in accs.items()))
@@ -494,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "round(size*256/224) (the DINO protocol: 256 -> 224). Default 224, or 32 with --tiny")
     k.add_argument("--batch-size", type=int, default=64)
     k.add_argument("--baseline-random", action="store_true", help="also evaluate the same architecture at random init")
+    k.add_argument("--baseline-pixels", action="store_true",
+                   help="also evaluate raw pixels of the same view (RGB vectors, and with each image's mean removed): "
+                        "the reference a backbone must beat on small datasets")
     k.add_argument("--seed", type=int, default=0, help="seed of the random-init baseline")
     k.add_argument("--threads", type=int, help="torch CPU threads")
     k.add_argument("--output", help="write the accuracies as JSON here")

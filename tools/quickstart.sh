@@ -15,8 +15,8 @@ step "export of the teacher"
 $DT export "$RUN" "$RUN/export/teacher.pth" --to hub --force
 $DT export "$RUN" "$RUN/export/hf" --to hf --force
 $DT export "$RUN" "$RUN/export/full.safetensors" --to full --force
-step "k-NN evaluation (trained teacher vs the same architecture at random init)"
-$DT eval knn --weights "$RUN" --tiny --baseline-random --output "$RUN/eval/knn.json"
+step "k-NN evaluation (trained teacher vs the same architecture at random init vs raw pixels)"
+$DT eval knn --weights "$RUN" --tiny --baseline-random --baseline-pixels --output "$RUN/eval/knn.json"
 step "linear evaluation (official sweep on cached features), best head as a transformers classifier"
 $DT eval linear --weights "$RUN/export/hf" --tiny --output "$RUN/eval/linear.json" \
     --export-hf "$RUN/export/classifier" --force

@@ -59,7 +59,7 @@ def test_cli_eval_knn_scores_100_percent(folders, monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "_backbone_from_args", lambda weights, model, seed=0: MeanColour())
     out = tmp_path / "knn.json"
     args = argparse.Namespace(train=str(train), val=str(val), tiny=False, threads=None, weights=None, model="x",
-                              image_size=16, baseline_random=False, seed=0, batch_size=4, k=[1, 3],
+                              image_size=16, baseline_random=False, baseline_pixels=False, seed=0, batch_size=4, k=[1, 3],
                               temperature=0.07, output=str(out))
     assert cli.cmd_eval_knn(args) == 0
     assert out.read_text().count("100.0") == 2
