@@ -105,7 +105,8 @@ class _FakeNet:
 def test_cmd_eval_knn_sizes_and_device(monkeypatch, tmp_path, cuda, tiny, image_size, expected):
     net, calls = _FakeNet(), []
 
-    def fake_extract(model, root, crop, batch_size, classes=None, resize_size=None):
+    def fake_extract(model, root, crop, batch_size, device=None, classes=None, resize_size=None):
+        assert device == model.devices[-1]  # features computed where the model is
         calls.append((model.devices[-1], resize_size, crop))
         return torch.eye(2), torch.arange(2)
 
