@@ -156,13 +156,13 @@ def _eval_data(args: argparse.Namespace):
 
     from dinotrain.eval.features import eval_sizes, pick_eval_device, shared_label_space
 
-    resize, crop = eval_sizes(args.image_size, tiny=args.tiny)
+    resize, crop = eval_sizes(args.image_size, tiny=bool(args.tiny))
     device = pick_eval_device(getattr(args, "device", "auto"))
     train_root, val_root = args.train, args.val
     if args.tiny:
         from dinotrain.data.tiny import ensure_tiny_dataset
 
-        root = ensure_tiny_dataset()
+        root = ensure_tiny_dataset(kind=args.tiny if isinstance(args.tiny, str) else "digits")
         train_root, val_root = str(root / "train"), str(root / "val")
     if not train_root or not val_root:
         raise ValueError("give --train DIR and --val DIR (labelled ImageFolders), or --tiny for the built-in dataset")
@@ -421,7 +421,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_tiny_dataset(args: argparse.Namespace) -> int:
     from dinotrain.data.tiny import ensure_tiny_dataset
 
-    print(ensure_tiny_dataset(args.root))
+    print(ensure_tiny_dataset(args.root, kind=args.kind))
     return 0
 
 
@@ -493,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbone_arguments(k)
     k.add_argument("--train", help="labelled ImageFolder of training images")
     k.add_argument("--val", help="labelled ImageFolder of validation images")
-    k.add_argument("--tiny", action="store_true", help="use the built-in tiny dataset's train/val split")
+    k.add_argument("--tiny", nargs="?", const="digits", choices=("digits", "shapes"),
+                   help="use a built-in tiny dataset's train/val split (digits, or shapes)")
     k.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200])
     k.add_argument("--temperature", type=float, default=0.07)
     k.add_argument("--image-size", type=int,
@@ -514,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbone_arguments(lin)
     lin.add_argument("--train", help="labelled ImageFolder of training images")
     lin.add_argument("--val", help="labelled ImageFolder of validation images")
-    lin.add_argument("--tiny", action="store_true", help="use the built-in tiny dataset's train/val split")
+    lin.add_argument("--tiny", nargs="?", const="digits", choices=("digits", "shapes"),
+                     help="use a built-in tiny dataset's train/val split (digits, or shapes)")
     lin.add_argument("--image-size", type=int, help="centre-crop side (as eval knn; default 224, or 32 with --tiny)")
     lin.add_argument("--n-last-blocks", type=int, nargs="+", default=[1, 4],
                      help="class tokens of the last N blocks (official: 1 and 4)")
@@ -605,7 +607,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("tiny-dataset", help="write the built-in tiny dataset (train/val ImageFolders) and print its path")
-    d.add_argument("--root", help="where to write it (default $DINOTRAIN_DATA or ~/.cache/dinotrain/tiny)")
+    d.add_argument("--root", help="where to write it (default $DINOTRAIN_DATA or ~/.cache/dinotrain, folder tiny or "
+                                  "tiny-shapes)")
+    d.add_argument("--kind", default="digits", choices=("digits", "shapes"),
+                   help="digits (the default, what `tiny` means everywhere) or shapes (the second built-in dataset)")
     d.set_defaults(func=cmd_tiny_dataset)
     return p
 

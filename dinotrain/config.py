@@ -171,7 +171,7 @@ _POSITIVE_INTS = ("train.batch_size_per_gpu", "train.OFFICIAL_EPOCH_LENGTH", "tr
 
 # What to say when a key whose default has a value is null (other keys: "give it a value").
 _REQUIRED_HINTS = {
-    "train.dataset_path": "set it to your ImageFolder directory (or `tiny` for the built-in dataset): "
+    "train.dataset_path": "set it to your ImageFolder directory (or `tiny` / `tiny-shapes` for a built-in dataset): "
                           "the full-scale recipes ship no dataset on purpose",
     "train.output_dir": "give --output-dir",
     "distillation.teacher": "set it to the teacher: a dinotrain run directory, a full export (.safetensors with heads) "
@@ -248,6 +248,13 @@ def _check_values(cfg: DictConfig) -> None:
     if not all(p is not None and 0 <= p <= 1 for p in blur_p):
         raise ConfigError("config key 'crops.blur_probabilities' must be 3 probabilities within [0, 1] (global view 1, "
                           f"global view 2, local views), e.g. [1.0, 0.1, 0.5] (paper) or [0.0, 0.9, 0.5] (official code); got {blur_p}")
+    jitter = list(get("crops.color_jitter"))
+    if len(jitter) != 4 or not all(v is not None and v >= 0 for v in jitter) or (jitter[3] or 0) > 0.5:
+        raise ConfigError("config key 'crops.color_jitter' must be [brightness, contrast, saturation, hue] strengths "
+                          f">= 0 with hue <= 0.5, e.g. [0.4, 0.4, 0.2, 0.1] (official); got {jitter}")
+    for key in ("crops.color_jitter_probability", "crops.grayscale_probability"):
+        if not 0 <= get(key) <= 1:
+            raise ConfigError(f"config key '{key}' must be a probability within [0, 1]; got {get(key)}")
     for key in ("train.max_iterations", "checkpoint.period_iterations"):
         if get(key) is not None and get(key) <= 0:
             raise ConfigError(f"config key '{key}' must be positive or null; got {get(key)}")

@@ -26,6 +26,7 @@ DEFAULT_BLUR_KERNEL = 9
 # (global view 1, global view 2, local views): probability that Gaussian blur is applied
 PAPER_BLUR_PROBABILITIES = (1.0, 0.1, 0.5)
 OFFICIAL_CODE_BLUR_PROBABILITIES = (0.0, 0.9, 0.5)  # what the released DINOv2 models were trained with
+OFFICIAL_COLOR_JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue (applied with p = 0.8)
 _BICUBIC = transforms.InterpolationMode.BICUBIC
 
 
@@ -83,13 +84,26 @@ def random_gaussian_blur(p: float, crop_size: int, kernel_size: Optional[int] = 
     return transforms.RandomApply([blur], p=p)
 
 
-def _colour_distortion() -> transforms.Compose:
+def _check_colour(color_jitter, jitter_probability, grayscale_probability) -> tuple[tuple, float, float]:
+    try:
+        jitter = tuple(float(v) for v in color_jitter)
+    except (TypeError, ValueError):
+        jitter = ()
+    if len(jitter) != 4 or not all(v >= 0 for v in jitter) or jitter[3] > 0.5:
+        raise ValueError("color_jitter must be [brightness, contrast, saturation, hue] strengths >= 0 (hue <= 0.5), "
+                         f"e.g. {list(OFFICIAL_COLOR_JITTER)} (official); got {color_jitter!r}")
+    for name, p in (("color_jitter_probability", jitter_probability), ("grayscale_probability", grayscale_probability)):
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+    return jitter, float(jitter_probability), float(grayscale_probability)
+
+
+def _colour_distortion(jitter=OFFICIAL_COLOR_JITTER, jitter_probability: float = 0.8,
+                       grayscale_probability: float = 0.2) -> transforms.Compose:
     return transforms.Compose(
         [
-            transforms.RandomApply(
-                [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8
-            ),
-            transforms.RandomGrayscale(p=0.2),
+            transforms.RandomApply([transforms.ColorJitter(*jitter)], p=jitter_probability),
+            transforms.RandomGrayscale(p=grayscale_probability),
         ]
     )
 
@@ -111,7 +125,9 @@ class DataAugmentationDINO:
     ``(3, global_crops_size, global_crops_size)``, local ones ``(3, local_crops_size, local_crops_size)``.
     Gaussian blur is applied with probabilities ``blur_probabilities`` = (global view 1, global
     view 2, local crops), by default the paper's (1.0, 0.1, 0.5) (see the module docstring for
-    the official code's (0.0, 0.9, 0.5)); view 2 alone is solarized, with p=0.2.
+    the official code's (0.0, 0.9, 0.5)); view 2 alone is solarized, with p=0.2. Every crop gets colour
+    jitter (`color_jitter` strengths, with probability `color_jitter_probability`) and then grayscale
+    (`grayscale_probability`), by default the official 0.4/0.4/0.2/0.1, 0.8 and 0.2.
     """
 
     def __init__(
@@ -125,6 +141,9 @@ class DataAugmentationDINO:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         blur_probabilities: Sequence[float] = PAPER_BLUR_PROBABILITIES,
+        color_jitter: Sequence[float] = OFFICIAL_COLOR_JITTER,
+        color_jitter_probability: float = 0.8,
+        grayscale_probability: float = 0.2,
     ):
         self.global_crops_scale = _check_scale("global_crops_scale", global_crops_scale)
         self.local_crops_scale = _check_scale("local_crops_scale", local_crops_scale)
@@ -142,7 +161,8 @@ class DataAugmentationDINO:
 
         self.geometric_global = _crop_and_flip(self.global_crops_size, self.global_crops_scale)
         self.geometric_local = _crop_and_flip(self.local_crops_size, self.local_crops_scale)
-        colour = _colour_distortion()
+        self.colour = _check_colour(color_jitter, color_jitter_probability, grayscale_probability)
+        colour = _colour_distortion(*self.colour)
         normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
         g_size = self.global_crops_size
         self.global_transform_1 = transforms.Compose(

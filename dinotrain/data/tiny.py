@@ -5,6 +5,9 @@ mean something) without any download. scikit-learn bundles 1797 8x8 handwritten 
 upsampled smoothly, placed at a random scale and position on a canvas, and painted with random
 foreground/background colours, so random crops, flips and colour jitter actually change the input.
 Everything is derived from `seed`, so the same parameters always give byte-identical files.
+
+`kind="shapes"` writes the second built-in dataset instead (:mod:`dinotrain.data.shapes`: ten vector
+shapes, painted the same way), so a recipe can be checked on data it was not tuned on.
 """
 
 from __future__ import annotations
@@ -27,28 +30,34 @@ _FORMAT_VERSION = 2  # 2: light digits on dark backgrounds with a mild tint
 _SCALE_RANGE = (0.6, 1.0)  # digit side as a fraction of the canvas side
 _TINT = 24.0  # per-channel colour offset (0-255): no more than colour jitter changes
 _SPLITS = ("train", "val")
+KINDS = ("digits", "shapes")
+_SHAPES_PER_CLASS = 180  # 1800 images, as many as the digits (1797)
+_SHAPES_VERSION = 1
 
 
-def default_tiny_root() -> Path:
-    """Cache folder of the tiny dataset: ``$DINOTRAIN_DATA/tiny`` or ``~/.cache/dinotrain/tiny``."""
+def default_tiny_root(kind: str = "digits") -> Path:
+    """Cache folder of a tiny dataset: ``$DINOTRAIN_DATA/tiny`` or ``~/.cache/dinotrain/tiny`` (``tiny-shapes``
+    for the shapes)."""
+    name = "tiny" if _check_kind(kind) == "digits" else f"tiny-{kind}"
     base = os.environ.get("DINOTRAIN_DATA")
     if base:
-        return Path(base).expanduser() / "tiny"
-    return Path.home() / ".cache" / "dinotrain" / "tiny"
+        return Path(base).expanduser() / name
+    return Path.home() / ".cache" / "dinotrain" / name
 
 
 def ensure_tiny_dataset(
-    root: Optional[str | os.PathLike] = None, image_size: int = 32, val_fraction: float = 0.2, seed: int = 0
+    root: Optional[str | os.PathLike] = None, image_size: int = 32, val_fraction: float = 0.2, seed: int = 0,
+    kind: str = "digits",
 ) -> Path:
     """The tiny dataset's root, generated first if not already there.
 
     Train on ``root / "train"`` and evaluate on ``root / "val"`` (the root itself holds both).
     """
-    return make_tiny_dataset(default_tiny_root() if root is None else root, image_size, val_fraction, seed)
+    return make_tiny_dataset(default_tiny_root(kind) if root is None else root, image_size, val_fraction, seed, kind)
 
 
 def make_tiny_dataset(
-    root: str | os.PathLike, image_size: int = 32, val_fraction: float = 0.2, seed: int = 0
+    root: str | os.PathLike, image_size: int = 32, val_fraction: float = 0.2, seed: int = 0, kind: str = "digits"
 ) -> Path:
     """Write ``root/{train,val}/<digit>/<index>.png`` (RGB, `image_size` square) and return `root`.
 
@@ -56,7 +65,7 @@ def make_tiny_dataset(
     rewrite it. The marker file is written last, so an interrupted generation is never taken for a
     complete one. A file lock makes concurrent callers (several ranks on one node) safe.
     """
-    params = _validated_params(image_size, val_fraction, seed)
+    params = _validated_params(image_size, val_fraction, seed, kind)
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root):
@@ -68,13 +77,22 @@ def make_tiny_dataset(
     return root
 
 
-def _validated_params(image_size: int, val_fraction: float, seed: int) -> dict:
+def _check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"tiny dataset kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    return kind
+
+
+def _validated_params(image_size: int, val_fraction: float, seed: int, kind: str = "digits") -> dict:
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
         raise ValueError(f"image_size must be an integer >= 8 (the digits are 8x8), got {image_size!r}")
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be a number strictly between 0 and 1, got {val_fraction!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if _check_kind(kind) == "shapes":
+        return {"version": _SHAPES_VERSION, "source": "dinotrain.data.shapes", "image_size": image_size,
+                "val_fraction": float(val_fraction), "seed": seed}
     return {
         "version": _FORMAT_VERSION,
         "source": "sklearn.datasets.load_digits",
@@ -179,12 +197,25 @@ def _render(digit: np.ndarray, size: int, rng: np.random.Generator) -> Image.Ima
 
 
 def _generate(root: Path, params: dict) -> dict:
-    """Render every digit into a hidden build folder, then move `train/` and `val/` into place."""
-    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
-
-    digits = load_digits()
-    images, labels = digits.images, digits.target
+    """Render every image into a hidden build folder, then move `train/` and `val/` into place."""
     seed = params["seed"]
+    if params["source"] == "dinotrain.data.shapes":
+        from dinotrain.data.shapes import CLASSES, render_shape
+
+        labels = np.repeat(np.arange(len(CLASSES)), _SHAPES_PER_CLASS)
+        images = labels
+
+        def render(label, size, rng):
+            fg, bg = _colours(rng)
+            return render_shape(int(label), size, rng, fg, bg)
+
+        folder_name = CLASSES.__getitem__
+    else:
+        from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+        digits = load_digits()
+        images, labels = digits.images, digits.target
+        render, folder_name = _render, str
     is_val = _split_indices(labels, params["val_fraction"], np.random.default_rng([seed, 0]))
     render_rng = np.random.default_rng([seed, 1])
     build = Path(tempfile.mkdtemp(prefix=_BUILD_PREFIX, dir=root))
@@ -192,9 +223,9 @@ def _generate(root: Path, params: dict) -> dict:
         counts = {split: 0 for split in _SPLITS}
         for index, (digit, label, val) in enumerate(zip(images, labels, is_val)):
             split = "val" if val else "train"
-            folder = build / split / str(int(label))
+            folder = build / split / folder_name(int(label))
             folder.mkdir(parents=True, exist_ok=True)
-            _render(digit, params["image_size"], render_rng).save(folder / f"{index:04d}.png")
+            render(digit, params["image_size"], render_rng).save(folder / f"{index:04d}.png")
             counts[split] += 1
         for split in _SPLITS:
             os.replace(build / split, root / split)

@@ -122,9 +122,11 @@ class GlobalMaskCollator:
 
 
 def resolve_dataset_root(cfg: DictConfig) -> Path:
-    """`train.dataset_path`, or the built-in tiny dataset's train split for `tiny`."""
+    """`train.dataset_path`, or a built-in tiny dataset's train split for `tiny` (digits) and `tiny-shapes`."""
     if cfg.train.dataset_path == "tiny":
         return ensure_tiny_dataset() / "train"
+    if cfg.train.dataset_path == "tiny-shapes":
+        return ensure_tiny_dataset(kind="shapes") / "train"
     return Path(cfg.train.dataset_path).expanduser()
 
 
@@ -134,6 +136,8 @@ def build_train_dataset(cfg: DictConfig, index_cache_dir: str | Path | None = No
         tuple(cfg.crops.global_crops_scale), tuple(cfg.crops.local_crops_scale), cfg.crops.local_crops_number,
         global_crops_size=cfg.crops.global_crops_size, local_crops_size=cfg.crops.local_crops_size,
         blur_kernel_size=cfg.crops.blur_kernel_size, blur_probabilities=tuple(cfg.crops.blur_probabilities),
+        color_jitter=tuple(cfg.crops.color_jitter), color_jitter_probability=cfg.crops.color_jitter_probability,
+        grayscale_probability=cfg.crops.grayscale_probability,
     )
     return ImageFolderDataset(resolve_dataset_root(cfg), transform=aug, index_cache_dir=index_cache_dir)
 

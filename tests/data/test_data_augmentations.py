@@ -89,6 +89,11 @@ def test_deterministic_under_torch_seed_and_picklable():
         ({"global_crops_size": 0}, "global_crops_size"),
         ({"local_crops_size": 9.5}, "local_crops_size"),
         ({"blur_kernel_size": 4}, "blur_kernel_size"),
+        ({"color_jitter": (0.4, 0.4, 0.2)}, "color_jitter"),
+        ({"color_jitter": (0.4, -0.1, 0.2, 0.1)}, "color_jitter"),
+        ({"color_jitter": (0.4, 0.4, 0.2, 0.6)}, "color_jitter"),
+        ({"color_jitter_probability": 1.5}, "color_jitter_probability"),
+        ({"grayscale_probability": -0.1}, "grayscale_probability"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
@@ -178,3 +183,22 @@ def test_recipes_choose_blur_probabilities_and_config_validates_them(monkeypatch
     augment = batches.build_train_dataset(load_config("train/vitl14", data))
     assert augment.blur_probabilities == OFFICIAL_CODE_BLUR_PROBABILITIES
     assert augment.global_transform_1.transforms[1].p == 0.0 and augment.global_transform_2.transforms[1].p == 0.9
+
+
+def test_colour_settings_reach_every_view_and_grayscale_one_makes_every_crop_grey():
+    augment = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 2, global_crops_size=16, local_crops_size=8,
+                                   color_jitter=(0.8, 0.8, 0.8, 0.2), color_jitter_probability=1.0,
+                                   grayscale_probability=1.0)
+    for view in (augment.global_transform_1, augment.global_transform_2, augment.local_transform):
+        jitter_apply, grey = view.transforms[0].transforms
+        jitter = jitter_apply.transforms[0]
+        assert jitter_apply.p == 1.0 and grey.p == 1.0
+        ranges = [v for r in (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) for v in r]
+        assert ranges == pytest.approx([0.2, 1.8, 0.2, 1.8, 0.2, 1.8, -0.2, 0.2])
+    rgb = Image.fromarray((torch.rand(24, 24, 3) * 255).to(torch.uint8).numpy())
+    out = augment(rgb)
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    for crop in out["global_crops"] + out["local_crops"]:
+        pixels = crop * std + mean  # back to [0, 1] RGB: the three channels are equal
+        assert torch.allclose(pixels[0], pixels[1], atol=1e-5) and torch.allclose(pixels[1], pixels[2], atol=1e-5)

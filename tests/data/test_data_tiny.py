@@ -126,3 +126,53 @@ def test_default_location_honours_env(monkeypatch, tmp_path):
     assert default_tiny_root() == tmp_path / "tiny"
     monkeypatch.delenv("DINOTRAIN_DATA")
     assert default_tiny_root().parts[-3:] == (".cache", "dinotrain", "tiny")
+
+
+def test_shapes_dataset_layout_determinism_and_kind_kept_apart(tmp_path, monkeypatch):
+    from dinotrain.data.shapes import CLASSES
+
+    monkeypatch.setenv("DINOTRAIN_DATA", str(tmp_path / "cache"))
+    assert default_tiny_root("shapes") == tmp_path / "cache" / "tiny-shapes"
+    assert default_tiny_root() == tmp_path / "cache" / "tiny"
+    root = make_tiny_dataset(tmp_path / "a", kind="shapes")
+    train, val = ImageFolderDataset(root / "train"), ImageFolderDataset(root / "val")
+    assert train.classes == val.classes == sorted(CLASSES)
+    assert len(train) + len(val) == 1800 and np.all(np.bincount(val.targets) == 36)
+    again = make_tiny_dataset(tmp_path / "b", kind="shapes")
+    assert _png_bytes(root) == _png_bytes(again)  # same parameters, byte-identical files
+    with pytest.raises(ValueError, match="kind"):
+        make_tiny_dataset(tmp_path / "c", kind="letters")
+    # the digits and the shapes are different datasets: asking for the other kind rewrites the folder
+    digits = make_tiny_dataset(tmp_path / "a")
+    assert ImageFolderDataset(digits / "train").classes == [str(d) for d in range(10)]
+
+
+def test_each_shape_class_is_drawn_as_itself():
+    """Each class covers the area its geometry predicts (same random scale per seed for every class)."""
+    from dinotrain.data.shapes import CLASSES, shape_mask
+
+    coverage = {}
+    for label, name in enumerate(CLASSES):
+        masks = [shape_mask(label, 64, np.random.default_rng(seed)) for seed in range(8)]
+        assert all(m.shape == (64, 64) and 0 <= m.min() and m.max() <= 1 for m in masks)
+        coverage[name] = np.mean([m.mean() for m in masks])
+    # filled vs outlined (stroke = a quarter of the radius): circle 3.14 r^2 vs ring 1.37 r^2, square 2 r^2 vs 1.41 r^2
+    assert coverage["circle"] > 2 * coverage["ring"] and coverage["square"] > 1.3 * coverage["square_outline"]
+    # regular polygons in the same circle: circle 3.14 > hexagon 2.6 > square 2 > triangle 1.3 (x r^2)
+    assert coverage["circle"] > coverage["hexagon"] > coverage["square"] > coverage["triangle"]
+
+
+def test_dataset_path_tiny_shapes_and_cli_kinds(tmp_path, monkeypatch):
+    from dinotrain import cli
+    from dinotrain.config import load_config
+    from dinotrain.train.batches import resolve_dataset_root
+
+    monkeypatch.setenv("DINOTRAIN_DATA", str(tmp_path))
+    cfg = load_config("smoke/cpu_tiny", ["train.dataset_path=tiny-shapes"])
+    assert resolve_dataset_root(cfg) == tmp_path / "tiny-shapes" / "train"
+    assert (tmp_path / "tiny-shapes" / "train" / "star").is_dir()
+    parse = cli.build_parser().parse_args
+    assert parse(["eval", "knn", "--model", "x", "--tiny"]).tiny == "digits"
+    assert parse(["eval", "knn", "--model", "x", "--tiny", "shapes"]).tiny == "shapes"
+    assert parse(["eval", "linear", "--model", "x", "--tiny", "shapes"]).tiny == "shapes"
+    assert parse(["tiny-dataset", "--kind", "shapes"]).kind == "shapes"

@@ -1,6 +1,8 @@
-"""It learns: the README's smoke pretraining beats a random init on k-NN and the DINO loss goes down; a
-student distilled from it keeps >= 90 % of its k-NN, from its heads and from its backbone alone (warmed-up
-heads); continued pretraining from its backbone with warmed-up heads keeps the features.
+"""It learns: the README's smoke pretraining beats a random init on k-NN by a wide margin and the DINO loss goes
+down; a student distilled from it keeps >= 90 % of its k-NN, from its heads and from its backbone alone
+(warmed-up heads); continued pretraining from its backbone with warmed-up heads keeps the features.
+
+Raw pixels of the same view are reported beside it (they are still ahead on this data: docs/recipes.md).
 
 One smoke pretraining (~7 minutes on 2 cores) is shared by every test of this module.
 """
@@ -28,7 +30,7 @@ def _run(args):
 
 def _knn(weights, out, baseline=False) -> dict:
     _run(["eval", "knn", "--weights", str(weights), "--tiny", "--output", str(out),
-          *(["--baseline-random"] if baseline else [])])
+          *(["--baseline-random", "--baseline-pixels"] if baseline else [])])
     return json.loads(out.read_text())
 
 
@@ -42,13 +44,13 @@ def smoke(tmp_path_factory):
 
 def test_smoke_pretraining_learns(smoke):
     run, accs = smoke
-    trained, random_init = accs["model"]["20"], accs["random_init"]["20"]
-    print(f"k-NN k=20: trained {trained:.2f}%, random init {random_init:.2f}%")
-    assert trained >= random_init + 5.0
+    trained, random_init, pixels = accs["model"]["20"], accs["random_init"]["20"], accs["raw_pixels"]["20"]
+    print(f"k-NN k=20: trained {trained:.2f}%, random init {random_init:.2f}%, raw pixels {pixels:.2f}%")
+    assert trained >= random_init + 25.0  # the recipe's 47.6 % vs 12.5 % (the recipe before grey crops: 36.8 %)
 
     records = metrics(run)
     dino = [r["dino_global_crops_loss"] + r["dino_local_crops_loss"] for r in records]
-    assert statistics.mean(dino[-4:]) < statistics.mean(dino[:4]), "the DINO loss did not go down"
+    assert statistics.mean(dino[-4:]) < 0.98 * statistics.mean(dino[:4]), "the DINO loss did not go down"
 
 
 @pytest.mark.parametrize("source", ["run", "backbone"], ids=["teacher-with-heads", "backbone-only-warmed-up-heads"])

@@ -117,7 +117,7 @@ def test_cmd_eval_knn_sizes_and_device(monkeypatch, tmp_path, cuda, tiny, image_
     if tiny:
         import dinotrain.data.tiny as tiny_mod
 
-        monkeypatch.setattr(tiny_mod, "ensure_tiny_dataset", lambda: tmp_path)
+        monkeypatch.setattr(tiny_mod, "ensure_tiny_dataset", lambda kind="digits": tmp_path)
     args = cli.build_parser().parse_args(
         ["eval", "knn", "--model", "x", "--k", "1", *(["--tiny"] if tiny else ["--train", "t", "--val", "v"]),
          *(["--image-size", str(image_size)] if image_size else [])])
