@@ -35,6 +35,22 @@ def mask_targets(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mask_indices, (1.0 / per_image).expand_as(masks)[masks]
 
 
+def mask_counts(n_images: int, mask_ratio_tuple: Sequence[float], mask_probability: float, n_tokens: int,
+                rng: Rng) -> list[int]:
+    """Masked-patch count of each of `n_images` crops, the plan of :func:`draw_masks` without the masks.
+
+    The first ``int(n_images * mask_probability)`` crops get ratios spread evenly over `mask_ratio_tuple`
+    (one draw per equal-width bin), the others 0; the order is then shuffled. Cheap (no block masks), so
+    every rank can draw the plan of the whole global batch and make the masks of its own crops only.
+    """
+    n_masked = int(n_images * mask_probability)
+    probs = np.linspace(float(mask_ratio_tuple[0]), float(mask_ratio_tuple[1]), n_masked + 1)
+    counts = [int(n_tokens * rng_uniform(rng, probs[i], probs[i + 1])) for i in range(n_masked)]
+    counts += [0] * (n_images - n_masked)
+    rng_shuffle(rng, counts)
+    return counts
+
+
 def draw_masks(
     n_images: int,
     mask_ratio_tuple: Sequence[float],

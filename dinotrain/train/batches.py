@@ -12,12 +12,13 @@ import random
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dinotrain.data.augmentations import DataAugmentationDINO
-from dinotrain.data.collate import draw_masks, mask_targets, stack_views
+from dinotrain.data.collate import mask_counts, mask_targets, stack_views
 from dinotrain.data.datasets import ImageFolderDataset
 from dinotrain.data.masking import MaskingGenerator
 from dinotrain.data.samplers import InfiniteShardedSampler
@@ -86,10 +87,14 @@ class SeededSamples(Dataset):
 
 
 class GlobalMaskCollator:
-    """Collate this rank's samples; iBOT masks are drawn for the whole global batch, then sliced.
+    """Collate this rank's samples with iBOT masks that are a slice of the global batch's.
 
-    The global batch (all ranks, `global_batch` images, 2 global crops each) gets masks exactly as
-    the official per-batch recipe; crop (view v, image j) takes mask v * global_batch + j.
+    The global batch (all ranks, `global_batch` images, 2 global crops each) gets masks as the official
+    per-batch recipe: half of the 2 x global_batch crops (mask_sample_probability) get ratios spread evenly
+    over `mask_ratio_tuple`, the others none, in a random order. That plan (one patch count per crop) is
+    cheap and drawn whole from the batch's seed; the block masks themselves, the costly part, are drawn
+    only for this rank's crops, each from its own seed (batch, crop), so crop (view v, image j) gets the
+    same mask on any number of ranks while each rank does 1/world_size of the work.
     """
 
     def __init__(self, global_batch: int, n_tokens: int, grid: int, mask_ratio_tuple, mask_probability: float,
@@ -98,17 +103,21 @@ class GlobalMaskCollator:
         self.mask_ratio_tuple, self.mask_probability = tuple(mask_ratio_tuple), mask_probability
         self.mask_generator = MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid)  # as official train.py
 
+    def _mask(self, batch_start: int, crop: int, count: int) -> torch.Tensor:
+        rng = random.Random(_mix(self.seed, batch_start, 6, crop))
+        return torch.from_numpy(np.asarray(self.mask_generator(count, rng=rng), dtype=bool)).flatten()
+
     def __call__(self, items: list) -> dict:
         offsets = [p - self.origin for p, _, _ in items]
         step = offsets[0] // self.global_batch
         assert all(o // self.global_batch == step for o in offsets), "a batch must not straddle global batches"
         batch_start = self.origin + step * self.global_batch  # a global batch is named by its first sample
-        rng = random.Random(_mix(self.seed, batch_start, 4))
-        all_masks, _ = draw_masks(2 * self.global_batch, self.mask_ratio_tuple, self.mask_probability, self.n_tokens,
-                                  self.mask_generator, rng)
+        counts = mask_counts(2 * self.global_batch, self.mask_ratio_tuple, self.mask_probability, self.n_tokens,
+                             random.Random(_mix(self.seed, batch_start, 4)))
         slots = [(p - self.origin) % self.global_batch for p, _, _ in items]
         samples = [s for _, s, _ in items]
-        masks = torch.stack([all_masks[v * self.global_batch + j] for v in range(2) for j in slots])
+        crops = [v * self.global_batch + j for v in range(2) for j in slots]
+        masks = torch.stack([self._mask(batch_start, c, counts[c]) for c in crops])
         mask_indices, masks_weight = mask_targets(masks)
         return {
             "collated_global_crops": stack_views(samples, "global_crops"),

@@ -131,7 +131,8 @@ def warm_up_heads(cfg: DictConfig, backbone: dict, spec: ViTSpec, out: Path, env
         for _ in range(accum):
             batch = to_device(next(data), env.device)
             total, _terms = model.compute_losses(batch, sched["teacher_temp"])
-            if not finite_everywhere(total.detach()):  # heads that would be saved and reused: never NaN
+            # heads that would be saved and reused: never NaN (a sync per micro-batch; the warm-up is short)
+            if not finite_everywhere([torch.isfinite(total.detach())]).item():
                 raise TrainingDiverged(f"head warm-up diverged: the loss is {float(total)} at iteration {it}; lower "
                                        "optim.base_lr or train.head_warmup_iterations' lr warmup share")
             ((scaler.scale(total) if scaler else total) / accum).backward()

@@ -22,7 +22,7 @@ from dinotrain.config import save_config
 from dinotrain.distributed.checkpoint import (Checkpointer, CheckpointError, Parts, complete_checkpoints,
                                               full_state_dict, read_extra)
 from dinotrain.distributed.env import DistEnv, all_reduce_mean, init_distributed, all_ranks, main_first
-from dinotrain.distributed.fsdp import clip_grad_norm, compute_dtype
+from dinotrain.distributed.fsdp import clip_grad_norm, compute_dtype, set_gradient_sync, use_tf32
 from dinotrain.train.batches import (UnreadableDatasetError, build_train_dataset, build_train_loader, first_sample,
                                      seed_step, to_device)
 from dinotrain.train.resume import check_resume, config_changes, log_changes, record_history
@@ -43,11 +43,12 @@ def total_iterations(cfg: DictConfig) -> int:
     return min(full, cfg.train.max_iterations) if cfg.train.max_iterations else full
 
 
-def finite_everywhere(loss: torch.Tensor) -> bool:
-    flag = torch.tensor([1.0 if torch.isfinite(loss).item() else 0.0], device=loss.device)
+def finite_everywhere(flags: list[torch.Tensor]) -> torch.Tensor:
+    """1-element float tensor: 1 when every flag is true on every rank, else 0 (no host sync)."""
+    flag = torch.stack(flags).all().float().reshape(1)
     if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return flag
 
 
 def _format_eta(seconds: float) -> str:
@@ -108,6 +109,7 @@ class Trainer:
         self.schedules = build_schedules(cfg, scaled_lr(cfg, self.global_batch))
         self.max_iter = total_iterations(cfg)
         self.dtype = compute_dtype(cfg.compute_precision.dtype, self.env.device)
+        use_tf32(self.dtype, self.env.device, cfg.compute_precision.tf32)
         self.learners = self._build_learners(resuming=bool(self.candidates))
 
         # 3. Resume: the newest checkpoint that loads; if there are checkpoints and none loads, stop.
@@ -219,16 +221,21 @@ class Trainer:
             scheds[learner.prefix] = sched = learner.schedules.at(it)
             apply_schedules(learner.optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
             learner.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
-        finite = True
+        # Loss terms stay on the device until the end of the step: one host sync per step (the NaN guard and
+        # every logged value come back together), not one per term and micro-batch.
+        sums: dict[str, torch.Tensor] = {}
+        finite = []
         n_skipped = 0
         for micro, batch in enumerate(batches):
             n_skipped += batch["n_skipped"]
             batch = to_device(batch, self.env.device)
+            for learner in self.learners:  # gradients are reduced across ranks once, after the last micro-batch
+                set_gradient_sync(learner.model.student, micro == len(batches) - 1)
             for prefix, (total, terms) in self._forward_backward(batch, it, micro).items():
-                finite = finite and finite_everywhere(total.detach())
+                finite.append(torch.isfinite(total.detach()))
                 for k, v in {"backprop_loss": total, **terms}.items():
-                    sums[prefix + k] = sums.get(prefix + k, 0.0) + float(v.detach()) / self.accum
+                    sums[prefix + k] = sums.get(prefix + k, 0.0) + v.detach().float() / self.accum
+        finite, sums = self._to_host(finite, sums)
         for prefix in scheds:  # official convention: the displayed total is the sum of the displayed terms
             sums[prefix + "total_loss"] = sum(sums[prefix + k] for k in OFFICIAL_LOGGED_LOSSES if prefix + k in sums)
         if not finite:
@@ -240,6 +247,12 @@ class Trainer:
             out.update(self._optimizer_step(learner, scheds[learner.prefix]))
             out.update({learner.prefix + k: v for k, v in scheds[learner.prefix].items()})
         return {**out, "finite": 1.0, "n_skipped": n_skipped}
+
+    def _to_host(self, finite: list[torch.Tensor], sums: dict[str, torch.Tensor]) -> tuple[bool, dict[str, float]]:
+        """(finite on every rank, the logged sums as floats) with a single device-to-host copy."""
+        keys = list(sums)
+        values = torch.cat([finite_everywhere(finite), torch.stack([sums[k].reshape(()) for k in keys])]).tolist()
+        return bool(values[0]), dict(zip(keys, values[1:]))
 
     def _optimizer_step(self, learner: Learner, sched: dict[str, float]) -> dict[str, float]:
         """Unscale, clip each network on its own (official), step, EMA; returns what to log."""

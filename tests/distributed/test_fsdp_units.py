@@ -43,3 +43,43 @@ def test_clip_grad_norm_on_shards(process_group):
     assert float(norm) > 1.0
     after = torch.sqrt(sum(local(p.grad).pow(2).sum() for p in student.parameters() if p.grad is not None))
     assert float(after) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_gradient_sync_only_on_the_last_micro_batch_gives_the_accumulated_gradient(process_group):
+    """Accumulating with the reduce-scatter off until the last micro-batch = plain accumulation (fp32)."""
+    from torch import nn
+
+    from dinotrain.distributed.fsdp import set_gradient_sync
+
+    torch.manual_seed(0)
+    plain = build_vit("vit_tiny", patch_size=4, img_size=16, depth=2)
+    sharded = build_vit("vit_tiny", patch_size=4, img_size=16, depth=2)
+    sharded.load_state_dict(plain.state_dict())
+    nets = nn.ModuleDict({"backbone": shard_module(sharded, torch.float32)})
+    micro = [torch.randn(2, 3, 16, 16) for _ in range(3)]
+    for x in micro:
+        plain(x).square().mean().backward()
+    for i, x in enumerate(micro):
+        set_gradient_sync(nets, i == len(micro) - 1)
+        sharded(x).square().mean().backward()
+        if i < len(micro) - 1:  # nothing reduced yet: the sharded gradients are not written
+            assert all(p.grad is None for p in sharded.parameters())
+    set_gradient_sync(nets, True)
+    for (name, p), q in zip(plain.named_parameters(), sharded.parameters()):
+        torch.testing.assert_close(local(q.grad), p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_tf32_only_for_fp32_on_a_gpu():
+    from dinotrain.distributed.fsdp import use_tf32
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        assert not use_tf32(torch.float32, torch.device("cpu"))
+        assert not use_tf32(torch.bfloat16, torch.device("cuda"))
+        assert not use_tf32(torch.float32, torch.device("cuda"), enabled=False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert use_tf32(torch.float32, torch.device("cuda"))  # only sets the flags: no GPU needed
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -155,3 +155,43 @@ def test_center_size_mismatch_is_a_value_error():
         softmax_center(torch.randn(2, 4), torch.zeros(1, 5), 0.1)
     with pytest.raises(ValueError, match="prototypes"):
         ema_center_update(torch.zeros(1, 5), torch.randn(2, 4), 0.9)
+
+
+def _sinkhorn_out_of_place(t, temp, n_iterations=3):
+    """The allocate-per-op sequence the in-place implementation replaced (single process)."""
+    logits = t.float() / temp
+    q = torch.exp(logits - logits.max()).t()
+    b, k = torch.tensor(float(t.shape[0])), t.shape[1]
+    q = q / q.sum()
+    for _ in range(n_iterations):
+        q = q / q.sum(dim=1, keepdim=True) / k
+        q = q / q.sum(dim=0, keepdim=True) / b
+    return (q * b).t()
+
+
+class _LargeAllocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts op outputs of at least `numel` elements that are new storage (not views, not in-place results)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for o in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(o, torch.Tensor) and o.numel() >= self.numel and o.untyped_storage().data_ptr() not in inputs:
+                self.count += 1
+        return out
+
+
+def test_sinkhorn_in_place_is_bitwise_the_out_of_place_sequence_with_one_buffer():
+    t = torch.randn(64, 512)
+    before = t.clone()
+    with _LargeAllocations(t.numel()) as fast:
+        out = sinkhorn_knopp(t, 0.07)
+    with _LargeAllocations(t.numel()) as slow:
+        ref = _sinkhorn_out_of_place(t, 0.07)
+    assert torch.equal(out, ref)  # same arithmetic, op for op
+    assert torch.equal(t, before)  # the caller's logits are left alone
+    assert fast.count == 1 and slow.count >= 10, (fast.count, slow.count)

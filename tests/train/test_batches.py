@@ -51,3 +51,29 @@ def test_masks_weight_and_indices_are_consistent():
     assert torch.equal(b["mask_indices_list"], masks.flatten().nonzero().flatten())
     assert b["masks_weight"].sum().item() == pytest.approx(float(masks.any(1).sum()))
     assert b["collated_global_crops"].shape == (12, 3, 16, 16) and b["collated_local_crops"].shape == (12, 3, 8, 8)
+
+
+def _items(positions, size=8):
+    sample = ({"global_crops": [torch.zeros(3, size, size)] * 2, "local_crops": []}, 0)
+    return [(p, sample, 0) for p in positions]
+
+
+def test_each_rank_draws_only_its_own_masks_and_they_are_the_one_rank_masks(monkeypatch):
+    from dinotrain.train.batches import GlobalMaskCollator
+
+    def collator():
+        return GlobalMaskCollator(32, 16 * 16, 16, (0.1, 0.5), 0.5, seed=3, origin=0)
+
+    full = collator()(_items(range(32, 64)))["collated_masks"]  # global batch 1 (positions 32..63), one rank
+    calls = []
+    for rank in range(4):  # 4 ranks of 8 images: rank r holds positions 32 + r, 32 + r + 4, ...
+        part = collator()
+        real = part.mask_generator
+        part.mask_generator = lambda count, rng=None: calls.append(count) or real(count, rng=rng)
+        got = part(_items(range(32 + rank, 64, 4)))["collated_masks"]
+        for view in range(2):
+            assert torch.equal(got[view * 8:(view + 1) * 8], full[view * 32:(view + 1) * 32][rank::4])
+    assert len(calls) == 4 * 2 * 8  # every rank made the masks of its 16 crops only, not the 64 of the batch
+    counts = full.sum(1)
+    assert int((counts > 0).sum()) == 32  # official plan: half of the 2 x 32 crops masked ...
+    assert 0.1 * 256 <= counts[counts > 0].float().mean() <= 0.5 * 256  # ... at ratios within the range

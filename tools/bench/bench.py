@@ -1,0 +1,364 @@
+"""dinotrain's benchmark harness: named cases, each measured beside its peer in one run, a table printed last.
+
+    python tools/bench/bench.py --list
+    python tools/bench/bench.py                                   # CPU defaults: step-S, data, inference-S
+    python tools/bench/bench.py --cases step-S --batch 4 --steps 3 --json bench.json
+    python tools/bench/bench.py --cases step-L step-g inference-L distill --device cuda --dtype bf16 --batch 32
+
+Cases (ours vs the peer, timed interleaved in one process so machine noise hits both alike):
+  step-S|B|L|g   full SSL training step: student on 2 global + 8 local crops, EMA teacher, DINO + iBOT heads
+                 with the official prototype counts, DINO + iBOT + KoLeo, backward, clipping, AdamW, EMA.
+                 Peer: the same step built from lightly's losses and heads on a timm ViT (tools/bench/peer_lightly.py).
+                 g runs with FSDP2 + activation checkpointing (peer: timm gradient checkpointing).
+  distill        distillation step (frozen ViT teacher -> student), no peer (the official code ships none).
+  inference-S..  forward only, ours vs timm's ViT of the same shape.
+  data           decode + multi-crop + iBOT masks + collate on ImageNet-sized JPEGs, images/s per CPU core:
+                 ours vs the official-style PIL pipeline (tools/bench/data_pipeline.py).
+
+FLOPs are counted once per implementation with torch's FlopCounterMode under the math attention backend;
+MFU is achieved FLOP/s over this machine's matmul rate measured in the same run (fp32 on CPU, the run's dtype
+on CUDA); peak memory is reported on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parents[1]))  # run from a checkout without installing
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ARCHS = {"S": "vit_small", "B": "vit_base", "L": "vit_large", "g": "vit_giant2"}
+# Official prototype counts: ViT-S/B (ssl_default_config) 65,536 with the head shared by DINO and iBOT;
+# ViT-L/g (train/vitl14, train/vitg14) 131,072 with a separate iBOT head and a 384-d bottleneck.
+HEADS = {
+    "S": {"n_prototypes": 65536, "bottleneck": 256, "separate_ibot_head": False},
+    "B": {"n_prototypes": 65536, "bottleneck": 256, "separate_ibot_head": False},
+    "L": {"n_prototypes": 131072, "bottleneck": 384, "separate_ibot_head": True},
+    "g": {"n_prototypes": 131072, "bottleneck": 384, "separate_ibot_head": True},
+}
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from inference import cpu_name
+
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """Sustained GFLOP/s of a square matmul on `device` in `dtype` (the practical peak MFU is measured against)."""
+    n = 8192 if device.type == "cuda" else n
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def interleaved(runners: dict[str, Callable[[], object]], steps: int, warmup: int, device) -> dict[str, dict]:
+    """Median seconds per call and peak CUDA memory of each runner, alternating their order every round."""
+    names = list(runners)
+    peak = {}
+    for name in names:  # warm-up (and each one's peak memory, measured alone)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(warmup):
+            runners[name]()
+        sync(device)
+        peak[name] = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    times = {name: [] for name in names}
+    for i in range(steps):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            sync(device)
+            t = time.perf_counter()
+            runners[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: {"seconds": statistics.median(times[name]), "peak_gib": peak[name]} for name in names}
+
+
+# ---- full SSL step -------------------------------------------------------------------------------------
+def ssl_config(size: str, args):
+    from dinotrain.config import load_config
+
+    h = HEADS[size]
+    overrides = [
+        f"student.arch={ARCHS[size]}", "student.patch_size=14", "student.drop_path_rate=0.0",
+        "student.ffn_layer=" + ("swiglufused" if size == "g" else "mlp"),
+        "crops.global_crops_size=224", "crops.local_crops_size=98", "crops.local_crops_number=8",
+        f"dino.head_n_prototypes={h['n_prototypes']}", f"dino.head_bottleneck_dim={h['bottleneck']}",
+        f"ibot.separate_head={str(h['separate_ibot_head']).lower()}", f"ibot.head_n_prototypes={h['n_prototypes']}",
+        f"ibot.head_bottleneck_dim={h['bottleneck']}", f"compute_precision.dtype={args.dtype}",
+        f"fsdp.activation_checkpointing={str(size == 'g').lower()}", f"fsdp.compile={str(args.compile).lower()}",
+        f"train.batch_size_per_gpu={args.batch}", f"train.centering={args.centering}",
+    ]
+    return load_config(None, overrides)
+
+
+def case_step(size: str, args, device) -> list[dict]:
+    from peer_lightly import build_peer, peer_inputs, peer_step
+    from train_step import step, synthetic_batch
+
+    from dinotrain.train.optim import apply_schedules, build_optimizer
+    from dinotrain.train.ssl import SSLMetaArch
+
+    cfg = ssl_config(size, args)
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(0)
+    model = SSLMetaArch(cfg).to(device)
+    model.shard(dtype)
+    optimizer = build_optimizer(model.student, cfg)
+    apply_schedules(optimizer, lr=1e-4, wd=0.04, last_layer_lr=1e-4)
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in synthetic_batch(cfg, args.batch).items()}
+
+    runners = {"dinotrain": lambda: step(model, optimizer, cfg, batch)}  # the work of Trainer._step
+    if not args.no_peer:
+        h = HEADS[size]
+        peer = build_peer(ARCHS[size], 14, 224, n_prototypes=h["n_prototypes"], bottleneck=h["bottleneck"],
+                          device=device, shared_head=not h["separate_ibot_head"], dtype=dtype,
+                          grad_checkpointing=size == "g")
+        crops = peer_inputs(batch, device)
+        runners["lightly+timm"] = lambda: peer_step(peer, *crops)
+    return measure(f"step-{size}", runners, args, device, images=args.batch)
+
+
+def measure(case: str, runners: dict, args, device, images: int) -> list[dict]:
+    flops = {name: (count_flops(fn) if args.flops else None) for name, fn in runners.items()}
+    timed = interleaved(runners, args.steps, args.warmup, device)
+    rows = []
+    for name, t in timed.items():
+        row = {"case": case, "impl": name, "images_per_s": images / t["seconds"], "ms": 1000 * t["seconds"],
+               "gflop": flops[name] / 1e9 if flops[name] else None, "peak_gib": t["peak_gib"]}
+        rows.append(row)
+    base = rows[0]["images_per_s"]
+    for row in rows:
+        row["ratio_to_first"] = row["images_per_s"] / base
+    return rows
+
+
+# ---- distillation, inference, data -----------------------------------------------------------------------
+def case_distill(args, device) -> list[dict]:
+    import distill_step
+
+    ns = argparse.Namespace(teacher=args.distill_teacher, teacher_depth=0, students=["vit_small"], student_depth=0,
+                            image=224, local=98, n_local=8, patch=14, prototypes=65536, dtype=args.dtype)
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(0)
+    teacher = distill_step._teacher(ns, device, dtype)
+    student = distill_step._student(ns, "vit_small", device, dtype)
+    from train_step import synthetic_batch
+
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in synthetic_batch(student[0].cfg, args.batch).items()}
+    return measure(f"distill-{args.distill_teacher}->S", {"dinotrain": lambda: distill_step.step(teacher, [student], batch)},
+                   args, device, images=args.batch)
+
+
+def case_inference(size: str, args, device) -> list[dict]:
+    import timm
+
+    from dinotrain.models.vision_transformer import build_vit
+
+    dtype = DTYPES[args.dtype]
+    ffn = "swiglufused" if size == "g" else "mlp"
+    ours = build_vit(ARCHS[size], patch_size=14, img_size=224, ffn_layer=ffn).to(device, dtype).eval()
+    from peer_lightly import TIMM_NAMES
+
+    theirs = timm.create_model(TIMM_NAMES[ARCHS[size]], pretrained=False, img_size=224, num_classes=0).to(device, dtype).eval()
+    x = torch.randn(args.batch, 3, 224, 224, device=device, dtype=dtype)
+
+    def run(model):
+        def call():
+            with torch.inference_mode():
+                return model(x)
+        return call
+
+    return measure(f"inference-{size}", {"dinotrain": run(ours), "timm": run(theirs)}, args, device, images=args.batch)
+
+
+def case_data(args, device) -> list[dict]:
+    from data_pipeline import compare_pipelines
+
+    return compare_pipelines(batch=args.data_batch, batches=args.data_batches)
+
+
+def case_masks(args, device) -> list[dict]:
+    """iBOT masks of one rank's crops at global batch 1,024 over 32 ranks (ViT-L/14 grid 16x16): the collator
+    now draws the whole batch's plan but only its own 64 masks; before, every rank drew all 2,048."""
+    import random
+
+    from dinotrain.data.collate import draw_masks
+    from dinotrain.data.masking import MaskingGenerator
+    from dinotrain.train.batches import GlobalMaskCollator
+
+    global_batch, world, grid = 1024, 32, 16
+    collator = GlobalMaskCollator(global_batch, grid * grid, grid, (0.1, 0.5), 0.5, seed=0)
+    sample = ({"global_crops": [torch.zeros(3, 2, 2)] * 2, "local_crops": []}, 0)
+    items = [(p, sample, 0) for p in range(3, global_batch, world)]  # rank 3's 32 images
+    generator = MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid)
+    runners = {
+        "per-rank masks (now)": lambda: collator(items),
+        "whole-batch masks (before)": lambda: draw_masks(2 * global_batch, (0.1, 0.5), 0.5, grid * grid, generator,
+                                                         random.Random(0)),
+    }
+    return measure("masks (1 rank of 32, batch 1024)", runners, argparse.Namespace(**{**vars(args), "flops": False}),
+                   torch.device("cpu"), images=global_batch // world)
+
+
+def case_sinkhorn(args, device) -> list[dict]:
+    """Sinkhorn-Knopp on 2,048 x 32,768 logits: in place now vs one new tensor per operation before; the extra
+    memory each needs is counted as the bytes of the (B, K) tensors it allocates."""
+    from dinotrain.losses.centering import sinkhorn_knopp
+
+    logits = torch.randn(2048, 32768, device=device)
+
+    def out_of_place(t, temp=0.07, n_iterations=3):
+        q = torch.exp(t / temp - (t / temp).max()).t()
+        b, k = float(t.shape[0]), t.shape[1]
+        q = q / q.sum()
+        for _ in range(n_iterations):
+            q = q / q.sum(dim=1, keepdim=True) / k
+            q = q / q.sum(dim=0, keepdim=True) / b
+        return (q * b).t()
+
+    rows = measure("sinkhorn 2048x32768", {"in place (now)": lambda: sinkhorn_knopp(logits, 0.07),
+                                           "out of place (before)": lambda: out_of_place(logits)},
+                   argparse.Namespace(**{**vars(args), "flops": False}), device, images=2048)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Allocated(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.peak = self.live = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ins = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            out = func(*args, **(kwargs or {}))
+            for o in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(o, torch.Tensor) and o.numel() >= logits.numel() and o.untyped_storage().data_ptr() not in ins:
+                    self.live += o.untyped_storage().nbytes()  # never freed in the count: total allocated
+                    self.peak = max(self.peak, self.live)
+            return out
+
+    for row, fn in zip(rows, (lambda: sinkhorn_knopp(logits, 0.07), lambda: out_of_place(logits))):
+        with Allocated() as counter:
+            fn()
+        row["allocated_gib"] = counter.peak / 2 ** 30  # total bytes of new (B, K) tensors made by one call
+    return rows
+
+
+CASES = {
+    **{f"step-{s}": (lambda s: lambda a, d: case_step(s, a, d))(s) for s in ARCHS},
+    "distill": case_distill,
+    **{f"inference-{s}": (lambda s: lambda a, d: case_inference(s, a, d))(s) for s in ARCHS},
+    "data": case_data,
+    "masks": case_masks,
+    "sinkhorn": case_sinkhorn,
+}
+
+
+def table(rows: list[dict], mfu_rate: float | None) -> str:
+    lines = ["| case | implementation | images/s | ms/step | ratio to first | GFLOP/step | MFU | peak GiB | new (B,K) tensors GiB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        gflop, ms, peak, alloc = r.get("gflop"), r.get("ms"), r.get("peak_gib"), r.get("allocated_gib")
+        mfu = f"{100 * gflop / (ms / 1000) / mfu_rate:.1f} %" if gflop and ms and mfu_rate else ""
+        lines.append(f"| {r['case']} | {r['impl']} | {r['images_per_s']:.2f} | {ms or 0:.0f} | {r['ratio_to_first']:.2f}x | "
+                     f"{gflop or 0:.1f} | {mfu} | {'' if peak is None else f'{peak:.1f}'} | "
+                     f"{'' if alloc is None else f'{alloc:.2f}'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument("--cases", nargs="+", default=["step-S", "data", "inference-S"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--batch", type=int, default=4, help="images per step (official: 32 per GPU for L, 12 for g)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per implementation (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--centering", default="sinkhorn_knopp", choices=("sinkhorn_knopp", "centering"),
+                   help="ours: Sinkhorn-Knopp (DINOv2 default) or softmax centering (the peer's only option)")
+    p.add_argument("--compile", action="store_true", help="ours: torch.compile each block")
+    p.add_argument("--no-peer", action="store_true", help="skip the lightly + timm peer of the step cases")
+    p.add_argument("--no-flops", dest="flops", action="store_false", help="skip FLOP counting (and MFU)")
+    p.add_argument("--distill-teacher", default="vit_base", help="teacher arch of the distill case")
+    p.add_argument("--data-batch", type=int, default=32)
+    p.add_argument("--data-batches", type=int, default=4)
+    p.add_argument("--json", help="also write the rows and the machine description here")
+    args = p.parse_args(argv)
+    if args.list:
+        print("\n".join(CASES))
+        return
+    unknown = [c for c in args.cases if c not in CASES]
+    if unknown:
+        p.error(f"unknown case(s) {unknown}; --list shows them")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    if device.type == "cuda" and args.dtype == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    from dinotrain.distributed.env import destroy_distributed, init_distributed
+
+    init_distributed()
+    rows = []
+    try:
+        for case in args.cases:
+            print(f"== {case}", flush=True)
+            rows += CASES[case](args, device)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rate = matmul_rate(device, DTYPES[args.dtype] if device.type == "cuda" else torch.float32)
+    finally:
+        destroy_distributed()
+    import lightly
+    import timm
+
+    header = {"date": time.strftime("%Y-%m-%d"), "machine": machine(device), "device": str(device),
+              "dtype": args.dtype, "batch": args.batch, "torch": torch.__version__, "timm": timm.__version__,
+              "lightly": lightly.__version__, "python": platform.python_version(),
+              "matmul_gflops": round(rate, 1)}
+    print("\n# " + ", ".join(f"{k} {v}" for k, v in header.items()))
+    print(table(rows, rate))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
