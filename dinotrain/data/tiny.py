@@ -196,36 +196,38 @@ def _render(digit: np.ndarray, size: int, rng: np.random.Generator) -> Image.Ima
     return Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
 
 
-def _generate(root: Path, params: dict) -> dict:
-    """Render every image into a hidden build folder, then move `train/` and `val/` into place."""
-    seed = params["seed"]
+def _source(params: dict) -> tuple:
+    """(one item per image to render, labels, render(item, size, rng) -> image, class folder name of a label)."""
     if params["source"] == "dinotrain.data.shapes":
         from dinotrain.data.shapes import CLASSES, render_shape
 
         labels = np.repeat(np.arange(len(CLASSES)), _SHAPES_PER_CLASS)
-        images = labels
 
-        def render(label, size, rng):
+        def render_one(label, size, rng):
             fg, bg = _colours(rng)
             return render_shape(int(label), size, rng, fg, bg)
 
-        folder_name = CLASSES.__getitem__
-    else:
-        from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+        return labels, labels, render_one, lambda label: CLASSES[label]
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
 
-        digits = load_digits()
-        images, labels = digits.images, digits.target
-        render, folder_name = _render, str
+    digits = load_digits()
+    return digits.images, digits.target, _render, str
+
+
+def _generate(root: Path, params: dict) -> dict:
+    """Render every image into a hidden build folder, then move `train/` and `val/` into place."""
+    seed = params["seed"]
+    items, labels, render, folder_name = _source(params)
     is_val = _split_indices(labels, params["val_fraction"], np.random.default_rng([seed, 0]))
     render_rng = np.random.default_rng([seed, 1])
     build = Path(tempfile.mkdtemp(prefix=_BUILD_PREFIX, dir=root))
     try:
         counts = {split: 0 for split in _SPLITS}
-        for index, (digit, label, val) in enumerate(zip(images, labels, is_val)):
+        for index, (item, label, val) in enumerate(zip(items, labels, is_val)):
             split = "val" if val else "train"
             folder = build / split / folder_name(int(label))
             folder.mkdir(parents=True, exist_ok=True)
-            render(digit, params["image_size"], render_rng).save(folder / f"{index:04d}.png")
+            render(item, params["image_size"], render_rng).save(folder / f"{index:04d}.png")
             counts[split] += 1
         for split in _SPLITS:
             os.replace(build / split, root / split)
