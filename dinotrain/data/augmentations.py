@@ -161,8 +161,7 @@ class DataAugmentationDINO:
 
         self.geometric_global = _crop_and_flip(self.global_crops_size, self.global_crops_scale)
         self.geometric_local = _crop_and_flip(self.local_crops_size, self.local_crops_scale)
-        self.colour = _check_colour(color_jitter, color_jitter_probability, grayscale_probability)
-        colour = _colour_distortion(*self.colour)
+        colour = _colour_distortion(*_check_colour(color_jitter, color_jitter_probability, grayscale_probability))
         normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
         g_size = self.global_crops_size
         self.global_transform_1 = transforms.Compose(

@@ -40,7 +40,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))  # run from a checkout without installing
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from inference import cpu_name, sync  # noqa: E402
+from train_step import matmul_rate  # noqa: E402
+
+from dinotrain.distributed.fsdp import DTYPES  # noqa: E402
+
 ARCHS = {"S": "vit_small", "B": "vit_base", "L": "vit_large", "g": "vit_giant2"}
 # Official prototype counts: ViT-S/B (ssl_default_config) 65,536 with the head shared by DINO and iBOT;
 # ViT-L/g (train/vitl14, train/vitg14) 131,072 with a separate iBOT head and a 384-d bottleneck.
@@ -55,30 +59,7 @@ HEADS = {
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    from inference import cpu_name
-
     return f"{cpu_name()}, {torch.get_num_threads()} threads"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    """Sustained GFLOP/s of a square matmul on `device` in `dtype` (the practical peak MFU is measured against)."""
-    n = 8192 if device.type == "cuda" else n
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -344,7 +325,9 @@ def main(argv=None) -> None:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        rate = matmul_rate(device, DTYPES[args.dtype] if device.type == "cuda" else torch.float32)
+        # the practical peak MFU is measured against: fp32 on CPU, the run's dtype at a GPU-sized n on CUDA
+        rate = (matmul_rate(8192, device=device, dtype=DTYPES[args.dtype]) if device.type == "cuda"
+                else matmul_rate(device=device))
     finally:
         destroy_distributed()
     import lightly

@@ -22,6 +22,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from inference import sync  # tools/bench/ is on sys.path: this file runs as a script
+
 from dinotrain.config import load_config
 from dinotrain.models import layers
 from dinotrain.distributed.env import destroy_distributed, init_distributed
@@ -31,15 +33,17 @@ from dinotrain.train.optim import apply_schedules, build_optimizer
 from dinotrain.train.ssl import SSLMetaArch
 
 
-def matmul_rate(n: int = 2048, repeats: int = 10) -> float:
-    """Sustained fp32 GFLOP/s of a square matmul (the machine's practical peak)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_rate(n: int = 2048, repeats: int = 10, device=torch.device("cpu"), dtype=torch.float32) -> float:
+    """Sustained GFLOP/s of a square matmul on `device` in `dtype` (the machine's practical peak)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
     times = []
     for _ in range(repeats):
+        sync(device)
         t = time.perf_counter()
         a @ b
+        sync(device)
         times.append(time.perf_counter() - t)
     return 2 * n ** 3 / statistics.median(times) / 1e9
 
