@@ -25,6 +25,7 @@ setup(
         "safetensors",
         "numpy",
         "pillow",
+        "opencv-python-headless",  # hue shift and Gaussian blur of the training crops (dinotrain/data/photometric.py)
         "scikit-learn",  # ships the digits that the built-in tiny dataset is rendered from
         "tqdm",  # progress bar of dinotrain embed
         "matplotlib",  # dinotrain visualize and plot

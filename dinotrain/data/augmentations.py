@@ -18,7 +18,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
+from PIL import Image
 from torchvision import transforms
+
+from dinotrain.data.photometric import (Chain, ColourDistortion, RandomGaussianBlur, RandomSolarize, ToNormalizedTensor,
+                                        ToPixelTensor)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,10 +83,9 @@ def blur_kernel_for(crop_size: int, kernel_size: Optional[int] = None) -> int:
     return max(1, min(kernel, largest_odd))
 
 
-def random_gaussian_blur(p: float, crop_size: int, kernel_size: Optional[int] = None) -> transforms.RandomApply:
+def random_gaussian_blur(p: float, crop_size: int, kernel_size: Optional[int] = None) -> RandomGaussianBlur:
     """Gaussian blur with sigma drawn from (0.1, 2.0), applied with probability `p`."""
-    blur = transforms.GaussianBlur(kernel_size=blur_kernel_for(crop_size, kernel_size), sigma=(0.1, 2.0))
-    return transforms.RandomApply([blur], p=p)
+    return RandomGaussianBlur(p, blur_kernel_for(crop_size, kernel_size), sigma=(0.1, 2.0))
 
 
 def _check_colour(color_jitter, jitter_probability, grayscale_probability) -> tuple[tuple, float, float]:
@@ -98,23 +102,22 @@ def _check_colour(color_jitter, jitter_probability, grayscale_probability) -> tu
     return jitter, float(jitter_probability), float(grayscale_probability)
 
 
-def _colour_distortion(jitter=OFFICIAL_COLOR_JITTER, jitter_probability: float = 0.8,
-                       grayscale_probability: float = 0.2) -> transforms.Compose:
-    return transforms.Compose(
-        [
-            transforms.RandomApply([transforms.ColorJitter(*jitter)], p=jitter_probability),
-            transforms.RandomGrayscale(p=grayscale_probability),
-        ]
-    )
+class RandomResizedCropFlip:
+    """`RandomResizedCrop(size, scale, bicubic)` then `RandomHorizontalFlip(0.5)` on a PIL image: torchvision's
+    draws and Pillow's crop / resize / transpose, called directly (bit-identical, without the per-call checks)."""
 
+    def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 flip_probability: float = 0.5):
+        self.size, self.scale, self.ratio, self.flip_probability = size, scale, ratio, flip_probability
 
-def _crop_and_flip(size: int, scale: tuple[float, float]) -> transforms.Compose:
-    return transforms.Compose(
-        [
-            transforms.RandomResizedCrop(size, scale=scale, interpolation=_BICUBIC),
-            transforms.RandomHorizontalFlip(p=0.5),
-        ]
-    )
+    def __call__(self, img):
+        top, left, height, width = transforms.RandomResizedCrop.get_params(img, self.scale, self.ratio)
+        img = img.crop((left, top, left + width, top + height))
+        if img.size != (self.size, self.size):  # torchvision leaves a crop of the output size as it is
+            img = img.resize((self.size, self.size), Image.Resampling.BICUBIC)
+        if float(torch.rand(1)) < self.flip_probability:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return img
 
 
 class DataAugmentationDINO:
@@ -127,7 +130,9 @@ class DataAugmentationDINO:
     view 2, local crops), by default the paper's (1.0, 0.1, 0.5) (see the module docstring for
     the official code's (0.0, 0.9, 0.5)); view 2 alone is solarized, with p=0.2. Every crop gets colour
     jitter (`color_jitter` strengths, with probability `color_jitter_probability`) and then grayscale
-    (`grayscale_probability`), by default the official 0.4/0.4/0.2/0.1, 0.8 and 0.2.
+    (`grayscale_probability`), by default the official 0.4/0.4/0.2/0.1, 0.8 and 0.2. With
+    ``normalize=False`` the crops are uint8 pixels, to be normalised later with `mean` / `std` by
+    :func:`dinotrain.data.photometric.normalize_pixels` (the training loader does that on the device).
     """
 
     def __init__(
@@ -144,6 +149,7 @@ class DataAugmentationDINO:
         color_jitter: Sequence[float] = OFFICIAL_COLOR_JITTER,
         color_jitter_probability: float = 0.8,
         grayscale_probability: float = 0.2,
+        normalize: bool = True,
     ):
         self.global_crops_scale = _check_scale("global_crops_scale", global_crops_scale)
         self.local_crops_scale = _check_scale("local_crops_scale", local_crops_scale)
@@ -159,24 +165,23 @@ class DataAugmentationDINO:
         p_global_1, p_global_2, p_local = self.blur_probabilities
         mean, std = _check_mean_std(mean, std)
 
-        self.geometric_global = _crop_and_flip(self.global_crops_size, self.global_crops_scale)
-        self.geometric_local = _crop_and_flip(self.local_crops_size, self.local_crops_scale)
-        colour = _colour_distortion(*_check_colour(color_jitter, color_jitter_probability, grayscale_probability))
-        normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+        self.geometric_global = RandomResizedCropFlip(self.global_crops_size, self.global_crops_scale)
+        self.geometric_local = RandomResizedCropFlip(self.local_crops_size, self.local_crops_scale)
+        # The photometric steps draw their randomness exactly as torchvision's transforms do, and run
+        # Pillow / OpenCV directly (dinotrain/data/photometric.py says what is bit-identical and what is not).
+        colour = ColourDistortion(*_check_colour(color_jitter, color_jitter_probability, grayscale_probability))
+        self.mean, self.std, self.normalize = mean, std, bool(normalize)
+        normalize = ToNormalizedTensor(mean, std) if normalize else ToPixelTensor()
         g_size = self.global_crops_size
-        self.global_transform_1 = transforms.Compose(
-            [colour, random_gaussian_blur(p_global_1, g_size, blur_kernel_size), normalize]
+        self.global_transform_1 = Chain(colour, random_gaussian_blur(p_global_1, g_size, blur_kernel_size), normalize)
+        self.global_transform_2 = Chain(
+            colour,
+            random_gaussian_blur(p_global_2, g_size, blur_kernel_size),
+            RandomSolarize(threshold=128, p=0.2),
+            normalize,
         )
-        self.global_transform_2 = transforms.Compose(
-            [
-                colour,
-                random_gaussian_blur(p_global_2, g_size, blur_kernel_size),
-                transforms.RandomSolarize(threshold=128, p=0.2),
-                normalize,
-            ]
-        )
-        self.local_transform = transforms.Compose(
-            [colour, random_gaussian_blur(p_local, self.local_crops_size, blur_kernel_size), normalize]
+        self.local_transform = Chain(
+            colour, random_gaussian_blur(p_local, self.local_crops_size, blur_kernel_size), normalize
         )
 
     def __call__(self, image) -> dict:

@@ -23,8 +23,8 @@ def stack_views(samples: list, key: str) -> torch.Tensor:
     if any(len(c) != n_views for c in crops):
         raise ValueError(f"every sample in a batch must have the same number of {key}")
     if n_views == 0:
-        channels = samples[0][0]["global_crops"][0].shape[0]
-        return torch.empty((0, channels, 0, 0))
+        first = samples[0][0]["global_crops"][0]
+        return torch.empty((0, first.shape[0], 0, 0), dtype=first.dtype)
     return torch.stack([c[view] for view in range(n_views) for c in crops])
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinotrain.losses.centering import ema_center_update, sinkhorn_knopp, softmax_center
+from dinotrain.losses.cross_entropy import soft_cross_entropy
 
 __all__ = ["DINOLoss", "dino_crossview_losses"]
 
@@ -21,28 +21,26 @@ def _check_hparams(student_temp: float, center_momentum: float) -> None:
         raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
 
 
-def _log_softmax(student: Tensor, student_temp: float) -> Tensor:
-    # bf16/fp16 logits are upcast: a sum over K prototypes loses too much in half precision.
-    if student.dtype in (torch.float16, torch.bfloat16):
-        student = student.float()
-    return F.log_softmax(student / student_temp, dim=-1)
-
-
 def _dino_sum(students: Sequence[Tensor], teachers: Sequence[Tensor], student_temp: float) -> Tensor:
-    """Sum over every (student, teacher) pair of the batch-mean cross-entropy."""
-    total = None
-    for s in students:
-        lsm = _log_softmax(s, student_temp)
-        for t in teachers:
+    """Sum over every (student, teacher) pair of the batch-mean cross-entropy.
+
+    The cross-entropy is linear in the targets, so each student view meets the sum of the teacher views
+    in one pass over its logits (float32, also for half-precision logits).
+    """
+    for t in teachers:
+        for s in students:
             if t.shape != s.shape:
                 raise ValueError(
                     f"student and teacher outputs must have the same shape, got {tuple(s.shape)} and {tuple(t.shape)}"
                 )
-            term = -(t.to(lsm.dtype) * lsm).sum(dim=-1).mean()
-            total = term if total is None else total + term
-    if total is None:  # no pairs: a zero on the inputs' device
+    if not students or not teachers:  # no pairs: a zero on the inputs' device
         ref = [*students, *teachers]
         return torch.zeros((), device=ref[0].device if ref else None)
+    targets = teachers[0] if len(teachers) == 1 else torch.stack(list(teachers)).sum(dim=0)
+    total = None
+    for s in students:
+        term = soft_cross_entropy(s, targets, student_temp).mean()
+        total = term if total is None else total + term
     return total
 
 

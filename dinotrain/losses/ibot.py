@@ -4,10 +4,10 @@ centred prototype distribution of the same (unmasked) patch (DINOv2 semantics)."
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinotrain.losses.centering import ema_center_update, sinkhorn_knopp, softmax_center
+from dinotrain.losses.cross_entropy import soft_cross_entropy
 
 __all__ = ["iBOTPatchLoss"]
 
@@ -89,9 +89,7 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 - official name
                 "student_masks_flat must be an (N_images, n_tokens) bool tensor, got "
                 f"shape {tuple(student_masks_flat.shape)} dtype {student_masks_flat.dtype}"
             )
-        if s.dtype in (torch.float16, torch.bfloat16):  # as the official fused path: CE in float32
-            s, t = s.float(), t.float()
-        ce = (t.to(s.dtype) * F.log_softmax(s / self.student_temp, dim=-1)).sum(dim=-1)
+        ce = soft_cross_entropy(s, t, self.student_temp)  # float32 for half-precision inputs, as the official code
 
         if masks_weight is None:
             per_image = 1.0 / student_masks_flat.sum(dim=-1).clamp(min=1).to(ce.dtype)
@@ -109,7 +107,7 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 - official name
         n_images = student_masks_flat.shape[0]
         if n_images == 0:
             raise ValueError("student_masks_flat holds no images")
-        return -(ce * masks_weight.to(device=ce.device, dtype=ce.dtype)).sum() / n_images
+        return (ce * masks_weight.to(device=ce.device, dtype=ce.dtype)).sum() / n_images
 
     def extra_repr(self) -> str:
         return (

@@ -204,8 +204,10 @@ class SSLMetaArch(nn.Module):
             g_patch = outs[0]["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
             if not self.ibot_separate_head:
                 head_in.append(g_patch)
-        logits = self.student["dino_head"](torch.cat(head_in)).float()
-        l_logits, g_logits = logits[: l_cls.shape[0]], logits[l_cls.shape[0]: l_cls.shape[0] + g_cls.shape[0]]
+        # split, not slices: the backward of a split concatenates the parts' gradients, while each slice's
+        # backward would zero-fill and add a gradient of the whole (rows, prototypes) output
+        l_logits, g_logits, *patch_part = torch.split(
+            self.student["dino_head"](torch.cat(head_in)).float(), [t.shape[0] for t in head_in])
 
         dino_global, dino_local = self.dino_loss.dino_crossview_losses(
             g_logits, l_logits if self.n_local_crops else None, teacher_cls, n_global=N_GLOBAL_CROPS)
@@ -219,7 +221,7 @@ class SSLMetaArch(nn.Module):
             if self.ibot_separate_head:
                 patch_logits = self.student["ibot_head"](g_patch).float()
             else:
-                patch_logits = logits[l_cls.shape[0] + g_cls.shape[0]:]
+                patch_logits = patch_part[0]
             ibot = self.ibot_patch_loss.forward_masked(
                 patch_logits, teacher_patch, student_masks_flat=batch["collated_masks"],
                 masks_weight=batch["masks_weight"])

@@ -5,10 +5,10 @@ import pickle
 import pytest
 import torch
 from PIL import Image
-from torchvision import transforms
 
 from dinotrain.data import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO, make_eval_transform
 from dinotrain.data.augmentations import OFFICIAL_CODE_BLUR_PROBABILITIES, PAPER_BLUR_PROBABILITIES, blur_kernel_for
+from dinotrain.data.photometric import RandomSolarize
 
 
 def _image(size=(64, 48)):
@@ -40,31 +40,27 @@ def test_tiny_image_is_upsampled_to_crop_size():
 
 def test_official_recipe_structure():
     augment = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 8)
-    crop, flip = augment.geometric_global.transforms
-    assert isinstance(crop, transforms.RandomResizedCrop) and crop.size == (224, 224)
-    assert crop.scale == (0.32, 1.0) and crop.interpolation == transforms.InterpolationMode.BICUBIC
-    assert isinstance(flip, transforms.RandomHorizontalFlip) and flip.p == 0.5
-    assert augment.geometric_local.transforms[0].size == (96, 96)
+    crop = augment.geometric_global
+    assert crop.size == 224 and crop.scale == (0.32, 1.0) and crop.ratio == (3 / 4, 4 / 3)
+    assert crop.flip_probability == 0.5 and augment.geometric_local.size == 96
     colour, blur1, normalize = augment.global_transform_1.transforms
-    jitter_apply, grey = colour.transforms
-    jitter = jitter_apply.transforms[0]
-    assert jitter_apply.p == 0.8 and grey.p == 0.2
+    jitter = colour.jitter
+    assert colour.jitter_probability == 0.8 and colour.grayscale_probability == 0.2
     ranges = (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)
     assert ranges == ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
-    assert blur1.p == 1.0 and blur1.transforms[0].kernel_size == (9, 9) and blur1.transforms[0].sigma == (0.1, 2.0)
+    assert blur1.p == 1.0 and blur1.kernel_size == 9 and blur1.sigma == (0.1, 2.0)
     _, blur2, solarize, _ = augment.global_transform_2.transforms
     assert blur2.p == 0.1 and solarize.p == 0.2 and solarize.threshold == 128
     assert augment.local_transform.transforms[1].p == 0.5
-    norm = normalize.transforms[1]
-    assert tuple(norm.mean) == IMAGENET_MEAN and tuple(norm.std) == IMAGENET_STD
+    assert normalize.mean == IMAGENET_MEAN and normalize.std == IMAGENET_STD
 
 
 def test_blur_kernel_is_clipped_to_odd_size_within_crop():
     assert blur_kernel_for(224) == 9 and blur_kernel_for(8) == 7 and blur_kernel_for(5) == 5
     assert blur_kernel_for(32, 3) == 3 and blur_kernel_for(2) == 1
     augment = DataAugmentationDINO((0.5, 1.0), (0.2, 0.5), 1, global_crops_size=6, local_crops_size=4)
-    assert augment.global_transform_1.transforms[1].transforms[0].kernel_size == (5, 5)
-    assert augment.local_transform.transforms[1].transforms[0].kernel_size == (3, 3)
+    assert augment.global_transform_1.transforms[1].kernel_size == 5
+    assert augment.local_transform.transforms[1].kernel_size == 3
     augment(_image((10, 10)))  # runs with the clipped kernels
 
 
@@ -117,14 +113,14 @@ def test_eval_transform_resizes_crops_and_normalises():
 
 
 class _BlurSpy:
-    """Stands in for a view's GaussianBlur: counts how often RandomApply lets it run, then blurs."""
+    """Stands in for a view's blurring step: counts how often the random draw lets it run, then blurs."""
 
     def __init__(self, blur):
         self.blur, self.calls = blur, 0
 
-    def __call__(self, img):
+    def __call__(self, img, sigma):
         self.calls += 1
-        return self.blur(img)
+        return self.blur(img, sigma)
 
 
 @pytest.mark.parametrize("probabilities", [PAPER_BLUR_PROBABILITIES, OFFICIAL_CODE_BLUR_PROBABILITIES])
@@ -135,10 +131,9 @@ def test_blur_frequency_of_each_view_matches_configured_probability(probabilitie
     blurs = [augment.global_transform_1.transforms[1], augment.global_transform_2.transforms[1],
              augment.local_transform.transforms[1]]
     spies = []
-    for random_apply in blurs:
-        assert isinstance(random_apply.transforms[0], transforms.GaussianBlur)
-        spies.append(_BlurSpy(random_apply.transforms[0]))
-        random_apply.transforms[0] = spies[-1]
+    for blur in blurs:
+        spies.append(_BlurSpy(blur.blur))
+        blur.blur = spies[-1]
     torch.manual_seed(0)
     image = _image((24, 24))
     for _ in range(n_images):
@@ -152,7 +147,7 @@ def test_solarize_only_on_global_view_2():
     augment = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 2, blur_probabilities=OFFICIAL_CODE_BLUR_PROBABILITIES)
 
     def solarizers(pipeline):
-        return [t for t in pipeline.transforms if isinstance(t, transforms.RandomSolarize)]
+        return [t for t in pipeline.transforms if isinstance(t, RandomSolarize)]
 
     assert solarizers(augment.global_transform_1) == [] and solarizers(augment.local_transform) == []
     (solarize,) = solarizers(augment.global_transform_2)
@@ -190,9 +185,9 @@ def test_colour_settings_reach_every_view_and_grayscale_one_makes_every_crop_gre
                                    color_jitter=(0.8, 0.8, 0.8, 0.2), color_jitter_probability=1.0,
                                    grayscale_probability=1.0)
     for view in (augment.global_transform_1, augment.global_transform_2, augment.local_transform):
-        jitter_apply, grey = view.transforms[0].transforms
-        jitter = jitter_apply.transforms[0]
-        assert jitter_apply.p == 1.0 and grey.p == 1.0
+        colour = view.transforms[0]
+        jitter = colour.jitter
+        assert colour.jitter_probability == 1.0 and colour.grayscale_probability == 1.0
         ranges = [v for r in (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) for v in r]
         assert ranges == pytest.approx([0.2, 1.8, 0.2, 1.8, 0.2, 1.8, -0.2, 0.2])
     rgb = Image.fromarray((torch.rand(24, 24, 3) * 255).to(torch.uint8).numpy())

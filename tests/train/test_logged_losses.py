@@ -5,7 +5,7 @@ import torch
 
 from dinotrain.config import load_config
 from dinotrain.distributed.env import destroy_distributed, init_distributed
-from dinotrain.train.batches import build_train_loader
+from dinotrain.train.batches import build_train_loader, to_device
 from dinotrain.train.ssl import SSLMetaArch
 from trainruns import FAST
 
@@ -18,7 +18,7 @@ def losses():
     model = SSLMetaArch(cfg)
     model.shard(torch.float32)
     loader, _ = build_train_loader(cfg, 0, 1, 0)
-    batch = next(iter(loader))
+    batch = to_device(next(iter(loader)), torch.device("cpu"))
     total, logged = model.compute_losses(batch, teacher_temp=0.04)
     yield cfg, total, {k: float(v) for k, v in logged.items()}
     destroy_distributed()

@@ -13,7 +13,12 @@ Cases (ours vs the peer, timed interleaved in one process so machine noise hits 
   distill        distillation step (frozen ViT teacher -> student), no peer (the official code ships none).
   inference-S..  forward only, ours vs timm's ViT of the same shape.
   data           decode + multi-crop + iBOT masks + collate on ImageNet-sized JPEGs, images/s per CPU core:
-                 ours vs the official-style PIL pipeline (tools/bench/data_pipeline.py).
+                 ours (uint8 crops; also with their normalisation on the same core) vs the official-style PIL
+                 pipeline (tools/bench/data_pipeline.py).
+  masks          iBOT masks of one rank at global batch 1,024 over 32 ranks: per-rank (now) vs whole batch (before).
+  sinkhorn       Sinkhorn-Knopp on 2,048 x 32,768: in place (now) vs out of place (before), with bytes allocated.
+  ibot-loss      iBOT cross-entropy over 65,536 prototypes for 1,024 tokens, forward + backward: block-wise
+                 (now) vs the log-softmax expression (before), with bytes allocated.
 
 FLOPs are counted once per implementation with torch's FlopCounterMode under the math attention backend;
 MFU is achieved FLOP/s over this machine's matmul rate measured in the same run (fp32 on CPU, the run's dtype
@@ -237,26 +242,58 @@ def case_sinkhorn(args, device) -> list[dict]:
     rows = measure("sinkhorn 2048x32768", {"in place (now)": lambda: sinkhorn_knopp(logits, 0.07),
                                            "out of place (before)": lambda: out_of_place(logits)},
                    argparse.Namespace(**{**vars(args), "flops": False}), device, images=2048)
+    for row, fn in zip(rows, (lambda: sinkhorn_knopp(logits, 0.07), lambda: out_of_place(logits))):
+        row["allocated_gib"] = allocated_bytes(fn, logits.numel()) / 2 ** 30
+    return rows
+
+
+def allocated_bytes(fn, min_numel: int) -> int:
+    """Total bytes of the new tensors of at least `min_numel` elements that one call of `fn` makes (outputs
+    written into an input's storage are not new); none is counted as freed."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Allocated(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.peak = self.live = 0
+        total = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            ins = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            flat = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+            ins = {a.untyped_storage().data_ptr() for a in flat}
             out = func(*args, **(kwargs or {}))
             for o in (out if isinstance(out, (tuple, list)) else (out,)):
-                if isinstance(o, torch.Tensor) and o.numel() >= logits.numel() and o.untyped_storage().data_ptr() not in ins:
-                    self.live += o.untyped_storage().nbytes()  # never freed in the count: total allocated
-                    self.peak = max(self.peak, self.live)
+                if isinstance(o, torch.Tensor) and o.numel() >= min_numel and o.untyped_storage().data_ptr() not in ins:
+                    self.total += o.untyped_storage().nbytes()
             return out
 
-    for row, fn in zip(rows, (lambda: sinkhorn_knopp(logits, 0.07), lambda: out_of_place(logits))):
-        with Allocated() as counter:
-            fn()
-        row["allocated_gib"] = counter.peak / 2 ** 30  # total bytes of new (B, K) tensors made by one call
+    with Allocated() as counter:
+        fn()
+    return counter.total
+
+
+def case_ibot_loss(args, device) -> list[dict]:
+    """The iBOT cross-entropy over 65,536 prototypes, forward + backward, for 1,024 masked tokens: the block-wise
+    soft_cross_entropy now vs the log-softmax expression before (which keeps an (M, K) log-softmax for the
+    backward and sweeps (M, K) blocks through memory ~14 times)."""
+    import torch.nn.functional as F
+
+    from dinotrain.losses.cross_entropy import soft_cross_entropy
+
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = torch.randn(1024, 65536, device=device, generator=g)
+    targets = torch.softmax(torch.randn(1024, 65536, device=device, generator=g) / 0.05, dim=-1)
+    weights = torch.rand(1024, device=device, generator=g)
+
+    def fused():
+        x = logits.detach().requires_grad_()
+        (soft_cross_entropy(x, targets, 0.1) * weights).sum().backward()
+
+    def textbook():
+        x = logits.detach().requires_grad_()
+        (-(targets * F.log_softmax(x / 0.1, dim=-1)).sum(dim=-1) * weights).sum().backward()
+
+    rows = measure("iBOT loss 1024x65536 fwd+bwd", {"block-wise (now)": fused, "log-softmax (before)": textbook},
+                   argparse.Namespace(**{**vars(args), "flops": False}), device, images=1024)
+    for row, fn in zip(rows, (fused, textbook)):
+        row["allocated_gib"] = allocated_bytes(fn, logits.numel()) / 2 ** 30
     return rows
 
 
@@ -267,6 +304,7 @@ CASES = {
     "data": case_data,
     "masks": case_masks,
     "sinkhorn": case_sinkhorn,
+    "ibot-loss": case_ibot_loss,
 }
 
 

@@ -1,0 +1,93 @@
+"""Cross-entropy against soft targets over many prototypes, without materialising the log-softmax.
+
+The DINO and iBOT losses are `-sum_k t_k log_softmax(s / temp)_k` per row, over 65,536-131,072
+prototypes: for the masked patch tokens of a ViT-L batch that is thousands of rows. Written with
+`log_softmax`, autograd keeps the (M, K) log-probabilities for the backward and every elementwise step
+(divide, log-softmax, multiply, sum and their backwards) sweeps the whole (M, K) block through memory
+again. Here the same value is `lse(s / temp) * sum_k t_k - <t, s> / temp` per row, computed in row
+blocks small enough to stay in cache, and the backward recomputes the softmax from `s` and the saved
+row log-sum-exps: `d/ds = (softmax(s / temp) * sum_k t_k - t) / temp`. Same loss and gradient up to
+float rounding (tests/losses/test_cross_entropy.py); nothing of size (M, K) is kept but the inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["soft_cross_entropy"]
+
+_BLOCK_BYTES = 1 << 24  # per row block on CPU; measured at 601 x 65,536 on 2 cores: 1 MiB 0.42 s, 16 MiB 0.36 s, whole 0.50 s
+
+
+def _row_block(rows: int, cols: int, device: torch.device) -> int:
+    if device.type != "cpu":  # one launch per step on accelerators: their caches are not the point
+        return max(rows, 1)
+    return max(1, min(rows, _BLOCK_BYTES // (4 * max(cols, 1))))
+
+
+def _compute_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+class _SoftCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
+        rows, cols = logits.shape
+        dtype = _compute_dtype(logits)
+        out = torch.empty(rows, dtype=dtype, device=logits.device)
+        lse = torch.empty(rows, dtype=dtype, device=logits.device)
+        target_mass = torch.empty(rows, dtype=dtype, device=logits.device)
+        step = _row_block(rows, cols, logits.device)
+        scaled = torch.empty(step, cols, dtype=dtype, device=logits.device)  # reused by every block
+        for start in range(0, rows, step):
+            end = min(start + step, rows)
+            block = scaled[: end - start]
+            torch.div(logits[start:end].to(dtype), temperature, out=block)  # no copy unless half precision
+            t = targets[start:end].to(dtype)
+            lse[start:end] = torch.logsumexp(block, dim=-1)
+            target_mass[start:end] = t.sum(dim=-1)
+            dot = block.mul_(t).sum(dim=-1)  # <t, s / temp>, in the block's own memory (not needed after)
+            out[start:end] = lse[start:end] * target_mass[start:end] - dot
+        ctx.save_for_backward(logits, targets, lse, target_mass)
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        logits, targets, lse, target_mass = ctx.saved_tensors
+        temperature = ctx.temperature
+        grad = torch.empty_like(logits)
+        rows, cols = logits.shape
+        dtype = lse.dtype
+        scale = grad_out.to(dtype) / temperature
+        step = _row_block(rows, cols, logits.device)
+        in_place = grad.dtype == dtype  # full-precision gradients are written straight into their rows
+        buffer = None if in_place else torch.empty(step, cols, dtype=dtype, device=logits.device)
+        for start in range(0, rows, step):
+            end = min(start + step, rows)
+            probs = grad[start:end] if in_place else buffer[: end - start]
+            torch.div(logits[start:end].to(dtype), temperature, out=probs)
+            probs.sub_(lse[start:end, None]).exp_().mul_(target_mass[start:end, None])
+            probs.sub_(targets[start:end]).mul_(scale[start:end, None])
+            if not in_place:
+                grad[start:end] = probs
+        return grad, None, None
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
+    """Per-row `-sum_k targets_k * log_softmax(logits / temperature)_k` of (M, K) inputs, in float32 (float64
+    for float64 logits).
+
+    Differentiable in `logits` only (the targets are the teacher's, held fixed). Targets need not sum
+    to one: the loss is linear in them, so one call against the sum of several target rows equals the
+    sum of the calls against each (the DINO loss uses this to compare a student view with all teacher
+    views at once). Half-precision logits are read in float32, as a sum over K prototypes needs.
+    """
+    if logits.ndim != 2 or targets.shape != logits.shape:
+        raise ValueError(f"logits and targets must both be (M, K) with the same shape, got {tuple(logits.shape)} "
+                         f"and {tuple(targets.shape)}")
+    if not float(temperature) > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return _SoftCrossEntropy.apply(logits, targets.detach(), float(temperature))

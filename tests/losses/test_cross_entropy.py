@@ -1,0 +1,106 @@
+"""soft_cross_entropy: the log-softmax cross-entropy's values and gradients, computed in row blocks without
+keeping (M, K) log-probabilities for the backward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinotrain.losses import cross_entropy
+from dinotrain.losses.cross_entropy import soft_cross_entropy
+
+
+def reference(logits, targets, temp):
+    """The textbook expression the DINO and iBOT losses were written with."""
+    return -(targets * F.log_softmax(logits / temp, dim=-1)).sum(dim=-1)
+
+
+def inputs(m, k, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(m, k, generator=g, dtype=torch.float64).mul(3).to(dtype)
+    targets = F.softmax(torch.randn(m, k, generator=g, dtype=torch.float64) / 0.05, dim=-1).to(dtype)
+    return logits, targets
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 3 rows for K = 1000, so several full blocks and a partial one are exercised."""
+    monkeypatch.setattr(cross_entropy, "_BLOCK_BYTES", 3 * 4 * 1000)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_values_and_gradients_match_the_log_softmax_expression(small_blocks, dtype, tol):
+    logits, targets = inputs(11, 1000, dtype)
+    weights = torch.rand(11, dtype=dtype)
+    a = logits.clone().requires_grad_()
+    b = logits.clone().requires_grad_()
+    fast, slow = soft_cross_entropy(a, targets, 0.1), reference(b, targets, 0.1)
+    torch.testing.assert_close(fast, slow, rtol=tol, atol=tol)
+    (fast * weights).sum().backward()
+    (slow * weights).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=tol, atol=tol)
+    assert a.grad.dtype == dtype
+
+
+def test_gradcheck_float64(small_blocks):
+    logits, targets = inputs(7, 1000, torch.float64)
+    logits = logits[:, :12].contiguous().requires_grad_()
+    targets = targets[:, :12].contiguous()
+    assert torch.autograd.gradcheck(lambda x: soft_cross_entropy(x, targets, 0.07), (logits,))
+
+
+def test_inputs_are_left_untouched(small_blocks):
+    logits, targets = inputs(5, 1000)
+    before_l, before_t = logits.clone(), targets.clone()
+    x = logits.requires_grad_()
+    soft_cross_entropy(x, targets, 0.1).sum().backward()
+    assert torch.equal(logits.detach(), before_l) and torch.equal(targets, before_t)
+
+
+def test_linear_in_the_targets():
+    logits, t1 = inputs(6, 300, seed=1)
+    _, t2 = inputs(6, 300, seed=2)
+    torch.testing.assert_close(soft_cross_entropy(logits, t1 + t2, 0.1),
+                               soft_cross_entropy(logits, t1, 0.1) + soft_cross_entropy(logits, t2, 0.1))
+
+
+def test_half_precision_logits_are_read_in_float32():
+    logits, targets = inputs(4, 500, torch.float32)
+    x = logits.bfloat16().requires_grad_()
+    out = soft_cross_entropy(x, targets, 0.1)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, reference(x.detach().float(), targets, 0.1), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+
+
+def test_backward_keeps_no_block_of_log_probabilities():
+    """Autograd saves only the inputs (and per-row statistics); the textbook expression also keeps an
+    (M, K) log-softmax."""
+    logits, targets = inputs(8, 4096)
+    x = logits.requires_grad_()
+
+    def big_saved(fn):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            fn(x, targets, 0.1).sum()
+        return {t.data_ptr() for t in saved if t.numel() >= x.numel()} - {x.data_ptr(), targets.data_ptr()}
+
+    assert big_saved(soft_cross_entropy) == set()
+    assert big_saved(reference)  # the reference does keep one: the check can fail
+
+
+def test_empty_rows():
+    x = torch.zeros(0, 10, requires_grad=True)
+    out = soft_cross_entropy(x, torch.zeros(0, 10), 0.1)
+    assert out.shape == (0,)
+    out.sum().backward()
+    assert x.grad.shape == (0, 10)
+
+
+def test_bad_inputs_are_refused_in_one_line():
+    with pytest.raises(ValueError, match="same shape"):
+        soft_cross_entropy(torch.zeros(2, 3), torch.zeros(2, 4), 0.1)
+    with pytest.raises(ValueError, match="same shape"):
+        soft_cross_entropy(torch.zeros(3), torch.zeros(3), 0.1)
+    with pytest.raises(ValueError, match="temperature"):
+        soft_cross_entropy(torch.zeros(2, 3), torch.zeros(2, 3), 0.0)
