@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps, ImageStat
 from torchvision import transforms
+from torchvision.transforms import functional as TF
 
 cv2.setNumThreads(1)  # one data worker per core: OpenCV's own thread pool would oversubscribe them
 
@@ -57,13 +58,20 @@ def _lookup(img: Image.Image, table: np.ndarray) -> Image.Image:
     return Image.fromarray(cv2.LUT(np.asarray(img), table))
 
 
+_FAST_MODES = ("RGB", "L")  # other modes (alpha, palettes, 16-bit) take Pillow's / torchvision's own path
+
+
 def adjust_brightness(img: Image.Image, factor: float) -> Image.Image:
     """`ImageEnhance.Brightness(img).enhance(factor)` (a blend with black) as one table lookup."""
+    if img.mode not in _FAST_MODES:
+        return ImageEnhance.Brightness(img).enhance(factor)
     return _lookup(img, _blend_table(0, factor))
 
 
 def adjust_contrast(img: Image.Image, factor: float) -> Image.Image:
     """`ImageEnhance.Contrast(img).enhance(factor)` (a blend with the rounded mean grey) as one table lookup."""
+    if img.mode not in _FAST_MODES:
+        return ImageEnhance.Contrast(img).enhance(factor)
     mean = int(ImageStat.Stat(img.convert("L")).mean[0] + 0.5)
     return _lookup(img, _blend_table(mean, factor))
 
@@ -71,6 +79,8 @@ def adjust_contrast(img: Image.Image, factor: float) -> Image.Image:
 def shift_hue(img: Image.Image, factor: float) -> Image.Image:
     """Rotate the hue by `factor` of a turn (-0.5..0.5) as torchvision's PIL path does: H is 8-bit and
     the shift `int(factor * 255)` wraps around."""
+    if img.mode != "RGB":  # grey images have no hue (torchvision returns them as they are); others: its own path
+        return img if img.mode == "L" else TF.adjust_hue(img, factor)
     hsv = cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2HSV_FULL)
     hsv[..., 0] += np.int32(factor * 255).astype(np.uint8)  # uint8 arithmetic: wraps, as in torchvision
     return Image.fromarray(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL))
@@ -97,8 +107,8 @@ class ColourDistortion:
                     img = ImageEnhance.Color(img).enhance(s)
                 elif fn == 3 and h is not None:
                     img = shift_hue(img, h)
-        if float(torch.rand(1)) < self.grayscale_probability:
-            img = img.convert("L").convert("RGB")
+        if float(torch.rand(1)) < self.grayscale_probability:  # as many channels as the input, as torchvision
+            img = img.convert("L") if img.mode == "L" else img.convert("L").convert("RGB")
         return img
 
 

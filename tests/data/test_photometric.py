@@ -150,3 +150,17 @@ def test_uint8_crops_normalised_later_equal_the_normalised_crops():
     assert torch.equal(moved["collated_global_crops"], torch.stack(a["global_crops"]))
     assert torch.equal(moved["collated_local_crops"], torch.stack(a["local_crops"]))
     assert moved["labels"].dtype == torch.long
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA"])
+def test_other_image_modes_get_torchvisions_result(mode):
+    image = photo().convert(mode)
+    grey = 0.5 if mode == "L" else 0.0  # torchvision's RandomGrayscale refuses 4 channels
+    ours = ColourDistortion((0.4, 0.4, 0.2, 0.1), 1.0, grey)
+    ref = T.Compose([T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=1.0), T.RandomGrayscale(p=grey)])
+    for seed in range(10):
+        torch.manual_seed(seed)
+        a = ours(image)
+        torch.manual_seed(seed)
+        b = ref(image)
+        assert a.mode == b.mode and np.array_equal(np.asarray(a), np.asarray(b))
