@@ -171,17 +171,17 @@ class DataAugmentationDINO:
         # Pillow / OpenCV directly (dinotrain/data/photometric.py says what is bit-identical and what is not).
         colour = ColourDistortion(*_check_colour(color_jitter, color_jitter_probability, grayscale_probability))
         self.mean, self.std, self.normalize = mean, std, bool(normalize)
-        normalize = ToNormalizedTensor(mean, std) if normalize else ToPixelTensor()
+        to_tensor = ToNormalizedTensor(mean, std) if normalize else ToPixelTensor()
         g_size = self.global_crops_size
-        self.global_transform_1 = Chain(colour, random_gaussian_blur(p_global_1, g_size, blur_kernel_size), normalize)
+        self.global_transform_1 = Chain(colour, random_gaussian_blur(p_global_1, g_size, blur_kernel_size), to_tensor)
         self.global_transform_2 = Chain(
             colour,
             random_gaussian_blur(p_global_2, g_size, blur_kernel_size),
             RandomSolarize(threshold=128, p=0.2),
-            normalize,
+            to_tensor,
         )
         self.local_transform = Chain(
-            colour, random_gaussian_blur(p_local, self.local_crops_size, blur_kernel_size), normalize
+            colour, random_gaussian_blur(p_local, self.local_crops_size, blur_kernel_size), to_tensor
         )
 
     def __call__(self, image) -> dict:
