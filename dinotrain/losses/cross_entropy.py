@@ -17,7 +17,9 @@ from torch import Tensor
 
 __all__ = ["soft_cross_entropy"]
 
-_BLOCK_BYTES = 1 << 24  # per row block on CPU; measured at 601 x 65,536 on 2 cores: 1 MiB 0.42 s, 16 MiB 0.36 s, whole 0.50 s
+# Bytes per row block on CPU. Measured at 601 x 65,536, forward + backward on 2 cores: 1 MiB blocks 0.42 s,
+# 16 MiB 0.36 s, the whole at once 0.50 s (the log-softmax expression: 0.65 s).
+_BLOCK_BYTES = 1 << 24
 
 
 def _row_block(rows: int, cols: int, device: torch.device) -> int:

@@ -29,7 +29,7 @@ def levels(a, b):
     return np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
 
 
-def official_augmentation(n_local, g, l, jitter=(0.4, 0.4, 0.2, 0.1), blur=(1.0, 0.1, 0.5), kernel=9):
+def official_augmentation(jitter=(0.4, 0.4, 0.2, 0.1), blur=(1.0, 0.1, 0.5), kernel=9):
     """The per-view chains exactly as the official code composes them from torchvision (pre-fast-path dinotrain)."""
     colour = T.Compose([T.RandomApply([T.ColorJitter(*jitter)], p=0.8), T.RandomGrayscale(p=0.2)])
     norm = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
@@ -37,14 +37,15 @@ def official_augmentation(n_local, g, l, jitter=(0.4, 0.4, 0.2, 0.1), blur=(1.0,
     def blur_p(p):
         return T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=p)
 
-    return (T.Compose([colour, blur_p(blur[0]), norm]), T.Compose([colour, blur_p(blur[1]), T.RandomSolarize(128, 0.2), norm]),
+    return (T.Compose([colour, blur_p(blur[0]), norm]),
+            T.Compose([colour, blur_p(blur[1]), T.RandomSolarize(128, 0.2), norm]),
             T.Compose([colour, blur_p(blur[2]), norm]))
 
 
 def run_both(jitter, seed):
     ours = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 4, global_crops_size=48, local_crops_size=24,
                                 color_jitter=jitter, blur_kernel_size=9)
-    g1, g2, loc = official_augmentation(4, 48, 24, jitter)
+    g1, g2, loc = official_augmentation(jitter)
     image = photo(seed=seed)
     torch.manual_seed(seed)
     fast = ours(image)
@@ -144,8 +145,8 @@ def test_uint8_crops_normalised_later_equal_the_normalised_crops():
     torch.manual_seed(0)
     b = pixels(photo())
     assert all(c.dtype == torch.uint8 for c in b["global_crops"] + b["local_crops"])
-    batch = {"collated_global_crops": torch.stack(b["global_crops"]), "collated_local_crops": torch.stack(b["local_crops"]),
-             "labels": torch.zeros(2, dtype=torch.long)}
+    batch = {"collated_global_crops": torch.stack(b["global_crops"]),
+             "collated_local_crops": torch.stack(b["local_crops"]), "labels": torch.zeros(2, dtype=torch.long)}
     moved = to_device(batch, torch.device("cpu"))
     assert torch.equal(moved["collated_global_crops"], torch.stack(a["global_crops"]))
     assert torch.equal(moved["collated_local_crops"], torch.stack(a["local_crops"]))
