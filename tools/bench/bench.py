@@ -38,15 +38,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))  # run from a checkout without installing
 
 from inference import cpu_name, sync  # noqa: E402
-from train_step import matmul_rate  # noqa: E402
+from train_step import count_flops, matmul_rate  # noqa: E402
 
 from dinotrain.distributed.fsdp import DTYPES  # noqa: E402
 
@@ -65,12 +63,6 @@ def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{cpu_name()}, {torch.get_num_threads()} threads"
-
-
-def count_flops(fn: Callable[[], object]) -> int:
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def interleaved(runners: dict[str, Callable[[], object]], steps: int, warmup: int, device) -> dict[str, dict]:

@@ -48,6 +48,13 @@ def matmul_rate(n: int = 2048, repeats: int = 10, device=torch.device("cpu"), dt
     return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
+def count_flops(fn) -> int:
+    """FLOPs of one call of `fn`, counted under the math attention backend (the fused kernels are not counted)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def synthetic_batch(cfg, batch: int) -> dict:
     g, lsz, n_local = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number
     items = [(i, ({"global_crops": [torch.randn(3, g, g) for _ in range(2)],
@@ -83,9 +90,7 @@ def compare_drop_path(args, rate: float) -> dict:
     flops, times = {}, {m: [] for m in modes}
     for mode, threshold in modes.items():
         layers.SUBSET_DROP_PATH_ABOVE = threshold
-        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            step(model, optimizer, cfg, batch)  # also the warm-up
-        flops[mode] = counter.get_total_flops()
+        flops[mode] = count_flops(lambda: step(model, optimizer, cfg, batch))  # also the warm-up
     for _ in range(args.steps):
         for mode, threshold in modes.items():
             layers.SUBSET_DROP_PATH_ABOVE = threshold
@@ -134,9 +139,7 @@ def main() -> None:
     apply_schedules(optimizer, lr=1e-4, wd=0.04, last_layer_lr=1e-4)
     batch = synthetic_batch(cfg, args.batch)
 
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        step(model, optimizer, cfg, batch)  # also the warm-up
-    flops = counter.get_total_flops()
+    flops = count_flops(lambda: step(model, optimizer, cfg, batch))  # also the warm-up
     times = []
     for _ in range(args.steps):
         t = time.perf_counter()
