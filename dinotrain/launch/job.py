@@ -9,8 +9,9 @@ handler only raises a flag; at the end of the iteration every rank learns whethe
 signal (one all-reduce), all ranks save the checkpoint together, and only then rank 0 hands over to
 submitit's handler, which calls `SlurmRun.checkpoint()` (bounded by `launch.max_requeues`) and
 requeues the job. The requeued job resumes from that checkpoint like `dinotrain train` does.
-Before the loop runs (start-up, head warm-up) and after it, there is nothing new to save: the
-signal goes straight to submitit, which requeues at once.
+Before the loop runs (start-up, head warm-up) there is nothing new to save: the signal goes straight to
+submitit, which requeues at once. Once the loop has run to its end, the signal is ignored: the final
+checkpoint and export take seconds, and a requeue would only start the finished run again.
 """
 
 from __future__ import annotations
@@ -46,10 +47,15 @@ class StopRequest:
         self.signum = _preemption_signal()
         self.received_at: float | None = None
         self._armed = False
+        self._finished = False
         self._submitit_handler = signal.getsignal(self.signum)  # installed by submitit before our code runs
         signal.signal(self.signum, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
+        if self._finished:  # the training loop has ended: the job ends in seconds, nothing to requeue
+            log.warning("got %s after the training loop ended: finishing the job instead of requeueing",
+                        signal.Signals(signum).name)
+            return
         if not self._armed:  # nothing newer than the last checkpoint to save: let submitit requeue now
             log.warning("got %s outside the training loop: requeueing without a new checkpoint",
                         signal.Signals(signum).name)
@@ -67,12 +73,14 @@ class StopRequest:
 
     @contextlib.contextmanager
     def armed(self):
-        """For the training loop: while inside, a signal waits for the end of the iteration."""
+        """For the training loop: while inside, a signal waits for the end of the iteration; after it (the
+        loop ended, stopped early or not) a signal no longer requeues: `hand_over` does when it must."""
         self._armed = True
         try:
             yield
         finally:
             self._armed = False
+            self._finished = True
 
     def agreed(self, device: torch.device) -> bool:
         """True on every rank if any rank got the signal (all ranks call this at the same iteration)."""
