@@ -57,7 +57,7 @@ class StopRequest:
                         signal.Signals(signum).name)
             return
         if not self._armed:  # nothing newer than the last checkpoint to save: let submitit requeue now
-            log.warning("got %s outside the training loop: requeueing without a new checkpoint",
+            log.warning("got %s before the training loop: requeueing without a new checkpoint",
                         signal.Signals(signum).name)
             self._call_submitit(signum, frame)
             return
