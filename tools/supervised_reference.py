@@ -3,14 +3,14 @@
 Trains the recipe's student backbone (the same architecture, crops, batch, iterations, lr and weight-decay
 schedules as `dinotrain train --config ...`) with a linear classifier on its CLS token and cross-entropy on
 both global crops, then evaluates its CLS features with the same k-NN as `dinotrain eval knn` (and the raw
-pixels beside them). Self-supervised features rarely beat supervised ones trained as long, so this bounds
-what a self-supervised recipe can reach in the same number of iterations (docs/recipes.md).
+pixels beside them). Self-supervised features rarely beat supervised ones trained as long, so this says
+what a self-supervised recipe can hope to reach in the same number of iterations (docs/recipes.md).
 
     python tools/supervised_reference.py --config smoke/cpu_tiny
     python tools/supervised_reference.py --config smoke/cpu_tiny --iterations 1200 --output sup.json
 
-On the CPU (where the smoke recipes run). Labelled data only (ImageFolder with class subfolders): the built-in `tiny` / `tiny-shapes` datasets, or a
-`train.dataset_path` whose sibling `val/` folder holds the evaluation images.
+On the CPU (where the smoke recipes run). Labelled data only (ImageFolder with class subfolders): the built-in
+`tiny` / `tiny-shapes` datasets, or a `train.dataset_path` whose sibling `val/` folder holds the evaluation images.
 """
 
 from __future__ import annotations
