@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     backbone, seconds = train_supervised(cfg, iterations, args.seed)
     results = knn_table({"supervised": backbone, "raw_pixels": PixelFeatures()}, train_root, val_root,
-                        tiny=str(cfg.train.dataset_path).startswith("tiny"))
+                        tiny=cfg.train.dataset_path in ("tiny", "tiny-shapes"))
     print(f"supervised reference: {iterations} iterations of {cfg.student.arch}/{cfg.student.patch_size} "
           f"in {seconds:.0f} s")
     for name, accs in results.items():
