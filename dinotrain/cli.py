@@ -183,8 +183,7 @@ def _write_json(path: str | None, data) -> None:
 def cmd_eval_knn(args: argparse.Namespace) -> int:
     import torch
 
-    from dinotrain.eval.features import extract_features
-    from dinotrain.eval.knn import knn_accuracy
+    from dinotrain.eval.knn import knn_line, knn_of_models
     from dinotrain.models.vision_transformer import vit_from_spec
 
     train_root, val_root, classes, resize, crop, device = _eval_data(args)
@@ -199,16 +198,10 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
         candidates["raw_pixels"] = PixelFeatures()
         candidates["raw_pixels_centered"] = PixelFeatures(centered=True)
     logging.getLogger("dinotrain.eval").info("k-NN on %s: resize %d bicubic, centre crop %d", device, resize, crop)
-    results = {}
-    for name, net in candidates.items():
-        net = net.to(device)
-        tr_f, tr_y = extract_features(net, train_root, crop, args.batch_size, device=device, classes=classes,
-                                      resize_size=resize)
-        va_f, va_y = extract_features(net, val_root, crop, args.batch_size, device=device, classes=classes,
-                                      resize_size=resize)
-        results[name] = knn_accuracy(tr_f, tr_y, va_f, va_y, ks=args.k, temperature=args.temperature)
+    results = knn_of_models(candidates, train_root, val_root, crop, resize, classes, device, args.batch_size,
+                            ks=args.k, temperature=args.temperature)
     for name, accs in results.items():
-        print(f"k-NN top-1 ({name}): " + "  ".join(f"k={k}: {acc:.2f}%" for k, acc in accs.items()))
+        print(knn_line(name, accs))
     _write_json(args.output, {n: {str(k): v for k, v in a.items()} for n, a in results.items()})
     return 0
 

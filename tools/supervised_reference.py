@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader
 
 from dinotrain.config import load_config
 from dinotrain.data.photometric import normalize_pixels
-from dinotrain.eval.features import eval_sizes, extract_features, shared_label_space
-from dinotrain.eval.knn import DEFAULT_KS, knn_accuracy
+from dinotrain.eval.features import eval_sizes, shared_label_space
+from dinotrain.eval.knn import knn_line, knn_of_models
 from dinotrain.eval.pixels import PixelFeatures
 from dinotrain.train.batches import build_train_dataset, resolve_dataset_root
 from dinotrain.train.optim import apply_schedules, build_optimizer
@@ -84,19 +84,6 @@ def train_supervised(cfg, iterations: int, seed: int = 0) -> tuple[torch.nn.Modu
     return backbone, time.perf_counter() - start
 
 
-def knn_table(models: dict, train_root: Path, val_root: Path, tiny: bool, ks=DEFAULT_KS) -> dict:
-    """k-NN top-1 (%) of each model's features, with `dinotrain eval knn`'s views and protocol."""
-    resize, crop = eval_sizes(None, tiny=tiny)
-    classes = shared_label_space(train_root, val_root)
-    cpu = torch.device("cpu")
-    out = {}
-    for name, model in models.items():
-        tr = extract_features(model, train_root, crop, device=cpu, classes=classes, resize_size=resize)
-        va = extract_features(model, val_root, crop, device=cpu, classes=classes, resize_size=resize)
-        out[name] = knn_accuracy(tr[0], tr[1], va[0], va[1], ks=ks)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="smoke/cpu_tiny", help="recipe (as `dinotrain train --config`)")
@@ -117,17 +104,18 @@ def main(argv: list[str] | None = None) -> int:
         val_root = train_root.parent / "val"
         if not val_root.is_dir():
             raise ValueError(f"no evaluation images: expected a labelled folder {val_root} beside {train_root}")
-        shared_label_space(train_root, val_root)  # both labelled, val's classes among train's
+        classes = shared_label_space(train_root, val_root)  # both labelled, val's classes among train's
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     backbone, seconds = train_supervised(cfg, iterations, args.seed)
-    results = knn_table({"supervised": backbone, "raw_pixels": PixelFeatures()}, train_root, val_root,
-                        tiny=cfg.train.dataset_path in ("tiny", "tiny-shapes"))
+    resize, crop = eval_sizes(None, tiny=cfg.train.dataset_path in ("tiny", "tiny-shapes"))
+    results = knn_of_models({"supervised": backbone, "raw_pixels": PixelFeatures()}, train_root, val_root, crop, resize,
+                            classes, torch.device("cpu"))
     print(f"supervised reference: {iterations} iterations of {cfg.student.arch}/{cfg.student.patch_size} "
           f"in {seconds:.0f} s")
     for name, accs in results.items():
-        print(f"k-NN top-1 ({name}): " + "  ".join(f"k={k}: {acc:.2f}%" for k, acc in accs.items()))
+        print(knn_line(name, accs))
     if args.output:
         Path(args.output).write_text(json.dumps({"iterations": iterations, "train_seconds": seconds,
                                                  **{n: {str(k): v for k, v in a.items()} for n, a in results.items()}},

@@ -35,3 +35,24 @@ def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feat
             votes = torch.zeros(len(truth), n_classes).scatter_add_(1, top_labels[:, :kk], weights)
             correct[k] += int((votes.argmax(1) == truth).sum())
     return {k: 100.0 * correct[k] / len(val_n) for k in ks}
+
+
+def knn_of_models(models: dict, train_root, val_root, crop: int, resize: int, classes, device: torch.device,
+                  batch_size: int = 64, ks=DEFAULT_KS, temperature: float = 0.07) -> dict[str, dict[int, float]]:
+    """{name: {k: top-1 %}} of each model's features on `train_root` -> `val_root` (resize, centre crop `crop`)."""
+    from dinotrain.eval.features import extract_features
+
+    results = {}
+    for name, net in models.items():
+        net = net.to(device)
+        tr_f, tr_y = extract_features(net, train_root, crop, batch_size, device=device, classes=classes,
+                                      resize_size=resize)
+        va_f, va_y = extract_features(net, val_root, crop, batch_size, device=device, classes=classes,
+                                      resize_size=resize)
+        results[name] = knn_accuracy(tr_f, tr_y, va_f, va_y, ks=ks, temperature=temperature)
+    return results
+
+
+def knn_line(name: str, accs: dict[int, float]) -> str:
+    """The printed result line of one model, e.g. ``k-NN top-1 (model): k=10: 41.78%  k=20: 42.90%``."""
+    return f"k-NN top-1 ({name}): " + "  ".join(f"k={k}: {acc:.2f}%" for k, acc in accs.items())
