@@ -54,6 +54,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.context(x))
+
+    def context(self, x: Tensor) -> Tensor:
+        """The heads' outputs, concatenated (B, N, D): the attention before its output projection."""
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
         if self.attn_impl == "xformers" and x.is_cuda:
@@ -64,7 +68,7 @@ class Attention(nn.Module):
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd)
             out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-        return self.proj(out.reshape(b, n, d))
+        return out.reshape(b, n, d)
 
 
 class Mlp(nn.Module):
@@ -126,6 +130,15 @@ class DropPath(nn.Module):
         keep = 1.0 - self.drop_prob
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
         return x * mask / keep
+
+    def forward_rows(self, rows: Tensor, sample: Tensor, batch: int) -> Tensor:
+        """The same for token rows (R, D) of a batch of `batch` samples, row r belonging to sample
+        `sample[r]`: one draw per sample, as `forward` on the whole batch draws."""
+        if self.drop_prob == 0.0 or not self.training:
+            return rows
+        keep = 1.0 - self.drop_prob
+        mask = rows.new_empty((batch,)).bernoulli_(keep)
+        return rows * mask[sample].unsqueeze(-1) / keep
 
 
 # Above this rate the residual branches run only on the kept samples (official DINOv2 training path);
@@ -195,7 +208,45 @@ class Block(nn.Module):
         x = x + self.drop_path(self._attn_branch(x))
         return x + self.drop_path(self._ffn_branch(x))
 
-    def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
+    def _rows_one(self, x: Tensor, rows: Tensor) -> Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._residual_branches_at, x, rows, use_reentrant=False)
+        return self._residual_branches_at(x, rows)
+
+    def _residual_branches_at(self, x: Tensor, rows: Tensor) -> Tensor:
+        """The block's output at token rows `rows` (indices into the flattened (B * N) tokens) only.
+
+        Every token still enters the attention (as keys and values), but the output projection, the
+        residuals and the feed-forward run on the rows asked for. Stochastic depth draws exactly what the
+        whole-batch path draws (same generator calls, same order), so the rows equal that path's output.
+        """
+        batch, n_tokens, _ = x.shape
+        sample = torch.div(rows, n_tokens, rounding_mode="floor")
+        flat = x.flatten(0, 1)
+        rate = self.drop_path.drop_prob
+        if self.training and rate > SUBSET_DROP_PATH_ABOVE:  # the subset path: branches on kept samples only
+            kept = max(int(batch * (1.0 - rate)), 1)
+            keep = torch.randperm(batch, device=x.device)[:kept]
+            slot = torch.full((batch,), -1, dtype=torch.long, device=x.device)
+            slot[keep] = torch.arange(kept, device=x.device)
+            hit = (slot[sample] >= 0).nonzero().squeeze(1)
+            context = self.attn.context(self.norm1(x[keep])).flatten(0, 1)
+            branch = self.ls1(self.attn.proj(context[slot[sample[hit]] * n_tokens + rows[hit] % n_tokens]))
+            y = torch.index_add(flat[rows], 0, hit, branch.to(x.dtype), alpha=batch / kept)
+            keep = torch.randperm(batch, device=x.device)[:kept]
+            hit = torch.isin(sample, keep).nonzero().squeeze(1)
+            return torch.index_add(y, 0, hit, self._ffn_branch(y[hit]).to(x.dtype), alpha=batch / kept)
+        context = self.attn.context(self.norm1(x)).flatten(0, 1)[rows]
+        y = flat[rows] + self.drop_path.forward_rows(self.ls1(self.attn.proj(context)), sample, batch)
+        return y + self.drop_path.forward_rows(self._ffn_branch(y), sample, batch)
+
+    def forward(self, x: Tensor | list[Tensor], rows: Tensor | list[Tensor] | None = None) -> Tensor | list[Tensor]:
+        """(B, N, D) -> (B, N, D); with `rows` (indices into the flattened B * N tokens), only those
+        rows' outputs, (len(rows), D): the last block of a training forward that needs a few tokens."""
+        if rows is not None:
+            if isinstance(x, (list, tuple)):
+                return [self._rows_one(xi, ri) for xi, ri in zip(x, rows)]
+            return self._rows_one(x, rows)
         if isinstance(x, (list, tuple)):
             return [self._forward_one(xi) for xi in x]
         return self._forward_one(x)

@@ -187,20 +187,61 @@ class DinoVisionTransformer(nn.Module):
             "masks": masks,
         }
 
-    # ---- forward API (official) ----------------------------------------------------------------
-    def forward_features_list(self, x_list: Sequence[Tensor], masks_list: Sequence[Tensor | None]) -> list[dict]:
-        """Several crop sizes in one pass: each block runs on every crop group before the next block."""
-        xs = [self.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list)]
-        for blk in self.blocks:
-            xs = blk(xs)
-        return [self._split_output(x, m) for x, m in zip(xs, masks_list)]
+    def _selected_rows(self, tokens: Tensor, patches: Tensor) -> Tensor:
+        """Flat token rows of every image's CLS token, then of the patches `patches` (indices into the
+        flattened (B * n_patches) patch tokens, the layout of the iBOT mask indices)."""
+        if patches.ndim != 1 or patches.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"selected patches must be a 1-D integer index, got {patches.dtype} of shape "
+                             f"{tuple(patches.shape)}")
+        batch, n_tokens, _ = tokens.shape
+        first_patch = 1 + self.num_register_tokens
+        n_patches = n_tokens - first_patch
+        patches = patches.to(tokens.device, torch.long)  # (no range check: it would cost a host sync)
+        cls_rows = torch.arange(batch, device=tokens.device) * n_tokens
+        patch_rows = torch.div(patches, n_patches, rounding_mode="floor") * n_tokens + first_patch + patches % n_patches
+        return torch.cat((cls_rows, patch_rows))
 
-    def forward_features(self, x: Tensor | Sequence[Tensor], masks: Tensor | Sequence | None = None):
+    def _selected_output(self, rows: Tensor, batch: int, masks: Tensor | None) -> dict:
+        x_norm = self.norm(rows)
+        return {"x_norm_clstoken": x_norm[:batch], "x_norm_selected_patchtokens": x_norm[batch:], "masks": masks}
+
+    # ---- forward API (official) ----------------------------------------------------------------
+    def forward_features_list(self, x_list: Sequence[Tensor], masks_list: Sequence[Tensor | None],
+                              select_patches: Sequence[Tensor] | None = None) -> list[dict]:
+        """Several crop sizes in one pass: each block runs on every crop group before the next block.
+
+        `select_patches` (training): one index per crop group into its flattened (B * n_patches) patch
+        tokens. The last block then computes only the rows a training step reads, the CLS tokens and
+        these patches (the iBOT-masked ones; none for local crops), and each dict holds `x_norm_clstoken`
+        and `x_norm_selected_patchtokens` (in index order). Same values as indexing the full output
+        (tests/models/test_selected_rows.py); on ViT-S multi-crop ~80 % of the last block's work is saved.
+        """
+        xs = [self.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list)]
+        if select_patches is None:
+            for blk in self.blocks:
+                xs = blk(xs)
+            return [self._split_output(x, m) for x, m in zip(xs, masks_list)]
+        if len(select_patches) != len(xs):
+            raise ValueError(f"select_patches has {len(select_patches)} entries for {len(xs)} crop groups")
+        for blk in self.blocks[:-1]:
+            xs = blk(xs)
+        rows = [self._selected_rows(x, p) for x, p in zip(xs, select_patches)]
+        if len(self.blocks):
+            outs = self.blocks[-1](xs, rows=rows)
+        else:
+            outs = [x.flatten(0, 1)[r] for x, r in zip(xs, rows)]
+        return [self._selected_output(o, x.shape[0], m) for o, x, m in zip(outs, xs, masks_list)]
+
+    def forward_features(self, x: Tensor | Sequence[Tensor], masks: Tensor | Sequence | None = None,
+                         select_patches: Tensor | Sequence[Tensor] | None = None):
         """Dict with `x_norm_clstoken`, `x_norm_regtokens`, `x_norm_patchtokens`, `x_prenorm`, `masks`;
-        a list of such dicts when given a list of crops."""
+        a list of such dicts when given a list of crops. With `select_patches` (one index, or one per crop
+        group), `x_norm_clstoken` and `x_norm_selected_patchtokens` only (see `forward_features_list`)."""
         if isinstance(x, (list, tuple)):
             masks_list = list(masks) if masks is not None else [None] * len(x)
-            return self.forward_features_list(x, masks_list)
+            return self.forward_features_list(x, masks_list, select_patches)
+        if select_patches is not None:
+            return self.forward_features_list([x], [masks], [select_patches])[0]
         x_tok = self.prepare_tokens_with_masks(x, masks)
         for blk in self.blocks:
             x_tok = blk(x_tok)

@@ -75,6 +75,9 @@ class SSLMetaArch(nn.Module):
         ibot_dim = cfg.ibot.head_n_prototypes if self.ibot_separate_head else cfg.dino.head_n_prototypes
         self.ibot_patch_loss = iBOTPatchLoss(ibot_dim)
         self.koleo_loss = KoLeoLoss()
+        # The last block computes only the tokens the losses read (CLS, iBOT-masked patches); False runs
+        # it on every token (same values; kept for tests and the before/after benchmark).
+        self.last_block_rows_only = True
 
     # ---- set-up ------------------------------------------------------------------------------
     def load_student_backbone(self, weights) -> None:
@@ -151,7 +154,7 @@ class SSLMetaArch(nn.Module):
     @torch.no_grad()
     def _teacher_targets(self, batch: dict, teacher_temp: float) -> tuple[Tensor, Tensor | None]:
         """Teacher probabilities for the global CLS tokens (view order kept) and the masked patches."""
-        cls_logits, patch_logits = teacher_logits(self.teacher, batch, self.do_ibot)
+        cls_logits, patch_logits = teacher_logits(self.teacher, batch, self.do_ibot, self.last_block_rows_only)
         reshard(self.teacher)
         return center_teacher(self.cfg.train.centering, self.dino_loss, self.ibot_patch_loss, cls_logits,
                               patch_logits, teacher_temp)
@@ -193,15 +196,18 @@ class SSLMetaArch(nn.Module):
         # on one rank would leave the other ranks waiting in the head's FSDP collectives forever.
 
         crops, masks = [batch["collated_global_crops"]], [batch["collated_masks"] if mask_inputs else None]
+        patches = [selected_patches(batch, self.do_ibot)]
         if self.n_local_crops:
             crops.append(batch["collated_local_crops"])
             masks.append(None)
-        outs = self.student["backbone"](crops, masks, is_training=True)
+            patches.append(patches[0][:0])  # CLS only
+        outs = self.student["backbone"](crops, masks, is_training=True,
+                                        select_patches=patches if self.last_block_rows_only else None)
         g_cls = outs[0]["x_norm_clstoken"]
         l_cls = outs[1]["x_norm_clstoken"] if self.n_local_crops else g_cls[:0]
         head_in = [l_cls, g_cls]
         if self.do_ibot:
-            g_patch = outs[0]["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
+            g_patch = patch_tokens_at(outs[0], batch["mask_indices_list"])
             if not self.ibot_separate_head:
                 head_in.append(g_patch)
         # split, not slices: the backward of a split concatenates the parts' gradients, while each slice's
@@ -242,17 +248,32 @@ class SSLMetaArch(nn.Module):
 
 
 @torch.no_grad()
-def teacher_logits(nets: nn.ModuleDict, batch: dict, do_ibot: bool) -> tuple[Tensor, Tensor | None]:
+def teacher_logits(nets: nn.ModuleDict, batch: dict, do_ibot: bool,
+                   rows_only: bool = True) -> tuple[Tensor, Tensor | None]:
     """Head logits (fp32) of a teacher's global-crop CLS tokens and, with iBOT, of its patch tokens at
-    the sampled mask positions; a shared head (no `ibot_head`) scores both in one call (official)."""
-    out = nets["backbone"](batch["collated_global_crops"], is_training=True)
+    the sampled mask positions; a shared head (no `ibot_head`) scores both in one call (official).
+    `rows_only`: the backbone's last block computes those tokens only (same values, less work)."""
+    out = nets["backbone"](batch["collated_global_crops"], is_training=True,
+                           select_patches=selected_patches(batch, do_ibot) if rows_only else None)
     cls = out["x_norm_clstoken"]
-    masked = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]] if do_ibot else None
+    masked = patch_tokens_at(out, batch["mask_indices_list"]) if do_ibot else None
     if do_ibot and "ibot_head" not in nets:
         logits = nets["dino_head"](torch.cat((cls, masked))).float()
         return logits[: cls.shape[0]], logits[cls.shape[0]:]
     cls_logits = nets["dino_head"](cls).float()
     return cls_logits, nets["ibot_head"](masked).float() if do_ibot else None
+
+
+def selected_patches(batch: dict, do_ibot: bool) -> Tensor:
+    """The global crops' patch tokens a step reads: the iBOT-masked ones (none without iBOT)."""
+    return batch["mask_indices_list"] if do_ibot else torch.zeros(0, dtype=torch.long)
+
+
+def patch_tokens_at(out: dict, mask_indices: Tensor) -> Tensor:
+    """Normalised patch tokens at the flat mask indices, from a full or a selected-rows forward."""
+    if "x_norm_selected_patchtokens" in out:
+        return out["x_norm_selected_patchtokens"]
+    return out["x_norm_patchtokens"].flatten(0, 1)[mask_indices]
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ Cases (ours vs the peer, timed interleaved in one process so machine noise hits 
                  with the official prototype counts, DINO + iBOT + KoLeo, backward, clipping, AdamW, EMA.
                  Peer: the same step built from lightly's losses and heads on a timm ViT (tools/bench/peer_lightly.py).
                  g runs with FSDP2 + activation checkpointing (peer: timm gradient checkpointing).
+  last-block     ours only: the step-S with the last block on the rows the losses read (now) vs every token (before).
   distill        distillation step (frozen ViT teacher -> student), no peer (the official code ships none).
   inference-S..  forward only, ours vs timm's ViT of the same shape.
   data           decode + multi-crop + iBOT masks + collate on ImageNet-sized JPEGs, images/s per CPU core:
@@ -106,22 +107,29 @@ def ssl_config(size: str, args):
     return load_config(None, overrides)
 
 
-def case_step(size: str, args, device) -> list[dict]:
-    from peer_lightly import build_peer, peer_inputs, peer_step
-    from train_step import step, synthetic_batch
+def _our_step(size: str, args, device):
+    """Our SSL meta-arch, sharded, its optimizer, the config and one synthetic batch on `device`."""
+    from train_step import synthetic_batch
 
     from dinotrain.train.optim import apply_schedules, build_optimizer
     from dinotrain.train.ssl import SSLMetaArch
 
     cfg = ssl_config(size, args)
-    dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
     model = SSLMetaArch(cfg).to(device)
-    model.shard(dtype)
+    model.shard(DTYPES[args.dtype])
     optimizer = build_optimizer(model.student, cfg)
     apply_schedules(optimizer, lr=1e-4, wd=0.04, last_layer_lr=1e-4)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in synthetic_batch(cfg, args.batch).items()}
+    return model, optimizer, cfg, batch
 
+
+def case_step(size: str, args, device) -> list[dict]:
+    from peer_lightly import build_peer, peer_inputs, peer_step
+    from train_step import step
+
+    dtype = DTYPES[args.dtype]
+    model, optimizer, cfg, batch = _our_step(size, args, device)
     runners = {"dinotrain": lambda: step(model, optimizer, cfg, batch)}  # the work of Trainer._step
     if not args.no_peer:
         h = HEADS[size]
@@ -131,6 +139,23 @@ def case_step(size: str, args, device) -> list[dict]:
         crops = peer_inputs(batch, device)
         runners["lightly+timm"] = lambda: peer_step(peer, *crops)
     return measure(f"step-{size}", runners, args, device, images=args.batch)
+
+
+def case_last_block(args, device) -> list[dict]:
+    """Our ViT-S/14 step with the last block on the rows the losses read (CLS + iBOT-masked patches; now) vs
+    on every token (before), the same model and batch."""
+    from train_step import step
+
+    model, optimizer, cfg, batch = _our_step("S", args, device)
+
+    def run(rows_only: bool):
+        def call():
+            model.last_block_rows_only = rows_only
+            step(model, optimizer, cfg, batch)
+        return call
+
+    return measure("step-S, last block", {"rows read (now)": run(True), "every token (before)": run(False)},
+                   args, device, images=args.batch)
 
 
 def measure(case: str, runners: dict, args, device, images: int) -> list[dict]:
@@ -291,6 +316,7 @@ def case_ibot_loss(args, device) -> list[dict]:
 
 CASES = {
     **{f"step-{s}": (lambda s: lambda a, d: case_step(s, a, d))(s) for s in ARCHS},
+    "last-block": case_last_block,
     "distill": case_distill,
     **{f"inference-{s}": (lambda s: lambda a, d: case_inference(s, a, d))(s) for s in ARCHS},
     "data": case_data,
