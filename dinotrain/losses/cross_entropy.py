@@ -12,6 +12,8 @@ float rounding (tests/losses/test_cross_entropy.py); nothing of size (M, K) is k
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
@@ -33,8 +35,11 @@ def _compute_dtype(logits: Tensor) -> torch.dtype:
 
 
 class _SoftCrossEntropy(torch.autograd.Function):
+    """Rows of `logits` against consecutive target segments (their rows, in order, cover the logits' rows):
+    one call and one gradient for logits whose rows meet different targets (DINO's views, iBOT's patches)."""
+
     @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
+    def forward(ctx, logits: Tensor, temperature: float, *targets: Tensor) -> Tensor:
         rows, cols = logits.shape
         dtype = _compute_dtype(logits)
         out = torch.empty(rows, dtype=dtype, device=logits.device)
@@ -42,23 +47,25 @@ class _SoftCrossEntropy(torch.autograd.Function):
         target_mass = torch.empty(rows, dtype=dtype, device=logits.device)
         step = _row_block(rows, cols, logits.device)
         scaled = torch.empty(step, cols, dtype=dtype, device=logits.device)  # reused by every block
-        for start in range(0, rows, step):
-            end = min(start + step, rows)
-            block = scaled[: end - start]
-            torch.div(logits[start:end].to(dtype), temperature, out=block)  # no copy unless half precision
-            t = targets[start:end].to(dtype)
-            lse[start:end] = torch.logsumexp(block, dim=-1)
-            target_mass[start:end] = t.sum(dim=-1)
-            dot = block.mul_(t).sum(dim=-1)  # <t, s / temp>, in the block's own memory (not needed after)
-            out[start:end] = lse[start:end] * target_mass[start:end] - dot
-        ctx.save_for_backward(logits, targets, lse, target_mass)
+        for first, segment in _segments(targets):
+            for start in range(0, segment.shape[0], step):
+                end = min(start + step, segment.shape[0])
+                r0, r1 = first + start, first + end
+                block = scaled[: end - start]
+                torch.div(logits[r0:r1].to(dtype), temperature, out=block)  # no copy unless half precision
+                t = segment[start:end].to(dtype)
+                lse[r0:r1] = torch.logsumexp(block, dim=-1)
+                target_mass[r0:r1] = t.sum(dim=-1)
+                dot = block.mul_(t).sum(dim=-1)  # <t, s / temp>, in the block's own memory (not needed after)
+                out[r0:r1] = lse[r0:r1] * target_mass[r0:r1] - dot
+        ctx.save_for_backward(logits, lse, target_mass, *targets)
         ctx.temperature = temperature
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        logits, targets, lse, target_mass = ctx.saved_tensors
+        logits, lse, target_mass, *targets = ctx.saved_tensors
         temperature = ctx.temperature
         grad = torch.empty_like(logits)
         rows, cols = logits.shape
@@ -67,18 +74,29 @@ class _SoftCrossEntropy(torch.autograd.Function):
         step = _row_block(rows, cols, logits.device)
         in_place = grad.dtype == dtype  # full-precision gradients are written straight into their rows
         buffer = None if in_place else torch.empty(step, cols, dtype=dtype, device=logits.device)
-        for start in range(0, rows, step):
-            end = min(start + step, rows)
-            probs = grad[start:end] if in_place else buffer[: end - start]
-            torch.div(logits[start:end].to(dtype), temperature, out=probs)
-            probs.sub_(lse[start:end, None]).exp_().mul_(target_mass[start:end, None])
-            probs.sub_(targets[start:end]).mul_(scale[start:end, None])
-            if not in_place:
-                grad[start:end] = probs
-        return grad, None, None
+        for first, segment in _segments(targets):
+            for start in range(0, segment.shape[0], step):
+                end = min(start + step, segment.shape[0])
+                r0, r1 = first + start, first + end
+                probs = grad[r0:r1] if in_place else buffer[: end - start]
+                torch.div(logits[r0:r1].to(dtype), temperature, out=probs)
+                probs.sub_(lse[r0:r1, None]).exp_().mul_(target_mass[r0:r1, None])
+                probs.sub_(segment[start:end]).mul_(scale[r0:r1, None])
+                if not in_place:
+                    grad[r0:r1] = probs
+        return (grad, None, *[None] * len(targets))
 
 
-def soft_cross_entropy(logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
+def _segments(targets) -> list[tuple[int, Tensor]]:
+    """(first row, targets) of each segment."""
+    out, first = [], 0
+    for t in targets:
+        out.append((first, t))
+        first += t.shape[0]
+    return out
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor | Sequence[Tensor], temperature: float) -> Tensor:
     """Per-row `-sum_k targets_k * log_softmax(logits / temperature)_k` of (M, K) inputs, in float32 (float64
     for float64 logits).
 
@@ -86,10 +104,23 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor, temperature: float) -> T
     to one: the loss is linear in them, so one call against the sum of several target rows equals the
     sum of the calls against each (the DINO loss uses this to compare a student view with all teacher
     views at once). Half-precision logits are read in float32, as a sum over K prototypes needs.
+
+    `targets` may also be a sequence of (M_i, K) segments with sum(M_i) = M, for the logits' consecutive
+    rows: one call then scores rows that meet different targets (a shared head's DINO and iBOT rows)
+    and writes one (M, K) gradient, where split logits would write one per part and concatenate them.
+    A segment may appear several times (each local view meets the same summed teacher views).
     """
-    if logits.ndim != 2 or targets.shape != logits.shape:
-        raise ValueError(f"logits and targets must both be (M, K) with the same shape, got {tuple(logits.shape)} "
-                         f"and {tuple(targets.shape)}")
+    if isinstance(targets, Tensor):
+        if logits.ndim != 2 or targets.shape != logits.shape:
+            raise ValueError(f"logits and targets must both be (M, K) with the same shape, got {tuple(logits.shape)} "
+                             f"and {tuple(targets.shape)}")
+        segments = [targets]
+    else:
+        segments = list(targets)
+        if logits.ndim != 2 or any(t.ndim != 2 or t.shape[1] != logits.shape[1] for t in segments) \
+                or sum(t.shape[0] for t in segments) != logits.shape[0]:
+            raise ValueError(f"target segments must be (M_i, K) with sum(M_i) = M for (M, K) logits, got logits "
+                             f"{tuple(logits.shape)} and segments {[tuple(t.shape) for t in segments]}")
     if not float(temperature) > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    return _SoftCrossEntropy.apply(logits, targets.detach(), float(temperature))
+    return _SoftCrossEntropy.apply(logits, float(temperature), *[t.detach() for t in segments])

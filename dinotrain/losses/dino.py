@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from dinotrain.losses.centering import ema_center_update, sinkhorn_knopp, softmax_center
 from dinotrain.losses.cross_entropy import soft_cross_entropy
 
-__all__ = ["DINOLoss", "dino_crossview_losses"]
+__all__ = ["DINOLoss", "dino_crossview_losses", "dino_crossview_targets"]
 
 
 def _check_hparams(student_temp: float, center_momentum: float) -> None:
@@ -107,6 +107,30 @@ def dino_crossview_losses(
     else:
         local_loss = global_loss.new_zeros(())
     return global_loss, local_loss
+
+
+def dino_crossview_targets(teacher_probs: Tensor, n_global: int, n_local: int) -> tuple[list[Tensor], list[Tensor], int]:
+    """`dino_crossview_losses` as target segments: `(local, global, denom)`, the targets of each student
+    local view (every teacher view, summed), then of each student global view i (the other teacher
+    views, summed), and the number of terms both losses are divided by. With `soft_cross_entropy(rows,
+    local + global, student_temp)` over the student's [local; global] logits, the local loss is the local
+    rows' sum / (B * denom) and the global loss the global rows' sum / (B * denom): the same values
+    (tests/losses/test_dino_segments.py), with one gradient for all rows."""
+    if int(n_global) != n_global or n_global < 1 or int(n_local) != n_local or n_local < 0 \
+            or teacher_probs.ndim != 2 or teacher_probs.shape[0] % n_global:
+        raise ValueError(f"teacher_probs must be (n_global*B, K) with n_global >= 1, n_local >= 0; got "
+                         f"{tuple(teacher_probs.shape)}, n_global={n_global}, n_local={n_local}")
+    views = teacher_probs.chunk(n_global)
+    every = views[0] if n_global == 1 else torch.stack(views).sum(dim=0)
+    others = []
+    for i in range(n_global):
+        rest = [views[j] for j in range(n_global) if j != i]
+        if not rest:  # a single global view has no pair: its rows meet zero targets and add nothing
+            others.append(torch.zeros_like(views[i]))
+        else:
+            others.append(rest[0] if len(rest) == 1 else torch.stack(rest).sum(dim=0))
+    denom = (n_global - 1) * n_global + max(n_local * n_global, 1)
+    return [every] * n_local, others, denom
 
 
 class DINOLoss(nn.Module):

@@ -84,13 +84,19 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 - official name
                 "student and teacher masked tokens must both be (M, K) with the same shape, got "
                 f"{tuple(s.shape)} and {tuple(t.shape)}"
             )
+        ce = soft_cross_entropy(s, t, self.student_temp)  # float32 for half-precision inputs, as the official code
+        return self.weighted_sum(ce, student_masks_flat, n_masked_patches, masks_weight)
+
+    def weighted_sum(self, ce: Tensor, student_masks_flat: Tensor, n_masked_patches: int | None = None,
+                     masks_weight: Tensor | None = None) -> Tensor:
+        """The loss from the masked tokens' cross-entropies (M,) (computed at this loss's student
+        temperature): `forward_masked`'s weighting and normalisation, for callers that scored the
+        tokens together with other rows (`soft_cross_entropy` with target segments)."""
         if student_masks_flat.ndim != 2 or student_masks_flat.dtype != torch.bool:
             raise ValueError(
                 "student_masks_flat must be an (N_images, n_tokens) bool tensor, got "
                 f"shape {tuple(student_masks_flat.shape)} dtype {student_masks_flat.dtype}"
             )
-        ce = soft_cross_entropy(s, t, self.student_temp)  # float32 for half-precision inputs, as the official code
-
         if masks_weight is None:
             per_image = 1.0 / student_masks_flat.sum(dim=-1).clamp(min=1).to(ce.dtype)
             masks_weight = per_image.unsqueeze(-1).expand_as(student_masks_flat)[student_masks_flat]

@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from dinotrain.distributed.fsdp import ema_update, reshard, shard_module
-from dinotrain.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from dinotrain.losses import DINOLoss, KoLeoLoss, dino_crossview_targets, iBOTPatchLoss
+from dinotrain.losses.cross_entropy import soft_cross_entropy
 from dinotrain.models.heads import DINOHead
 from dinotrain.models.vision_transformer import DinoVisionTransformer, ViTSpec, build_vit, vit_from_spec
 
@@ -78,6 +79,10 @@ class SSLMetaArch(nn.Module):
         # The last block computes only the tokens the losses read (CLS, iBOT-masked patches); False runs
         # it on every token (same values; kept for tests and the before/after benchmark).
         self.last_block_rows_only = True
+        # The shared head's rows in one cross-entropy call with target segments (one gradient); False: split
+        # logits and one call per loss (same values; kept for tests and the before/after benchmark).
+        # (One temperature for all rows: both losses' student temperature is the official 0.1.)
+        self.one_cross_entropy = self.ibot_patch_loss.student_temp == self.dino_loss.student_temp
 
     # ---- set-up ------------------------------------------------------------------------------
     def load_student_backbone(self, weights) -> None:
@@ -210,27 +215,39 @@ class SSLMetaArch(nn.Module):
             g_patch = patch_tokens_at(outs[0], batch["mask_indices_list"])
             if not self.ibot_separate_head:
                 head_in.append(g_patch)
-        # split, not slices: the backward of a split concatenates the parts' gradients, while each slice's
-        # backward would zero-fill and add a gradient of the whole (rows, prototypes) output
-        l_logits, g_logits, *patch_part = torch.split(
-            self.student["dino_head"](torch.cat(head_in)).float(), [t.shape[0] for t in head_in])
-
-        dino_global, dino_local = self.dino_loss.dino_crossview_losses(
-            g_logits, l_logits if self.n_local_crops else None, teacher_cls, n_global=N_GLOBAL_CROPS)
+        logits = at_least_fp32(self.student["dino_head"](torch.cat(head_in)))
+        n_l, n_g = l_cls.shape[0], g_cls.shape[0]
+        patch_ce = None
+        if self.one_cross_entropy:
+            # every row of the shared head's output in one cross-entropy against its target segment: one
+            # (rows, prototypes) gradient, where split logits write one per part and concatenate them
+            b = n_g // N_GLOBAL_CROPS
+            local_t, global_t, denom = dino_crossview_targets(teacher_cls, N_GLOBAL_CROPS, n_l // b)
+            patches = [teacher_patch] if len(head_in) == 3 else []
+            ce = soft_cross_entropy(logits, [*local_t, *global_t, *patches], self.dino_loss.student_temp)
+            dino_local, dino_global = ce[:n_l].sum() / (b * denom), ce[n_l : n_l + n_g].sum() / (b * denom)
+            patch_ce = ce[n_l + n_g :] if patches else None
+        else:
+            # split, not slices: the backward of a split concatenates the parts' gradients, while each slice's
+            # backward would zero-fill and add a gradient of the whole (rows, prototypes) output
+            l_logits, g_logits, *patch_part = torch.split(logits, [t.shape[0] for t in head_in])
+            dino_global, dino_local = self.dino_loss.dino_crossview_losses(
+                g_logits, l_logits if self.n_local_crops else None, teacher_cls, n_global=N_GLOBAL_CROPS)
         w = self.cfg.dino.loss_weight
         terms = {"dino_global_term": w * dino_global, "dino_local_term": w * dino_local}
         logged = {"dino_global_crops_loss": dino_global, "dino_local_crops_loss": dino_local}
         if self.do_koleo:
-            terms["koleo_term"] = self.cfg.dino.koleo_loss_weight * self._koleo(g_cls.float())
+            terms["koleo_term"] = self.cfg.dino.koleo_loss_weight * self._koleo(at_least_fp32(g_cls))
             logged["koleo_loss"] = terms["koleo_term"] / 2
         if self.do_ibot:
-            if self.ibot_separate_head:
-                patch_logits = self.student["ibot_head"](g_patch).float()
+            if patch_ce is not None:
+                ibot = self.ibot_patch_loss.weighted_sum(patch_ce, batch["collated_masks"],
+                                                         masks_weight=batch["masks_weight"])
             else:
-                patch_logits = patch_part[0]
-            ibot = self.ibot_patch_loss.forward_masked(
-                patch_logits, teacher_patch, student_masks_flat=batch["collated_masks"],
-                masks_weight=batch["masks_weight"])
+                patch_logits = at_least_fp32(self.student["ibot_head"](g_patch)) if self.ibot_separate_head else patch_part[0]
+                ibot = self.ibot_patch_loss.forward_masked(
+                    patch_logits, teacher_patch, student_masks_flat=batch["collated_masks"],
+                    masks_weight=batch["masks_weight"])
             terms["ibot_term"] = self.cfg.ibot.loss_weight * ibot
             logged["ibot_loss"] = ibot / 2
         total = sum(terms.values())
@@ -258,10 +275,15 @@ def teacher_logits(nets: nn.ModuleDict, batch: dict, do_ibot: bool,
     cls = out["x_norm_clstoken"]
     masked = patch_tokens_at(out, batch["mask_indices_list"]) if do_ibot else None
     if do_ibot and "ibot_head" not in nets:
-        logits = nets["dino_head"](torch.cat((cls, masked))).float()
+        logits = at_least_fp32(nets["dino_head"](torch.cat((cls, masked))))
         return logits[: cls.shape[0]], logits[cls.shape[0]:]
-    cls_logits = nets["dino_head"](cls).float()
-    return cls_logits, nets["ibot_head"](masked).float() if do_ibot else None
+    cls_logits = at_least_fp32(nets["dino_head"](cls))
+    return cls_logits, at_least_fp32(nets["ibot_head"](masked)) if do_ibot else None
+
+
+def at_least_fp32(x: Tensor) -> Tensor:
+    """Logits for losses over many prototypes: half precision read in float32, float64 kept (tests)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def selected_patches(batch: dict, do_ibot: bool) -> Tensor:

@@ -104,3 +104,28 @@ def test_bad_inputs_are_refused_in_one_line():
         soft_cross_entropy(torch.zeros(3), torch.zeros(3), 0.1)
     with pytest.raises(ValueError, match="temperature"):
         soft_cross_entropy(torch.zeros(2, 3), torch.zeros(2, 3), 0.0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_target_segments_equal_the_textbook_expression_on_each_part(small_blocks, dtype, tol):
+    logits, _ = inputs(14, 1000, dtype)
+    _, t_a = inputs(5, 1000, dtype, seed=1)
+    _, t_b = inputs(2, 1000, dtype, seed=2)
+    segments = [t_a, t_b, t_a, torch.zeros(0, 1000, dtype=dtype), t_b[:2]]  # repeated, empty, a view
+    full = torch.cat(segments)
+    assert full.shape[0] == 14
+    weights = torch.rand(14, dtype=dtype)
+    a = logits.clone().requires_grad_()
+    b = logits.clone().requires_grad_()
+    fast, slow = soft_cross_entropy(a, segments, 0.1), reference(b, full, 0.1)
+    torch.testing.assert_close(fast, slow, rtol=tol, atol=tol)
+    (fast * weights).sum().backward()
+    (slow * weights).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=tol, atol=tol)
+
+
+def test_bad_segments_are_refused_in_one_line():
+    with pytest.raises(ValueError, match="sum\\(M_i\\) = M"):
+        soft_cross_entropy(torch.zeros(4, 3), [torch.zeros(2, 3), torch.zeros(1, 3)], 0.1)
+    with pytest.raises(ValueError, match="sum\\(M_i\\) = M"):
+        soft_cross_entropy(torch.zeros(4, 3), [torch.zeros(4, 2)], 0.1)

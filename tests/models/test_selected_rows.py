@@ -1,20 +1,14 @@
 """The last block on the rows a step reads (CLS + iBOT-masked patches) equals the full forward at those rows.
 
 Checked in float64 at the backbone (outputs and parameter gradients, with registers, both stochastic-depth
-paths, activation checkpointing) and at the SSL step (every logged loss term and every gradient), so the
-saving can never change what is learned.
+paths, activation checkpointing); the SSL step with and without it in tests/train/test_fast_paths.py.
 """
-
-import copy
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dinotrain.config import load_config
 from dinotrain.models.vision_transformer import DinoVisionTransformer
-from dinotrain.train.batches import GlobalMaskCollator
-from dinotrain.train.ssl import SSLMetaArch
 
 
 def _backbone(drop_path: float = 0.0, registers: int = 0) -> DinoVisionTransformer:
@@ -98,43 +92,3 @@ def test_last_block_work_shrinks():
 
     # 4 images x 17 tokens; the last of 3 blocks keeps its qkv and attention but projects 5 rows of 68
     assert flops(True) < 0.87 * flops(False)
-
-
-def _ssl(overrides):
-    cfg = load_config(None, ["student.arch=vit_tiny", "student.patch_size=8", "crops.global_crops_size=32",
-                             "crops.local_crops_size=16", "dino.head_n_prototypes=64", "dino.head_hidden_dim=32",
-                             "dino.head_bottleneck_dim=16", "ibot.head_n_prototypes=48", "ibot.head_hidden_dim=32",
-                             "ibot.head_bottleneck_dim=16", "compute_precision.dtype=fp32", *overrides])
-    torch.manual_seed(0)
-    model = SSLMetaArch(cfg).double()
-    n_local = cfg.crops.local_crops_number
-    items = [(i, ({"global_crops": [torch.randn(3, 32, 32, dtype=torch.float64) for _ in range(2)],
-                   "local_crops": [torch.randn(3, 16, 16, dtype=torch.float64) for _ in range(n_local)]}, 0), 0)
-             for i in range(4)]
-    batch = GlobalMaskCollator(4, 16, 4, (0.1, 0.5), 1.0, seed=0)(items)
-    return model, batch
-
-
-@pytest.mark.parametrize("overrides", [
-    [],  # shared DINO/iBOT head
-    ["ibot.separate_head=true", "student.drop_path_rate=0.3", "train.centering=sinkhorn_knopp"],
-    ["crops.local_crops_number=0", "ibot.loss_weight=0.0"],
-])
-def test_ssl_step_is_unchanged(overrides):
-    base, batch = _ssl(overrides)
-    results = {}
-    for rows_only in (False, True):
-        model = copy.deepcopy(base)  # the centre EMA is state: both start from the same one
-        model.last_block_rows_only = rows_only
-        torch.manual_seed(7)
-        total, logged = model.compute_losses(batch, teacher_temp=0.05)
-        total.backward()
-        grads = {n: p.grad for n, p in model.student.named_parameters() if p.grad is not None}
-        results[rows_only] = total.detach(), {k: v.detach() for k, v in logged.items()}, grads
-    (t0, l0, g0), (t1, l1, g1) = results[False], results[True]
-    torch.testing.assert_close(t0, t1, rtol=1e-12, atol=0)
-    for k in l0:
-        torch.testing.assert_close(l0[k], l1[k], rtol=1e-12, atol=1e-14, msg=k)
-    assert g0.keys() == g1.keys() and g0
-    for name in g0:
-        torch.testing.assert_close(g0[name], g1[name], rtol=1e-9, atol=1e-13, msg=name)

@@ -11,6 +11,8 @@ Cases (ours vs the peer, timed interleaved in one process so machine noise hits 
                  Peer: the same step built from lightly's losses and heads on a timm ViT (tools/bench/peer_lightly.py).
                  g runs with FSDP2 + activation checkpointing (peer: timm gradient checkpointing).
   last-block     ours only: the step-S with the last block on the rows the losses read (now) vs every token (before).
+  one-ce         ours only: the step-S with the shared head's rows in one cross-entropy against target segments
+                 (now) vs split logits and one cross-entropy per loss (before).
   distill        distillation step (frozen ViT teacher -> student), no peer (the official code ships none).
   inference-S..  forward only, ours vs timm's ViT of the same shape.
   data           decode + multi-crop + iBOT masks + collate on ImageNet-sized JPEGs, images/s per CPU core:
@@ -141,21 +143,21 @@ def case_step(size: str, args, device) -> list[dict]:
     return measure(f"step-{size}", runners, args, device, images=args.batch)
 
 
-def case_last_block(args, device) -> list[dict]:
-    """Our ViT-S/14 step with the last block on the rows the losses read (CLS + iBOT-masked patches; now) vs
-    on every token (before), the same model and batch."""
-    from train_step import step
+def case_fast_path(attr: str, case: str, now: str, before: str):
+    """Our ViT-S/14 step with one fast path of `SSLMetaArch` on (now) vs off (before), same model and batch."""
+    def run_case(args, device) -> list[dict]:
+        from train_step import step
 
-    model, optimizer, cfg, batch = _our_step("S", args, device)
+        model, optimizer, cfg, batch = _our_step("S", args, device)
 
-    def run(rows_only: bool):
-        def call():
-            model.last_block_rows_only = rows_only
-            step(model, optimizer, cfg, batch)
-        return call
+        def run(on: bool):
+            def call():
+                setattr(model, attr, on)
+                step(model, optimizer, cfg, batch)
+            return call
 
-    return measure("step-S, last block", {"rows read (now)": run(True), "every token (before)": run(False)},
-                   args, device, images=args.batch)
+        return measure(case, {now: run(True), before: run(False)}, args, device, images=args.batch)
+    return run_case
 
 
 def measure(case: str, runners: dict, args, device, images: int) -> list[dict]:
@@ -316,7 +318,9 @@ def case_ibot_loss(args, device) -> list[dict]:
 
 CASES = {
     **{f"step-{s}": (lambda s: lambda a, d: case_step(s, a, d))(s) for s in ARCHS},
-    "last-block": case_last_block,
+    "last-block": case_fast_path("last_block_rows_only", "step-S, last block", "rows read (now)", "every token (before)"),
+    "one-ce": case_fast_path("one_cross_entropy", "step-S, head cross-entropies", "one call, one gradient (now)",
+                             "split logits (before)"),
     "distill": case_distill,
     **{f"inference-{s}": (lambda s: lambda a, d: case_inference(s, a, d))(s) for s in ARCHS},
     "data": case_data,
