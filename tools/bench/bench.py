@@ -11,6 +11,8 @@ Cases (ours vs the peer, timed interleaved in one process so machine noise hits 
                  Peer: the same step built from lightly's losses and heads on a timm ViT (tools/bench/peer_lightly.py).
                  g runs with FSDP2 + activation checkpointing (peer: timm gradient checkpointing).
   last-block     ours only: the step-S with the last block on the rows the losses read (now) vs every token (before).
+  head-ce        the step-S head's last layer + DINO/iBOT cross-entropies alone: one call against target segments
+                 (now) vs split logits (before).
   one-ce         ours only: the step-S with the shared head's rows in one cross-entropy against target segments
                  (now) vs split logits and one cross-entropy per loss (before).
   distill        distillation step (frozen ViT teacher -> student), no peer (the official code ships none).
@@ -316,6 +318,40 @@ def case_ibot_loss(args, device) -> list[dict]:
     return rows
 
 
+def case_head_ce(args, device) -> list[dict]:
+    """The step-S head's last layer and its three cross-entropies at batch 8 (64 local + 16 global CLS rows + 60
+    masked patches, 65,536 prototypes), forward + backward: one call against target segments (now) vs split logits
+    and one call per loss (before)."""
+    import torch.nn.functional as F
+
+    from dinotrain.losses.cross_entropy import soft_cross_entropy
+    from dinotrain.losses.dino import dino_crossview_losses, dino_crossview_targets
+
+    b, k, n_local, n_masked = 8, 65536, 8, 60
+    g = torch.Generator(device=device).manual_seed(0)
+    rows = torch.randn(n_local * b + 2 * b + n_masked, 256, device=device, generator=g)
+    prototypes = torch.randn(k, 256, device=device, generator=g) * 0.1
+    teacher = F.softmax(torch.randn(2 * b, k, device=device, generator=g) / 0.05, dim=-1)
+    teacher_patch = F.softmax(torch.randn(n_masked, k, device=device, generator=g) / 0.05, dim=-1)
+    n_l, n_g = n_local * b, 2 * b
+
+    def split():
+        x = rows.clone().requires_grad_()
+        local, glob, patch = torch.split(x @ prototypes.T, [n_l, n_g, n_masked])
+        dino_g, dino_l = dino_crossview_losses(glob, local, teacher, 2)
+        (dino_g + dino_l + soft_cross_entropy(patch, teacher_patch, 0.1).sum()).backward()
+
+    def segments():
+        x = rows.clone().requires_grad_()
+        local_t, global_t, denom = dino_crossview_targets(teacher, 2, n_local)
+        ce = soft_cross_entropy(x @ prototypes.T, [*local_t, *global_t, teacher_patch], 0.1)
+        (ce[:n_l].sum() / (b * denom) + ce[n_l:n_l + n_g].sum() / (b * denom) + ce[n_l + n_g:].sum()).backward()
+
+    return measure("step-S head + cross-entropies fwd+bwd", {"one call, segments (now)": segments,
+                                                             "split logits (before)": split},
+                   argparse.Namespace(**{**vars(args), "flops": False}), device, images=b)
+
+
 CASES = {
     **{f"step-{s}": (lambda s: lambda a, d: case_step(s, a, d))(s) for s in ARCHS},
     "last-block": case_fast_path("last_block_rows_only", "step-S, last block", "rows read (now)", "every token (before)"),
@@ -327,6 +363,7 @@ CASES = {
     "masks": case_masks,
     "sinkhorn": case_sinkhorn,
     "ibot-loss": case_ibot_loss,
+    "head-ce": case_head_ce,
 }
 
 
