@@ -229,16 +229,20 @@ class Block(nn.Module):
             keep = torch.randperm(batch, device=x.device)[:kept]
             slot = torch.full((batch,), -1, dtype=torch.long, device=x.device)
             slot[keep] = torch.arange(kept, device=x.device)
-            hit = (slot[sample] >= 0).nonzero().squeeze(1)
+            # rows of dropped samples read a kept sample's context and are then scaled by 0: no index of
+            # data-dependent length, so no host sync on a GPU
             context = self.attn.context(self.norm1(x[keep])).flatten(0, 1)
-            branch = self.ls1(self.attn.proj(context[slot[sample[hit]] * n_tokens + rows[hit] % n_tokens]))
-            y = torch.index_add(flat[rows], 0, hit, branch.to(x.dtype), alpha=batch / kept)
+            branch = self.ls1(self.attn.proj(context[slot[sample].clamp(min=0) * n_tokens + rows % n_tokens]))
+            y = flat[rows] + branch.to(x.dtype) * self._kept_scale(slot[sample] >= 0, batch / kept, x.dtype)
             keep = torch.randperm(batch, device=x.device)[:kept]
-            hit = torch.isin(sample, keep).nonzero().squeeze(1)
-            return torch.index_add(y, 0, hit, self._ffn_branch(y[hit]).to(x.dtype), alpha=batch / kept)
+            return y + self._ffn_branch(y).to(x.dtype) * self._kept_scale(torch.isin(sample, keep), batch / kept, x.dtype)
         context = self.attn.context(self.norm1(x)).flatten(0, 1)[rows]
         y = flat[rows] + self.drop_path.forward_rows(self.ls1(self.attn.proj(context)), sample, batch)
         return y + self.drop_path.forward_rows(self._ffn_branch(y), sample, batch)
+
+    @staticmethod
+    def _kept_scale(kept_rows: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+        return (kept_rows.to(dtype) * scale).unsqueeze(-1)
 
     def forward(self, x: Tensor | list[Tensor], rows: Tensor | list[Tensor] | None = None) -> Tensor | list[Tensor]:
         """(B, N, D) -> (B, N, D); with `rows` (indices into the flattened B * N tokens), only those
