@@ -47,17 +47,14 @@ class _SoftCrossEntropy(torch.autograd.Function):
         target_mass = torch.empty(rows, dtype=dtype, device=logits.device)
         step = _row_block(rows, cols, logits.device)
         scaled = torch.empty(step, cols, dtype=dtype, device=logits.device)  # reused by every block
-        for first, segment in _segments(targets):
-            for start in range(0, segment.shape[0], step):
-                end = min(start + step, segment.shape[0])
-                r0, r1 = first + start, first + end
-                block = scaled[: end - start]
-                torch.div(logits[r0:r1].to(dtype), temperature, out=block)  # no copy unless half precision
-                t = segment[start:end].to(dtype)
-                lse[r0:r1] = torch.logsumexp(block, dim=-1)
-                target_mass[r0:r1] = t.sum(dim=-1)
-                dot = block.mul_(t).sum(dim=-1)  # <t, s / temp>, in the block's own memory (not needed after)
-                out[r0:r1] = lse[r0:r1] * target_mass[r0:r1] - dot
+        for r0, r1, target_rows in _row_blocks(targets, step):
+            block = scaled[: r1 - r0]
+            torch.div(logits[r0:r1].to(dtype), temperature, out=block)  # no copy unless half precision
+            t = target_rows.to(dtype)
+            lse[r0:r1] = torch.logsumexp(block, dim=-1)
+            target_mass[r0:r1] = t.sum(dim=-1)
+            dot = block.mul_(t).sum(dim=-1)  # <t, s / temp>, in the block's own memory (not needed after)
+            out[r0:r1] = lse[r0:r1] * target_mass[r0:r1] - dot
         ctx.save_for_backward(logits, lse, target_mass, *targets)
         ctx.temperature = temperature
         return out
@@ -74,26 +71,25 @@ class _SoftCrossEntropy(torch.autograd.Function):
         step = _row_block(rows, cols, logits.device)
         in_place = grad.dtype == dtype  # full-precision gradients are written straight into their rows
         buffer = None if in_place else torch.empty(step, cols, dtype=dtype, device=logits.device)
-        for first, segment in _segments(targets):
-            for start in range(0, segment.shape[0], step):
-                end = min(start + step, segment.shape[0])
-                r0, r1 = first + start, first + end
-                probs = grad[r0:r1] if in_place else buffer[: end - start]
-                torch.div(logits[r0:r1].to(dtype), temperature, out=probs)
-                probs.sub_(lse[r0:r1, None]).exp_().mul_(target_mass[r0:r1, None])
-                probs.sub_(segment[start:end]).mul_(scale[r0:r1, None])
-                if not in_place:
-                    grad[r0:r1] = probs
+        for r0, r1, target_rows in _row_blocks(targets, step):
+            probs = grad[r0:r1] if in_place else buffer[: r1 - r0]
+            torch.div(logits[r0:r1].to(dtype), temperature, out=probs)
+            probs.sub_(lse[r0:r1, None]).exp_().mul_(target_mass[r0:r1, None])
+            probs.sub_(target_rows).mul_(scale[r0:r1, None])
+            if not in_place:
+                grad[r0:r1] = probs
         return (grad, None, *[None] * len(targets))
 
 
-def _segments(targets) -> list[tuple[int, Tensor]]:
-    """(first row, targets) of each segment."""
-    out, first = [], 0
-    for t in targets:
-        out.append((first, t))
-        first += t.shape[0]
-    return out
+def _row_blocks(segments, step: int):
+    """(first row, end row, their targets) of blocks of at most `step` logit rows; a block never spans two
+    target segments."""
+    first = 0
+    for segment in segments:
+        for start in range(0, segment.shape[0], step):
+            end = min(start + step, segment.shape[0])
+            yield first + start, first + end, segment[start:end]
+        first += segment.shape[0]
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor | Sequence[Tensor], temperature: float) -> Tensor:

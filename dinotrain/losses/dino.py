@@ -89,21 +89,16 @@ def dino_crossview_losses(
             raise ValueError(f"{student_local.shape[0]} local rows are not a multiple of the batch size B={b}")
         n_local = student_local.shape[0] // b
 
-    n_global_terms = (n_global - 1) * n_global
-    n_local_terms = max(n_local * n_global, 1)
-    denom = n_global_terms + n_local_terms
-
+    local_targets, global_targets, denom = dino_crossview_targets(teacher_probs, n_global, n_local)
     s_views = student_global.chunk(n_global)
-    t_views = teacher_probs.chunk(n_global)
     global_loss = student_global.new_zeros((), dtype=torch.promote_types(student_global.dtype, torch.float32))
-    for i in range(n_global):  # the "swap": student view i against every other teacher view
-        others = [t_views[j] for j in range(n_global) if j != i]
-        if others:
-            global_loss = global_loss + _dino_sum([s_views[i]], others, student_temp)
+    if n_global > 1:  # the "swap": student view i against the sum of every other teacher view
+        for view, targets in zip(s_views, global_targets):
+            global_loss = global_loss + _dino_sum([view], [targets], student_temp)
     global_loss = global_loss / denom
 
     if n_local:
-        local_loss = _dino_sum(student_local.chunk(n_local), t_views, student_temp) / denom
+        local_loss = _dino_sum(student_local.chunk(n_local), local_targets[:1], student_temp) / denom
     else:
         local_loss = global_loss.new_zeros(())
     return global_loss, local_loss
