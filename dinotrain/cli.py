@@ -7,6 +7,7 @@ Errors a user can fix (bad config, missing file, wrong weights) print one clear 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import sys
@@ -608,7 +609,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _enable_faulthandler() -> None:
+    """A native crash (SIGSEGV, or SIGABRT from a C++ library) then prints each thread's Python stack."""
+    if faulthandler.is_enabled():
+        return
+    try:
+        faulthandler.enable()
+    except (ValueError, OSError, AttributeError):  # stderr is not a file (captured, redirected in Python)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    _enable_faulthandler()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:

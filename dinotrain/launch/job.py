@@ -89,6 +89,12 @@ class StopRequest:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+    def ignore_from_now(self) -> None:
+        """At the end of the job's work: the signal is ignored by the process itself (SIG_IGN), not by a
+        Python handler, which the interpreter resets to the default action while it shuts down: a signal
+        in those last moments would kill a finished job with USR2 and SLURM would record it as failed."""
+        signal.signal(self.signum, signal.SIG_IGN)
+
     def hand_over(self) -> None:
         """After the checkpoint: rank 0 lets submitit call `checkpoint()` and requeue (it exits the process)."""
         self._call_submitit(self.signum, None)
@@ -186,6 +192,7 @@ class SlurmRun(submitit.helpers.Checkpointable):
                             trainer.stopped_at, stop_reason(self.signal_delay_s), restarts + 1, cfg.launch.max_requeues)
         finally:
             destroy_distributed()
+            stop.ignore_from_now()
         if is_main:
             stop.hand_over()  # submitit requeues and exits; raises RequeueLimitReached when the limit is reached
         # the other ranks leave without a result file: the job is not over, its requeued run writes the results

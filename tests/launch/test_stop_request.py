@@ -44,3 +44,26 @@ def test_signal_after_the_loop_ended_does_not_requeue(submitit_calls):
         pass  # the loop ran to its end
     os.kill(os.getpid(), signal.SIGUSR2)  # during the export or the result file: the job is about to end
     assert submitit_calls == [] and stop.received_at is None
+
+
+def test_the_job_ends_with_the_signal_ignored_by_the_process(submitit_calls, monkeypatch, tmp_path):
+    """Python resets its handlers to the default action while the interpreter shuts down; a USR2 then would
+    kill the finished job (exit 140, recorded as FAILED): the job leaves the signal ignored (SIG_IGN) instead."""
+    from dinotrain.launch.job import SlurmRun
+
+    class FinishedRun:
+        start_iter, max_iter, stopped_at = 0, 3, None
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def run(self, stop):
+            with stop.armed():
+                return {"loss": 1.0}
+
+    monkeypatch.setattr(SlurmRun, "_loop_class", lambda self: FinishedRun)
+    result = SlurmRun("train", {"launch": {"max_requeues": 3}}, str(tmp_path), signal_delay_s=30)()
+    assert result["iteration"] == 3
+    assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
+    os.kill(os.getpid(), signal.SIGUSR2)  # neither kills this process nor requeues
+    assert submitit_calls == []
