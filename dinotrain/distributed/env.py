@@ -91,7 +91,9 @@ def _release_mesh_process_groups() -> None:
 
     gc.collect()  # sharded modules left in reference cycles by the run hold meshes and groups too
     for obj in gc.get_objects():
-        registry = getattr(obj, "_pg_registry", None) if isinstance(obj, DeviceMesh) else None
+        # issubclass(type(...)), not isinstance: DeviceMesh's metaclass reads `obj.__class__`, which warns
+        # on deprecated module proxies such as `torch.distributed.reduce_op` (noise on a clean exit's stderr)
+        registry = getattr(obj, "_pg_registry", None) if issubclass(type(obj), DeviceMesh) else None
         if isinstance(registry, dict):
             registry.clear()
     for _ in range(3):  # a collection can free objects whose finalisers release more
