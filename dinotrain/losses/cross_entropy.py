@@ -48,12 +48,9 @@ class _SoftCrossEntropy(torch.autograd.Function):
         step = _row_block(rows, cols, logits.device)
         scaled = torch.empty(step, cols, dtype=dtype, device=logits.device)  # reused by every block
         for r0, r1, target_rows in _row_blocks(targets, step):
-            block = scaled[: r1 - r0]
-            torch.div(logits[r0:r1].to(dtype), temperature, out=block)  # no copy unless half precision
             t = target_rows.to(dtype)
-            lse[r0:r1] = torch.logsumexp(block, dim=-1)
             target_mass[r0:r1] = t.sum(dim=-1)
-            dot = block.mul_(t).sum(dim=-1)  # <t, s / temp>, in the block's own memory (not needed after)
+            lse[r0:r1], dot = _lse_and_dot(logits[r0:r1], t, temperature, scaled[: r1 - r0])
             out[r0:r1] = lse[r0:r1] * target_mass[r0:r1] - dot
         ctx.save_for_backward(logits, lse, target_mass, *targets)
         ctx.temperature = temperature
@@ -79,6 +76,18 @@ class _SoftCrossEntropy(torch.autograd.Function):
             if not in_place:
                 grad[r0:r1] = probs
         return (grad, None, *[None] * len(targets))
+
+
+def _lse_and_dot(logits: Tensor, targets: Tensor, temperature: float, block: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row: logsumexp(s / temp) and <t, s / temp>, using `block` (the rows' shape, compute dtype) as scratch.
+
+    The log-sum-exp runs in the block's own memory (torch.logsumexp would allocate its `s - max`), then the
+    block is written again for the dot product: a second division costs less than a new (rows, K) tensor."""
+    torch.div(logits.to(block.dtype), temperature, out=block)  # no copy unless half precision
+    row_max = block.amax(dim=-1, keepdim=True)
+    lse = block.sub_(row_max).exp_().sum(dim=-1).log_().add_(row_max.squeeze(-1))
+    torch.div(logits.to(block.dtype), temperature, out=block)
+    return lse, block.mul_(targets).sum(dim=-1)
 
 
 def _row_blocks(segments, step: int):

@@ -39,8 +39,13 @@ class PrototypeLinear(nn.Module):
         self.weight_g = nn.Parameter(torch.ones(out_features, 1), requires_grad=not self.norm_last_layer)
 
     def effective_weight(self) -> Tensor:
-        """The effective (out, in) weight g * v / ||v|| (norm over each row, as weight_norm's dim=0)."""
-        return self.weight_v * (self.weight_g / self.weight_v.norm(p=2, dim=1, keepdim=True))
+        """The effective (out, in) weight g * v / ||v|| (norm over each row, as weight_norm's dim=0).
+
+        Through torch's fused weight-norm op (the one `nn.utils.weight_norm` calls): one pass over the
+        (out, in) matrix each way, where the same formula as separate ops writes three new (out, in)
+        tensors in forward and more in backward (at 65,536 x 256: 67 vs ~300 ms per step on 2 CPU cores).
+        """
+        return torch._weight_norm(self.weight_v, self.weight_g, 0)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.effective_weight())

@@ -121,6 +121,21 @@ def test_gain_is_trained_by_default():
     assert not torch.equal(head.last_layer.weight_g, before)
 
 
+def test_prototype_gradients_match_the_explicit_formula_in_float64():
+    """The fused weight-norm op against g * v / ||v|| written out (autograd through plain ops), float64."""
+    head = small_head().double()
+    with torch.no_grad():
+        head.last_layer.weight_g.uniform_(0.3, 2.5)
+    v = head.last_layer.weight_v.detach().clone().requires_grad_()
+    g = head.last_layer.weight_g.detach().clone().requires_grad_()
+    z = torch.randn(7, BOT, dtype=torch.float64)
+    upstream = torch.randn(7, K, dtype=torch.float64)
+    head.last_layer(z).backward(upstream)
+    F.linear(z, g * v / v.norm(dim=1, keepdim=True)).backward(upstream)
+    torch.testing.assert_close(head.last_layer.weight_v.grad, v.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(head.last_layer.weight_g.grad, g.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_norm_last_layer_freezes_the_gain_at_one():
     head = small_head(norm_last_layer=True)
     g = head.last_layer.weight_g

@@ -15,6 +15,8 @@ Cases (ours vs the peer, timed interleaved in one process so machine noise hits 
                  (now) vs split logits (before).
   one-ce         ours only: the step-S with the shared head's rows in one cross-entropy against target segments
                  (now) vs split logits and one cross-entropy per loss (before).
+  head-ops       ours only: the step-S with the head's fused weight norm and the cross-entropies' in-place
+                 log-sum-exp (now) vs the same formulas as separate ops (before).
   distill        distillation step (frozen ViT teacher -> student), no peer (the official code ships none).
   inference-S..  forward only, ours vs timm's ViT of the same shape.
   data           decode + multi-crop + iBOT masks + collate on ImageNet-sized JPEGs, images/s per CPU core:
@@ -160,6 +162,22 @@ def case_fast_path(attr: str, case: str, now: str, before: str):
 
         return measure(case, {now: run(True), before: run(False)}, args, device, images=args.batch)
     return run_case
+
+
+def case_head_ops(args, device) -> list[dict]:
+    """Our ViT-S/14 step with the head's fused weight norm and the in-place log-sum-exp of the cross-entropies
+    (now) vs the same formulas as separate ops (before, tools/bench/previous.py), same model and batch."""
+    from previous import separate_op_weight_norm_and_logsumexp
+    from train_step import step
+
+    model, optimizer, cfg, batch = _our_step("S", args, device)
+
+    def before():
+        with separate_op_weight_norm_and_logsumexp():
+            step(model, optimizer, cfg, batch)
+
+    return measure("step-S, head ops", {"fused weight norm, in-place lse (now)": lambda: step(model, optimizer, cfg, batch),
+                                        "separate ops (before)": before}, args, device, images=args.batch)
 
 
 def measure(case: str, runners: dict, args, device, images: int) -> list[dict]:
@@ -357,6 +375,7 @@ CASES = {
     "last-block": case_fast_path("last_block_rows_only", "step-S, last block", "rows read (now)", "every token (before)"),
     "one-ce": case_fast_path("one_cross_entropy", "step-S, head cross-entropies", "one call, one gradient (now)",
                              "split logits (before)"),
+    "head-ops": case_head_ops,
     "distill": case_distill,
     **{f"inference-{s}": (lambda s: lambda a, d: case_inference(s, a, d))(s) for s in ARCHS},
     "data": case_data,

@@ -1,0 +1,40 @@
+"""Previous implementations of pieces dinotrain has since made faster, for the harness's before/after cases.
+
+Not used by dinotrain itself: each context manager swaps one current implementation for the one it replaced,
+so a case can time both on the same model and batch in one process (same values: the tests check the
+current ones against independent references).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+
+def _effective_weight_separate_ops(self) -> Tensor:
+    """PrototypeLinear's weight norm before: g * v / ||v|| as separate ops (three new (out, in) tensors)."""
+    return self.weight_v * (self.weight_g / self.weight_v.norm(p=2, dim=1, keepdim=True))
+
+
+def _lse_and_dot_with_logsumexp(logits: Tensor, targets: Tensor, temperature: float, block: Tensor):
+    """The cross-entropy's row statistics before: torch.logsumexp, which allocates its own `s - max`."""
+    torch.div(logits.to(block.dtype), temperature, out=block)
+    lse = torch.logsumexp(block, dim=-1)
+    return lse, block.mul_(targets).sum(dim=-1)
+
+
+@contextlib.contextmanager
+def separate_op_weight_norm_and_logsumexp():
+    """The DINO head's prototype weight norm and the cross-entropies' log-sum-exp as they were before."""
+    from dinotrain.losses import cross_entropy
+    from dinotrain.models.heads import PrototypeLinear
+
+    saved = PrototypeLinear.effective_weight, cross_entropy._lse_and_dot
+    PrototypeLinear.effective_weight = _effective_weight_separate_ops
+    cross_entropy._lse_and_dot = _lse_and_dot_with_logsumexp
+    try:
+        yield
+    finally:
+        PrototypeLinear.effective_weight, cross_entropy._lse_and_dot = saved
