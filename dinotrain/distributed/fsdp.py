@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -37,14 +38,33 @@ def use_tf32(dtype: torch.dtype, device: torch.device, enabled: bool = True) -> 
     return on
 
 
+def fsdp_needed(dtype: torch.dtype) -> bool:
+    """Whether FSDP2 has work to do: shard parameters over several ranks, or cast them to a compute dtype.
+
+    One process computing in fp32 needs neither, and FSDP2 would still copy every parameter into a fresh
+    unsharded buffer at each gather (student forward and backward, teacher forward) and every gradient at
+    each reduction: 9 % of a ViT-S/14 training step on 2 CPU cores (BENCHMARKS.md, case `alone-plain`)."""
+    alone = not dist.is_initialized() or dist.get_world_size() == 1
+    return not alone or dtype != torch.float32
+
+
 def shard_module(module: nn.Module, dtype: torch.dtype, reshard_after_forward: bool = True,
-                 activation_checkpointing: bool = False, compile_blocks: bool = False) -> nn.Module:
-    """fully_shard each transformer block (if any) and then the module itself."""
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+                 activation_checkpointing: bool = False, compile_blocks: bool = False,
+                 plain_if_unneeded: bool = False) -> nn.Module:
+    """fully_shard each transformer block (if any) and then the module itself.
+
+    `plain_if_unneeded`: leave the module as it is where `fsdp_needed(dtype)` is False (one process, fp32);
+    checkpointing and compilation of the blocks are set up either way. Checkpoints do not depend on it: they
+    are written and read through torch.distributed.checkpoint's state-dict API, so a run can resume on any
+    number of processes (tests/distributed)."""
     for block in getattr(module, "blocks", []):
         block.checkpointing = activation_checkpointing
         if compile_blocks:
             block.compile()
+    if plain_if_unneeded and not fsdp_needed(dtype):
+        return module
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for block in getattr(module, "blocks", []):
         fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(module, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return module

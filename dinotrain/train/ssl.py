@@ -146,14 +146,15 @@ class SSLMetaArch(nn.Module):
                 raise WeightsError(f"its {name} does not fit this config: " + ", ".join(diff)
                                    + f" — set the {name.split('_')[0]}.head_* keys to the file's values")
 
-    def shard(self, dtype: torch.dtype) -> None:
-        """FSDP2 on every network, student and teacher alike (so EMA pairs shards one to one)."""
+    def shard(self, dtype: torch.dtype, plain_if_unneeded: bool = True) -> None:
+        """FSDP2 on every network, student and teacher alike (so EMA pairs shards one to one); one process
+        in fp32 keeps plain modules (`fsdp_needed`) unless `plain_if_unneeded` is False."""
         f = self.cfg.fsdp
         for nets in (self.student, self.teacher):
             for name, module in nets.items():
                 shard_module(module, dtype, reshard_after_forward=f.reshard_after_forward,
                              activation_checkpointing=f.activation_checkpointing and name == "backbone" and nets is self.student,
-                             compile_blocks=f.compile)
+                             compile_blocks=f.compile, plain_if_unneeded=plain_if_unneeded)
 
     # ---- one step ------------------------------------------------------------------------------
     @torch.no_grad()

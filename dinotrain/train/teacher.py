@@ -178,7 +178,7 @@ class FrozenTeacher(nn.Module):
 
     def shard(self, dtype: torch.dtype, reshard_after_forward: bool = True) -> None:
         for module in self.nets.values():
-            shard_module(module, dtype, reshard_after_forward=reshard_after_forward)
+            shard_module(module, dtype, reshard_after_forward=reshard_after_forward, plain_if_unneeded=True)
 
     @torch.no_grad()
     def targets(self, batch: dict, teacher_temp: float) -> tuple[Tensor, Tensor | None]:

@@ -83,3 +83,43 @@ def test_tf32_only_for_fp32_on_a_gpu():
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_one_fp32_process_trains_plain_modules_with_the_fsdp_steps(process_group):
+    """Alone in fp32, SSLMetaArch.shard leaves plain modules (no DTensor) and two full training steps (losses,
+    clipping, AdamW, EMA) give the weights FSDP2 gives; with another dtype FSDP2 is still used (it casts)."""
+    from torch.distributed.tensor import DTensor
+
+    from dinotrain.config import load_config
+    from dinotrain.distributed.fsdp import fsdp_needed
+    from dinotrain.train.batches import build_train_loader, to_device
+    from dinotrain.train.optim import apply_schedules, build_optimizer
+    from dinotrain.train.ssl import SSLMetaArch
+    from trainruns import FAST
+
+    assert not fsdp_needed(torch.float32) and fsdp_needed(torch.bfloat16)
+    cfg = load_config("smoke/cpu_tiny", FAST + ["train.batch_size_per_gpu=6", "student.drop_path_rate=0.0"])
+    loader, _ = build_train_loader(cfg, 0, 1, 0)
+    batches = [to_device(b, torch.device("cpu")) for b, _ in zip(loader, range(2))]
+    weights = {}
+    for plain in (True, False):
+        torch.manual_seed(0)
+        model = SSLMetaArch(cfg)
+        model.shard(torch.float32, plain_if_unneeded=plain)
+        assert any(isinstance(p, DTensor) for p in model.parameters()) is not plain
+        optimizer = build_optimizer(model.student, cfg)
+        apply_schedules(optimizer, lr=1e-3, wd=0.04, last_layer_lr=1e-3)
+        for batch in batches:
+            optimizer.zero_grad(set_to_none=True)
+            model.compute_losses(batch, teacher_temp=0.04)[0].backward()
+            for module in model.student.values():
+                clip_grad_norm(module, 3.0)
+            optimizer.step()
+            model.update_teacher(0.9)
+        weights[plain] = {k: local(v).detach().clone() for k, v in model.state_dict().items()}
+    assert weights[True].keys() == weights[False].keys()
+    for k in weights[True]:
+        torch.testing.assert_close(weights[True][k], weights[False][k], rtol=1e-5, atol=1e-6, msg=k)
+    bf16 = SSLMetaArch(cfg)
+    bf16.shard(torch.bfloat16)
+    assert all(isinstance(p, DTensor) for p in bf16.parameters())

@@ -20,7 +20,7 @@ def losses():
     loader, _ = build_train_loader(cfg, 0, 1, 0)
     batch = to_device(next(iter(loader)), torch.device("cpu"))
     total, logged = model.compute_losses(batch, teacher_temp=0.04)
-    yield cfg, total, {k: float(v) for k, v in logged.items()}
+    yield cfg, total.detach(), {k: float(v.detach()) for k, v in logged.items()}
     destroy_distributed()
 
 

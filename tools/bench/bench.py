@@ -17,6 +17,7 @@ Cases (ours vs the peer, timed interleaved in one process so machine noise hits 
                  (now) vs split logits and one cross-entropy per loss (before).
   head-ops       ours only: the step-S with the head's fused weight norm and the cross-entropies' in-place
                  log-sum-exp (now) vs the same formulas as separate ops (before).
+  alone-plain    ours only: the step-S on one process in fp32 with plain modules (now) vs FSDP2 on one rank (before).
   distill        distillation step (frozen ViT teacher -> student), no peer (the official code ships none).
   inference-S..  forward only, ours vs timm's ViT of the same shape.
   data           decode + multi-crop + iBOT masks + collate on ImageNet-sized JPEGs, images/s per CPU core:
@@ -113,8 +114,9 @@ def ssl_config(size: str, args):
     return load_config(None, overrides)
 
 
-def _our_step(size: str, args, device):
-    """Our SSL meta-arch, sharded, its optimizer, the config and one synthetic batch on `device`."""
+def _our_step(size: str, args, device, plain_if_unneeded: bool = True):
+    """Our SSL meta-arch, sharded (plain modules alone in fp32, as training does), its optimizer, the config and
+    one synthetic batch on `device`."""
     from train_step import synthetic_batch
 
     from dinotrain.train.optim import apply_schedules, build_optimizer
@@ -123,7 +125,7 @@ def _our_step(size: str, args, device):
     cfg = ssl_config(size, args)
     torch.manual_seed(0)
     model = SSLMetaArch(cfg).to(device)
-    model.shard(DTYPES[args.dtype])
+    model.shard(DTYPES[args.dtype], plain_if_unneeded=plain_if_unneeded)
     optimizer = build_optimizer(model.student, cfg)
     apply_schedules(optimizer, lr=1e-4, wd=0.04, last_layer_lr=1e-4)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in synthetic_batch(cfg, args.batch).items()}
@@ -178,6 +180,18 @@ def case_head_ops(args, device) -> list[dict]:
 
     return measure("step-S, head ops", {"fused weight norm, in-place lse (now)": lambda: step(model, optimizer, cfg, batch),
                                         "separate ops (before)": before}, args, device, images=args.batch)
+
+
+def case_alone_plain(args, device) -> list[dict]:
+    """Our ViT-S/14 step on one process in fp32: plain modules (now) vs FSDP2 on one rank (before), which copies
+    every parameter into fresh unsharded buffers at each gather and every gradient at each reduction."""
+    from train_step import step
+
+    plain = _our_step("S", args, device)
+    fsdp = _our_step("S", args, device, plain_if_unneeded=False)
+    return measure("step-S, one process", {"plain modules (now)": lambda: step(*plain),
+                                           "FSDP2 on one rank (before)": lambda: step(*fsdp)},
+                   args, device, images=args.batch)
 
 
 def measure(case: str, runners: dict, args, device, images: int) -> list[dict]:
@@ -376,6 +390,7 @@ CASES = {
     "one-ce": case_fast_path("one_cross_entropy", "step-S, head cross-entropies", "one call, one gradient (now)",
                              "split logits (before)"),
     "head-ops": case_head_ops,
+    "alone-plain": case_alone_plain,
     "distill": case_distill,
     **{f"inference-{s}": (lambda s: lambda a, d: case_inference(s, a, d))(s) for s in ARCHS},
     "data": case_data,
