@@ -225,7 +225,9 @@ class SSLMetaArch(nn.Module):
             b = n_g // N_GLOBAL_CROPS
             local_t, global_t, denom = dino_crossview_targets(teacher_cls, N_GLOBAL_CROPS, n_l // b)
             patches = [teacher_patch] if len(head_in) == 3 else []
-            ce = soft_cross_entropy(logits, [*local_t, *global_t, *patches], self.dino_loss.student_temp)
+            # the logits are the head's output, read by this loss only: its backward may overwrite them
+            ce = soft_cross_entropy(logits, [*local_t, *global_t, *patches], self.dino_loss.student_temp,
+                                    grad_in_logits=True)
             dino_local, dino_global = ce[:n_l].sum() / (b * denom), ce[n_l : n_l + n_g].sum() / (b * denom)
             patch_ce = ce[n_l + n_g :] if patches else None
         else:

@@ -129,3 +129,32 @@ def test_bad_segments_are_refused_in_one_line():
         soft_cross_entropy(torch.zeros(4, 3), [torch.zeros(2, 3), torch.zeros(1, 3)], 0.1)
     with pytest.raises(ValueError, match="sum\\(M_i\\) = M"):
         soft_cross_entropy(torch.zeros(4, 3), [torch.zeros(4, 2)], 0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gradient_written_into_the_logits_memory(small_blocks, dtype):
+    """grad_in_logits: the same loss and gradient, with the gradient in the logits' own storage (an intermediate,
+    as a head's output: only the loss reads it); a second backward through the graph fails instead of reading
+    the overwritten logits."""
+    logits, targets = inputs(11, 1000, dtype)
+    weights = torch.rand(11, dtype=dtype)
+    x = logits.clone().requires_grad_()
+    x2 = logits.clone().requires_grad_()
+    seen = {}
+
+    def keep(grad):
+        seen["grad"] = grad
+        return grad
+
+    intermediate = x * 1.0  # like the head's output: not a leaf, read by the loss alone
+    intermediate.register_hook(keep)
+    loss = (soft_cross_entropy(intermediate, targets, 0.1, grad_in_logits=True) * weights).sum()
+    expected = (soft_cross_entropy(x2, targets, 0.1) * weights).sum()
+    assert torch.equal(loss, expected)
+    loss.backward(retain_graph=True)
+    expected.backward()
+    assert seen["grad"].untyped_storage().data_ptr() == intermediate.untyped_storage().data_ptr()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, seen["grad"], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -18,6 +18,8 @@ Cases (ours vs the peer, timed interleaved in one process so machine noise hits 
   head-ops       ours only: the step-S with the head's fused weight norm and the cross-entropies' in-place
                  log-sum-exp (now) vs the same formulas as separate ops (before).
   alone-plain    ours only: the step-S on one process in fp32 with plain modules (now) vs FSDP2 on one rank (before).
+  ce-grad        ours only: the step-S with the head cross-entropy's gradient written into the logits' memory
+                 (now) vs a new tensor (before).
   distill        distillation step (frozen ViT teacher -> student), no peer (the official code ships none).
   inference-S..  forward only, ours vs timm's ViT of the same shape.
   data           decode + multi-crop + iBOT masks + collate on ImageNet-sized JPEGs, images/s per CPU core:
@@ -180,6 +182,22 @@ def case_head_ops(args, device) -> list[dict]:
 
     return measure("step-S, head ops", {"fused weight norm, in-place lse (now)": lambda: step(model, optimizer, cfg, batch),
                                         "separate ops (before)": before}, args, device, images=args.batch)
+
+
+def case_ce_grad(args, device) -> list[dict]:
+    """Our ViT-S/14 step with the head cross-entropy's gradient written into the logits' memory (now) vs into a
+    new (rows, prototypes) tensor (before, tools/bench/previous.py), same model and batch."""
+    from previous import cross_entropy_gradient_in_a_new_tensor
+    from train_step import step
+
+    model, optimizer, cfg, batch = _our_step("S", args, device)
+
+    def before():
+        with cross_entropy_gradient_in_a_new_tensor():
+            step(model, optimizer, cfg, batch)
+
+    return measure("step-S, cross-entropy gradient", {"into the logits (now)": lambda: step(model, optimizer, cfg, batch),
+                                                      "new tensor (before)": before}, args, device, images=args.batch)
 
 
 def case_alone_plain(args, device) -> list[dict]:
@@ -391,6 +409,7 @@ CASES = {
                              "split logits (before)"),
     "head-ops": case_head_ops,
     "alone-plain": case_alone_plain,
+    "ce-grad": case_ce_grad,
     "distill": case_distill,
     **{f"inference-{s}": (lambda s: lambda a, d: case_inference(s, a, d))(s) for s in ARCHS},
     "data": case_data,

@@ -38,3 +38,16 @@ def separate_op_weight_norm_and_logsumexp():
         yield
     finally:
         PrototypeLinear.effective_weight, cross_entropy._lse_and_dot = saved
+
+
+@contextlib.contextmanager
+def cross_entropy_gradient_in_a_new_tensor():
+    """The cross-entropy's backward writing its (M, K) gradient into a new tensor, as before `grad_in_logits`."""
+    from dinotrain.losses import cross_entropy
+
+    saved = cross_entropy._gradient_buffer
+    cross_entropy._gradient_buffer = lambda logits, reuse: torch.empty_like(logits)
+    try:
+        yield
+    finally:
+        cross_entropy._gradient_buffer = saved
