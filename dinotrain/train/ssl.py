@@ -243,13 +243,15 @@ class SSLMetaArch(nn.Module):
             terms["koleo_term"] = self.cfg.dino.koleo_loss_weight * self._koleo(at_least_fp32(g_cls))
             logged["koleo_loss"] = terms["koleo_term"] / 2
         if self.do_ibot:
+            if self.ibot_separate_head:  # its own head's output, read by this loss alone (as the shared head's above)
+                patch_ce = soft_cross_entropy(at_least_fp32(self.student["ibot_head"](g_patch)), teacher_patch,
+                                              self.ibot_patch_loss.student_temp, grad_in_logits=True)
             if patch_ce is not None:
                 ibot = self.ibot_patch_loss.weighted_sum(patch_ce, batch["collated_masks"],
                                                          masks_weight=batch["masks_weight"])
             else:
-                patch_logits = at_least_fp32(self.student["ibot_head"](g_patch)) if self.ibot_separate_head else patch_part[0]
                 ibot = self.ibot_patch_loss.forward_masked(
-                    patch_logits, teacher_patch, student_masks_flat=batch["collated_masks"],
+                    patch_part[0], teacher_patch, student_masks_flat=batch["collated_masks"],
                     masks_weight=batch["masks_weight"])
             terms["ibot_term"] = self.cfg.ibot.loss_weight * ibot
             logged["ibot_loss"] = ibot / 2
