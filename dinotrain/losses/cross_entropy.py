@@ -124,8 +124,8 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor | Sequence[Tensor], tempe
     A segment may appear several times (each local view meets the same summed teacher views).
 
     `grad_in_logits=True` lets the backward write the gradient into the logits' memory instead of a new (M, K)
-    tensor (no allocation of the largest tensor of a step: 178 MB at ViT-S/14 batch 8, several GB for ViT-L on a
-    GPU). Only for logits nobody reads after the backward, such as a head's float32 output used by this loss
+    tensor (no allocation of the largest tensor of a step: 178 MB at ViT-S/14 batch 8, over 1 GB at ViT-L/14 batch
+    32 on a GPU). Only for logits nobody reads after the backward, such as a head's float32 output used by this loss
     alone; a second backward through the same graph then fails loudly (the saved logits were modified).
     """
     if isinstance(targets, Tensor):
