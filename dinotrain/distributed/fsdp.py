@@ -43,7 +43,7 @@ def fsdp_needed(dtype: torch.dtype) -> bool:
 
     One process computing in fp32 needs neither, and FSDP2 would still copy every parameter into a fresh
     unsharded buffer at each gather (student forward and backward, teacher forward) and every gradient at
-    each reduction: 9 % of a ViT-S/14 training step on 2 CPU cores (BENCHMARKS.md, case `alone-plain`)."""
+    each reduction: 5-9 % of a ViT-S/14 training step on 2 CPU cores (BENCHMARKS.md, case `alone-plain`)."""
     alone = not dist.is_initialized() or dist.get_world_size() == 1
     return not alone or dtype != torch.float32
 
