@@ -90,10 +90,11 @@ def _lse_and_dot(logits: Tensor, targets: Tensor, temperature: float, block: Ten
 
     The log-sum-exp runs in the block's own memory (torch.logsumexp would allocate its `s - max`), then the
     block is written again for the dot product: a second division costs less than a new (rows, K) tensor."""
-    torch.div(logits.to(block.dtype), temperature, out=block)  # no copy unless half precision
+    logits = logits.to(block.dtype)  # no copy unless half precision
+    torch.div(logits, temperature, out=block)
     row_max = block.amax(dim=-1, keepdim=True)
     lse = block.sub_(row_max).exp_().sum(dim=-1).log_().add_(row_max.squeeze(-1))
-    torch.div(logits.to(block.dtype), temperature, out=block)
+    torch.div(logits, temperature, out=block)
     return lse, block.mul_(targets).sum(dim=-1)
 
 

@@ -168,36 +168,22 @@ def case_fast_path(attr: str, case: str, now: str, before: str):
     return run_case
 
 
-def case_head_ops(args, device) -> list[dict]:
-    """Our ViT-S/14 step with the head's fused weight norm and the in-place log-sum-exp of the cross-entropies
-    (now) vs the same formulas as separate ops (before, tools/bench/previous.py), same model and batch."""
-    from previous import separate_op_weight_norm_and_logsumexp
-    from train_step import step
+def case_previous(patch: str, case: str, now: str, before: str):
+    """Our ViT-S/14 step as it is (now) vs with one piece swapped for the implementation it replaced (before: the
+    context manager `patch` of tools/bench/previous.py), same model and batch."""
+    def run_case(args, device) -> list[dict]:
+        import previous
+        from train_step import step
 
-    model, optimizer, cfg, batch = _our_step("S", args, device)
+        model, optimizer, cfg, batch = _our_step("S", args, device)
 
-    def before():
-        with separate_op_weight_norm_and_logsumexp():
-            step(model, optimizer, cfg, batch)
+        def swapped():
+            with getattr(previous, patch)():
+                step(model, optimizer, cfg, batch)
 
-    return measure("step-S, head ops", {"fused weight norm, in-place lse (now)": lambda: step(model, optimizer, cfg, batch),
-                                        "separate ops (before)": before}, args, device, images=args.batch)
-
-
-def case_ce_grad(args, device) -> list[dict]:
-    """Our ViT-S/14 step with the head cross-entropy's gradient written into the logits' memory (now) vs into a
-    new (rows, prototypes) tensor (before, tools/bench/previous.py), same model and batch."""
-    from previous import cross_entropy_gradient_in_a_new_tensor
-    from train_step import step
-
-    model, optimizer, cfg, batch = _our_step("S", args, device)
-
-    def before():
-        with cross_entropy_gradient_in_a_new_tensor():
-            step(model, optimizer, cfg, batch)
-
-    return measure("step-S, cross-entropy gradient", {"into the logits (now)": lambda: step(model, optimizer, cfg, batch),
-                                                      "new tensor (before)": before}, args, device, images=args.batch)
+        return measure(case, {now: lambda: step(model, optimizer, cfg, batch), before: swapped}, args, device,
+                       images=args.batch)
+    return run_case
 
 
 def case_alone_plain(args, device) -> list[dict]:
@@ -407,9 +393,11 @@ CASES = {
     "last-block": case_fast_path("last_block_rows_only", "step-S, last block", "rows read (now)", "every token (before)"),
     "one-ce": case_fast_path("one_cross_entropy", "step-S, head cross-entropies", "one call, one gradient (now)",
                              "split logits (before)"),
-    "head-ops": case_head_ops,
+    "head-ops": case_previous("separate_op_weight_norm_and_logsumexp", "step-S, head ops",
+                              "fused weight norm, in-place lse (now)", "separate ops (before)"),
     "alone-plain": case_alone_plain,
-    "ce-grad": case_ce_grad,
+    "ce-grad": case_previous("cross_entropy_gradient_in_a_new_tensor", "step-S, cross-entropy gradient",
+                             "into the logits (now)", "new tensor (before)"),
     "distill": case_distill,
     **{f"inference-{s}": (lambda s: lambda a, d: case_inference(s, a, d))(s) for s in ARCHS},
     "data": case_data,

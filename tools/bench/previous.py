@@ -8,6 +8,7 @@ current ones against independent references).
 from __future__ import annotations
 
 import contextlib
+from unittest import mock
 
 import torch
 from torch import Tensor
@@ -25,29 +26,19 @@ def _lse_and_dot_with_logsumexp(logits: Tensor, targets: Tensor, temperature: fl
     return lse, block.mul_(targets).sum(dim=-1)
 
 
-@contextlib.contextmanager
-def separate_op_weight_norm_and_logsumexp():
+def separate_op_weight_norm_and_logsumexp() -> contextlib.ExitStack:
     """The DINO head's prototype weight norm and the cross-entropies' log-sum-exp as they were before."""
     from dinotrain.losses import cross_entropy
     from dinotrain.models.heads import PrototypeLinear
 
-    saved = PrototypeLinear.effective_weight, cross_entropy._lse_and_dot
-    PrototypeLinear.effective_weight = _effective_weight_separate_ops
-    cross_entropy._lse_and_dot = _lse_and_dot_with_logsumexp
-    try:
-        yield
-    finally:
-        PrototypeLinear.effective_weight, cross_entropy._lse_and_dot = saved
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(PrototypeLinear, "effective_weight", _effective_weight_separate_ops))
+    stack.enter_context(mock.patch.object(cross_entropy, "_lse_and_dot", _lse_and_dot_with_logsumexp))
+    return stack
 
 
-@contextlib.contextmanager
 def cross_entropy_gradient_in_a_new_tensor():
     """The cross-entropy's backward writing its (M, K) gradient into a new tensor, as before `grad_in_logits`."""
     from dinotrain.losses import cross_entropy
 
-    saved = cross_entropy._gradient_buffer
-    cross_entropy._gradient_buffer = lambda logits, reuse: torch.empty_like(logits)
-    try:
-        yield
-    finally:
-        cross_entropy._gradient_buffer = saved
+    return mock.patch.object(cross_entropy, "_gradient_buffer", lambda logits, reuse: torch.empty_like(logits))
