@@ -2,25 +2,26 @@
 
     model = torch.hub.load("path/to/dinotrain", "dinov2_vitb14", source="local", weights="vitb14.pth")
 
-Nothing is ever downloaded: `weights=PATH` loads a local hub `.pth`, `.safetensors` or `transformers`
-directory; `pretrained=True` alone is an error rather than a silent random model. Extra keyword
+Nothing is ever downloaded: `weights=PATH` loads local weights, whatever the weights resolver takes (a hub
+`.pth`, `.safetensors`, full export, `transformers` directory, or a dinotrain run / checkpoint directory);
+`pretrained=True` alone is an error rather than a silent random model. Extra keyword
 arguments go to the backbone constructor (e.g. `img_size=224`, `drop_path_rate=0.1`, `depth=1`).
 
 Weights of any image size load. Without `img_size`, a model with `weights` is built at the weights'
 own size (a 224-px export gives the 224-px model, the official 518-px weights the 518-px one), so
 nothing is resampled. With an `img_size` other than the weights', their position embeddings are
 resampled bicubically to the new grid (logged as a warning; the method of the model's own forward,
-see `dinotrain.models.state_dict.resample_pos_embed`); `strict_pos_embed=True` refuses instead.
+see `dinotrain.weights.state_dict.resample_pos_embed`); `strict_pos_embed=True` refuses instead.
 """
 
 dependencies = ["torch"]
 
 # Imported here, while torch.hub has the repository on sys.path; private names stay out of hub.list().
-from dinotrain.export.convert import read_weights as _read_weights  # noqa: E402
 from dinotrain.models.presets import PRESETS as _PRESETS  # noqa: E402
 from dinotrain.models.presets import build_preset as _build_preset  # noqa: E402
-from dinotrain.models.state_dict import WeightsError as _WeightsError  # noqa: E402
-from dinotrain.models.state_dict import load_backbone_weights as _load_backbone_weights  # noqa: E402
+from dinotrain.weights.resolve import open_weights as _open_weights  # noqa: E402
+from dinotrain.weights.state_dict import WeightsError as _WeightsError  # noqa: E402
+from dinotrain.weights.state_dict import load_backbone_weights as _load_backbone_weights  # noqa: E402
 
 
 def _load(name: str, pretrained: bool, weights, kwargs: dict, strict_pos_embed: bool = False):
@@ -31,12 +32,12 @@ def _load(name: str, pretrained: bool, weights, kwargs: dict, strict_pos_embed: 
         )
     if weights is None:
         return _build_preset(name, **kwargs)
-    state_dict, found = _read_weights(weights)
-    if "img_size" not in kwargs and found.patch_size == _PRESETS[name]["patch_size"]:
-        kwargs["img_size"] = found.img_size  # the weights' own grid: no resampling
+    found = _open_weights(weights)
+    if "img_size" not in kwargs and found.spec.patch_size == _PRESETS[name]["patch_size"]:
+        kwargs["img_size"] = found.spec.img_size  # the weights' own grid: no resampling
     model = _build_preset(name, **kwargs)
     try:
-        _load_backbone_weights(model, state_dict, strict_pos_embed=strict_pos_embed)
+        _load_backbone_weights(model, found.backbone, strict_pos_embed=strict_pos_embed)
     except _WeightsError as exc:
         raise _WeightsError(f"{weights} cannot be loaded into {name}: {exc}") from exc
     return model
@@ -51,7 +52,7 @@ def _entry_point(name: str):
     entry.__doc__ = (
         f"{name}: {spec['arch']} with patch size {spec['patch_size']}"
         f"{', 4 register tokens' if spec.get('num_register_tokens') else ''} (official settings).\n\n"
-        "weights: path to local weights (hub .pth, .safetensors or transformers directory) to load.\n"
+        "weights: path to local weights (hub .pth, .safetensors, transformers directory, run directory) to load.\n"
         "pretrained: must come with `weights`; nothing is downloaded.\n"
         "strict_pos_embed: refuse weights made at another img_size instead of resampling their positions.\n"
         "kwargs: constructor overrides, e.g. img_size=224 (default: the weights' own size, else 518/224)."
@@ -77,9 +78,10 @@ def dinotrain_vit(weights, strict_pos_embed: bool = False, **kwargs):
     """Any dinotrain backbone, built as its weights say (architecture inferred: a smoke run's ViT-Tiny/8, a
     distilled student of custom depth, ...), in eval mode.
 
-    weights: local hub .pth, .safetensors, full export or transformers directory (nothing is downloaded).
+    weights: local hub .pth, .safetensors, full export, transformers directory, or run / checkpoint directory
+    (nothing is downloaded).
     kwargs: settings the weights do not fix, e.g. img_size=224 (resamples the position embeddings, see above).
     """
-    from dinotrain.export.convert import load_backbone
+    from dinotrain.weights.convert import backbone_from_weights
 
-    return load_backbone(weights, strict_pos_embed=strict_pos_embed, **kwargs)
+    return backbone_from_weights(_open_weights(weights), strict_pos_embed=strict_pos_embed, **kwargs)

@@ -17,7 +17,7 @@ from pathlib import Path
 def _user_errors() -> tuple[type[BaseException], ...]:
     from dinotrain.config import ConfigError
     from dinotrain.distributed.checkpoint import CheckpointError
-    from dinotrain.models.state_dict import WeightsError
+    from dinotrain.weights.state_dict import WeightsError
     from dinotrain.distributed.env import PeerFailed
     from dinotrain.train.loop import TrainingDiverged
     from dinotrain.launch.slurm import SubmitError
@@ -67,7 +67,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from dinotrain.launch.slurm import (build_request, check_gpus_available, job_name, parse_slurm_extra, require_slurm,
                                         sbatch_script, submit)
     from dinotrain.launch.watch import follow
-    from dinotrain.train.rundir import move_aside, prepare_run_dir
+    from dinotrain.train.rundir import RunDir, move_aside, prepare_run_dir
 
     if not args.output_dir:
         raise ConfigError("give --output-dir DIR: the run directory, on a filesystem the compute nodes share")
@@ -78,7 +78,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     request = build_request(args.cluster, flags)
     name = job_name(args.job, run_dir)
     if args.dry_run:
-        print(sbatch_script(request, run_dir / "slurm", name))
+        print(sbatch_script(request, RunDir(run_dir).slurm, name))
         return 0
     require_slurm()
     check_gpus_available(request)
@@ -90,8 +90,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     per_node = f"{request.gpus_per_node} GPU(s)" if request.gpus_per_node else f"{request.tasks_per_node} CPU process(es)"
     print(f"submitted job {job.job_id} ({name}): {request.nodes} node(s) x {per_node} on {where}, "
           f"time limit {request.time} min, up to {cfg.launch.max_requeues} requeues")
-    print(f"  run directory {run_dir}; job logs {run_dir / 'slurm'}/{job.job_id}_<task>_log.out|err")
-    print(f"  watch: squeue -j {job.job_id}; tail -f {run_dir / 'log.txt'}   cancel: scancel {job.job_id}")
+    print(f"  run directory {run_dir}; job logs {RunDir(run_dir).slurm}/{job.job_id}_<task>_log.out|err")
+    print(f"  watch: squeue -j {job.job_id}; tail -f {RunDir(run_dir).log}   cancel: scancel {job.job_id}")
     sys.stdout.flush()
     if args.no_wait:
         return 0
@@ -108,47 +108,25 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 # ---- eval -------------------------------------------------------------------------------------------
 def _backbone_from_args(weights: str | None, model: str | None, seed: int = 0):
-    """The backbone of `--weights` (any weights format, a full export, a run or checkpoint directory) or `--model`."""
+    """The backbone of `--weights` (any path the weights resolver takes: a weights file or directory, a full
+    export, a run or checkpoint directory, finished or not) or a named one at random init (`--model`)."""
     import torch
 
-    from dinotrain.export.convert import load_backbone
     from dinotrain.models.presets import build_preset
 
     if weights:
-        path = Path(weights)
-        students = sorted((path / "students").glob("*.pth")) if path.is_dir() else []
-        if path.is_dir() and (path / "teacher_backbone.pth").is_file():
-            path = path / "teacher_backbone.pth"  # a finished run directory
-        elif len(students) == 1:
-            path = students[0]  # a finished distillation run directory: its student's EMA backbone
-        elif students:
-            raise ValueError(f"{path} is a distillation run with students {', '.join(p.stem for p in students)}: "
-                             f"pass one of them, e.g. --weights {students[0]}")
-        elif path.is_dir() and ((path / "checkpoints").is_dir() or (path / "extra.json").is_file()
-                                or (path / "config.yaml").is_file()):
-            return _backbone_from_checkpoint(path)  # a run that has not finished, or one checkpoint
-        return load_backbone(path)
+        from dinotrain.weights.convert import backbone_from_weights
+        from dinotrain.weights.resolve import CHECKPOINT, open_weights
+
+        found = open_weights(weights)
+        if found.kind == CHECKPOINT:
+            logging.getLogger("dinotrain").info("using the %s backbone of %s (iteration %s)", found.label,
+                                                found.source, found.iteration)
+        return backbone_from_weights(found)
     if not model:
         raise ValueError("give --weights PATH (a .pth, .safetensors, HF directory or run directory) or --model NAME")
     torch.manual_seed(seed)
     return build_preset(model)
-
-
-def _backbone_from_checkpoint(path: Path):
-    """The teacher EMA (or a distillation's only student EMA) of the newest complete checkpoint, read directly."""
-    from dinotrain.export.from_checkpoint import read_checkpoint_backbone
-    from dinotrain.models.vision_transformer import vit_from_spec
-
-    try:
-        found = read_checkpoint_backbone(path)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{path} is a run directory without teacher_backbone.pth or students/*.pth (written "
-                                f"when the run finishes) and without a complete checkpoint: {exc}") from exc
-    logging.getLogger("dinotrain").info("using the %s backbone of %s (iteration %s)", found.label, found.checkpoint,
-                                        found.iteration)
-    model = vit_from_spec(found.spec)
-    model.load_state_dict(found.state, strict=True)
-    return model.eval()
 
 
 def _eval_data(args: argparse.Namespace):
@@ -253,7 +231,7 @@ def _refuse_existing(path: str, force: bool) -> None:
 
 # ---- convert / embed / tiny-dataset -------------------------------------------------------------------
 def cmd_convert(args: argparse.Namespace) -> int:
-    from dinotrain.export.convert import convert
+    from dinotrain.weights.convert import convert
 
     out = convert(args.src, args.dst, args.to)
     print(f"converted {args.src} -> {out} ({args.to})")
@@ -263,22 +241,23 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """A backbone (teacher by default) of a sharded checkpoint, consolidated in this one process (no GPU).
 
-    `--to full` also writes the DINO/iBOT heads and the recipe config (dinotrain.export.full).
+    `--to full` also writes the DINO/iBOT heads and the recipe config (dinotrain.weights.full).
     """
-    from dinotrain.export.convert import write_weights
-    from dinotrain.export.from_checkpoint import read_checkpoint_backbone, read_checkpoint_heads
-    from dinotrain.export.full import FullExport, write_full
+    from dinotrain.weights.convert import write_weights
+    from dinotrain.weights.full import FullExport, write_full
+    from dinotrain.weights.resolve import open_weights
 
     _refuse_existing(args.dst, args.force)
-    found = read_checkpoint_backbone(args.src, args.which)
+    found = open_weights(args.src, args.which, heads=args.to == "full", checkpoint=True)
     if args.to == "full":
-        heads = read_checkpoint_heads(found)
-        out = write_full(args.dst, FullExport(found.state, found.spec, heads, found.config))
-        what = f"{found.label} backbone + {' + '.join(heads)} + config"
+        heads = found.heads or {}
+        out = write_full(args.dst, FullExport(found.backbone, found.spec, heads, found.config))
+        what = f"{found.label} backbone + {' + '.join(heads)} + config".strip()
     else:
-        out = write_weights(found.state, found.spec, args.dst, args.to)
-        what = f"{found.label} backbone"
-    print(f"{what} of {found.checkpoint} (iteration {found.iteration}) -> {out} ({args.to})")
+        out = write_weights(found.backbone, found.spec, args.dst, args.to)
+        what = f"{found.label} backbone".strip()
+    at = "" if found.iteration is None else f" (iteration {found.iteration})"
+    print(f"{what} of {found.source}{at} -> {out} ({args.to})")
     return 0
 
 
@@ -376,13 +355,15 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     """Training curves of a run (losses, schedules, images/s) as PNG files."""
+    from dinotrain.train.rundir import RunDir
     from dinotrain.viz.render import save_curves
 
     run = Path(args.run)
-    metrics = run / "metrics.jsonl" if run.is_dir() else run
+    metrics = RunDir(run).metrics if run.is_dir() else run
     if not metrics.is_file():
-        raise FileNotFoundError(f"no metrics.jsonl in {run} (give a run directory or a metrics.jsonl file)")
-    out = Path(args.output) if args.output else metrics.parent / "plots"
+        name = RunDir(run).metrics.name
+        raise FileNotFoundError(f"no {name} in {run} (give a run directory or a {name} file)")
+    out = Path(args.output) if args.output else RunDir(metrics.parent).plots
     for path in save_curves(metrics, out):
         print(f"written {path}")
     return 0

@@ -46,7 +46,7 @@ def folder(tmp_path):
 
 
 def _reference(weights, paths, normalize=False):
-    from dinotrain.export.convert import load_backbone
+    from dinotrain.weights.convert import load_backbone
 
     model = load_backbone(weights)
     transform = make_eval_transform(resize_size=37, crop_size=32)

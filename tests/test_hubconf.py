@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinotrain.export import save_backbone
 from dinotrain.models import PRESETS
-from dinotrain.models.state_dict import WeightsError
+from dinotrain.weights import save_backbone
+from dinotrain.weights.state_dict import WeightsError
 
 REPO = str(Path(__file__).resolve().parents[1])
 ENTRY_POINTS = sorted(PRESETS)

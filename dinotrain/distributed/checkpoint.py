@@ -1,11 +1,12 @@
 """Sharded checkpoints with torch.distributed.checkpoint (DCP): exact resume, on any world size.
 
-Layout: `<run>/checkpoints/<iteration:08d>/` holds the DCP shards of the model (student, teacher,
-loss centers) and the optimizer's per-parameter state (keyed by parameter name; param groups come
-from the config), plus `extra.json` (iteration, sample-stream position, grad-scaler state, world
-size, skipped-image count, config). A distillation checkpoint has one such part per student in
-`students/<name>/` and the frozen teacher's centering state at the top (see `Parts`). Loading validates first (see `checkpoint_files.py`) and never
-leaves a half-loaded model. It is written as `.tmp-<iteration>` and renamed only when every rank
+Layout: one checkpoint (`RunDir.checkpoint(iteration)`: where checkpoints live is the run directory's
+business) holds the DCP shards of the model (student, teacher, loss centers) and the optimizer's
+per-parameter state (keyed by parameter name; param groups come from the config), plus `EXTRA`
+(iteration, sample-stream position, grad-scaler state, world size, skipped-image count, config): the
+inside of a checkpoint is this module's format. A distillation checkpoint has one such part per student
+(`RunDir.student_part(name)`) and the frozen teacher's centering state at the top (see `Parts`).
+Loading validates first (see `checkpoint_files.py`) and never leaves a half-loaded model. It is written as `.tmp-<iteration>` and renamed only when every rank
 has finished, so an interrupted save never looks complete. RNG states need no saving: every step
 reseeds from (seed, iteration, rank) and every sample from its stream position.
 """
@@ -31,6 +32,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from dinotrain.train.rundir import RunDir
+
 log = logging.getLogger("dinotrain.checkpoint")
 EXTRA = "extra.json"
 
@@ -50,11 +53,16 @@ def _is_main() -> bool:
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first (temporary, partial ones are ignored)."""
-    root = Path(run_dir) / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.isdigit() and (p / EXTRA).is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.isdigit() and is_checkpoint(p)]
     return sorted(found, key=lambda p: int(p.name))
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """A complete checkpoint directory (its `extra.json` is written last)."""
+    return (Path(path) / EXTRA).is_file()
 
 
 def read_extra(ckpt: Path) -> dict:
@@ -73,7 +81,7 @@ def describe_failure(exc: BaseException) -> str:
         return f"{describe_failure(inner)} (rank {rank})"
     text = str(exc)
     if "WeightsUnpickler error:" in text:  # torch's weights-only refusal: keep the cause, not its advice
-        from dinotrain.models.state_dict import unpickling_refusal
+        from dinotrain.weights.state_dict import unpickling_refusal
 
         return f"{type(exc).__name__}: {unpickling_refusal(exc)}"
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
@@ -128,7 +136,7 @@ def _empty_like(entries: dict) -> dict:
 
 # A checkpoint holds one or more parts, each its own DCP directory: "" is the checkpoint directory
 # itself (a training run: student, EMA teacher, centers and optimizer), other names are sub-directories
-# (a distillation run: `students/<name>` per student, "" for the frozen teacher's centering state).
+# (a distillation run: `RunDir.student_part(name)` per student, "" for the frozen teacher's centering state).
 Parts = dict[str, tuple[nn.Module, "torch.optim.Optimizer | None"]]
 
 
@@ -136,7 +144,8 @@ class Checkpointer:
     """Save/load a training state; keeps the last `keep_last` complete checkpoints."""
 
     def __init__(self, run_dir: str | Path, keep_last: int = 3):
-        self.root = Path(run_dir) / "checkpoints"
+        self.run = RunDir(run_dir)
+        self.root = self.run.checkpoints
         self.keep_last = keep_last
 
     def save(self, iteration: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -144,8 +153,8 @@ class Checkpointer:
         return self.save_parts(iteration, {"": (model, optimizer)}, extra)
 
     def save_parts(self, iteration: int, parts: Parts, extra: dict[str, Any]) -> Path:
-        final = self.root / f"{iteration:08d}"
-        tmp = self.root / f".tmp-{iteration:08d}"
+        final = self.run.checkpoint(iteration)
+        tmp = final.with_name(f".tmp-{final.name}")
         if _is_main():
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -164,7 +173,7 @@ class Checkpointer:
         return final
 
     def _prune(self) -> None:
-        for old in complete_checkpoints(self.root.parent)[: -self.keep_last]:
+        for old in complete_checkpoints(self.run)[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -214,7 +223,7 @@ class Checkpointer:
         Returns None only when there is no checkpoint. If there are checkpoints and none loads, raises
         CheckpointError with each one's cause: a run never silently starts over in place.
         """
-        candidates = complete_checkpoints(self.root.parent) if candidates is None else candidates
+        candidates = complete_checkpoints(self.run) if candidates is None else candidates
         failures = []
         for ckpt in reversed(candidates):
             try:

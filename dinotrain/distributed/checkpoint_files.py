@@ -238,7 +238,7 @@ class _SafeBytesPlanner:
         return getattr(self._planner, name)
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        from dinotrain.models.state_dict import unpickling_refusal
+        from dinotrain.weights.state_dict import unpickling_refusal
 
         try:
             obj = torch.load(value, map_location="cpu", weights_only=True)

@@ -189,8 +189,8 @@ def export_best_classifier(model, heads: Sequence[TrainedHeads], val: LinearFeat
     the classifier at its native size and predicts what this evaluation predicts. Returns (path, heads, lr index,
     val accuracy).
     """
-    from dinotrain.export.hf_classifier import classifier_supports, save_hf_classifier
-    from dinotrain.models.state_dict import fit_pos_embed
+    from dinotrain.eval.hf_classifier import classifier_supports, save_hf_classifier
+    from dinotrain.weights.state_dict import fit_pos_embed
 
     spec = model.spec
     config, index, acc = best_head(heads, val, allowed=lambda c: classifier_supports(spec, c.n_blocks, c.avgpool))

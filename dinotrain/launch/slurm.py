@@ -1,7 +1,7 @@
 """`dinotrain submit`: a `train` or `distill` run as a SLURM job through submitit.
 
 One task per GPU (or `tasks_per_node` CPU processes), rank / world size / master address taken from
-SLURM inside the job (`distributed/env.py`), the job's stdout/stderr in `<run dir>/slurm/`. Settings
+SLURM inside the job (`distributed/env.py`), the job's stdout/stderr in `RunDir.slurm`. Settings
 come from a cluster profile (`launch/profiles.py`) and the command line, in that order; everything a
 user can get wrong is checked before anything is submitted. What runs inside the job, including the
 checkpoint-and-requeue on preemption and at the time limit, is `launch/job.py`.
@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from dinotrain.config import ConfigError
 from dinotrain.launch.profiles import load_profile
+from dinotrain.train.rundir import RunDir
 
 DEFAULT_TIME_MIN = 2800  # the official DINOv2 launcher's default time limit (minutes)
 DEFAULT_SIGNAL_DELAY_S = 120  # SLURM signals this long before the limit: time for a sharded checkpoint
@@ -183,7 +184,7 @@ def submit(command: str, cfg, run_dir: Path, request: SlurmRequest, allow_config
     """
     import submitit
 
-    folder = run_dir / "slurm"
+    folder = RunDir(run_dir).slurm
     folder.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(cfg, resolve=True)
     max_requeues = int(cfg.launch.max_requeues)

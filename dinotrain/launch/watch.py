@@ -18,6 +18,7 @@ from pathlib import Path
 from submitit.core.utils import pickle_load
 
 from dinotrain.distributed.checkpoint import complete_checkpoints
+from dinotrain.train.rundir import RunDir
 
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                    "DEADLINE", "SPECIAL_EXIT", "REVOKED"}
@@ -127,11 +128,11 @@ def failure_message(job, state: JobState, run_dir: Path) -> str:
     text = head + (":\n" + "\n".join(details) if details else "")
     resume = (f"\nIts newest complete checkpoint ({ckpts[-1].name}) is kept: submit the same command again to continue."
               if (ckpts := complete_checkpoints(run_dir)) else "")
-    return text + resume + f"\nLogs: {job.paths.folder}/{job.job_id}_<task>_log.err|out and {run_dir / 'log.txt'}"
+    return text + resume + f"\nLogs: {job.paths.folder}/{job.job_id}_<task>_log.err|out and {RunDir(run_dir).log}"
 
 
 def _last_progress_line(run_dir: Path) -> str:
-    for line in reversed(_tail(run_dir / "log.txt", 30).splitlines()):
+    for line in reversed(_tail(RunDir(run_dir).log, 30).splitlines()):
         if " it " in line or "stopping at iteration" in line or "resuming from iteration" in line:
             return line
     return ""

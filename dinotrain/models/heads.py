@@ -157,7 +157,7 @@ def head_settings(state: dict[str, Tensor], what: str = "head") -> dict:
     as `weight_g`/`weight_v`, torch's `parametrizations.weight.original0/1`, or the former single
     `weight`. Raises WeightsError (one line naming `what`) for anything else, BatchNorm heads included.
     """
-    from dinotrain.models.state_dict import WeightsError
+    from dinotrain.weights.state_dict import WeightsError
 
     def bad(why: str) -> WeightsError:
         return WeightsError(f"{what} is not a DINO head state dict: {why}")

@@ -7,10 +7,10 @@ once, in eval mode, on the global crops (its targets centered by Sinkhorn-Knopp 
 then every student sees the global crops unmasked and the local crops, and learns DINO (cross-view,
 local -> global), iBOT at the sampled mask positions (as dinov3's distillation) and KoLeo. Each student
 has its own optimizer, schedules, fp16 scaler, EMA (what is exported), metrics prefix and checkpoint
-part (`checkpoints/<it>/students/<name>/`, the training layout: `dinotrain export` reads it).
+part (`RunDir.student_part(name)` of each checkpoint, the training layout: `dinotrain export` reads it).
 
 Students share the processes, each sharded over all ranks. The teacher is never stored in checkpoints:
-`extra.json` records its resolved source and a fingerprint, and a resume with other weights is refused.
+their extra state records its resolved source and a fingerprint, and a resume with other weights is refused.
 """
 
 from __future__ import annotations
@@ -27,16 +27,17 @@ from dinotrain.config import ConfigError, student_configs
 from dinotrain.distributed.checkpoint import Parts
 from dinotrain.distributed.env import all_ranks, from_main, gathered
 from dinotrain.train.batches import _mix
-from dinotrain.train.head_warmup import WARMUP_DIR, WARMUP_FILE, reusable, warm_up_heads
+from dinotrain.train.head_warmup import open_pretrained, reusable, warm_up_heads
 from dinotrain.train.loop import Learner, Trainer
 from dinotrain.train.schedules import build_schedules, scaled_lr
 from dinotrain.train.ssl import SSLMetaArch
 from dinotrain.train.resume import check_resume
-from dinotrain.train.teacher import (KEY, FrozenTeacher, TeacherWeights, all_tensors, check_student_fits, fingerprint,
-                                     read_teacher, resolve_source)
+from dinotrain.train.rundir import RunDir
+from dinotrain.train.teacher import (KEY, FrozenTeacher, all_tensors, check_student_fits, fingerprint, read_teacher,
+                                     resolve_source)
+from dinotrain.weights.state_dict import Weights
 
 log = logging.getLogger("dinotrain.distill")
-STUDENTS_DIR = "students"
 
 
 def _name_seed(seed: int, name: str, *more: int) -> int:
@@ -72,7 +73,7 @@ class Distiller(Trainer):
             raise ConfigError(f"{KEY} = {given} is a backbone without DINO/iBOT heads: set "
                               "train.head_warmup_iterations (e.g. 1000) to warm heads up on it first, or give a run "
                               "directory or a full export (`dinotrain export RUN OUT.safetensors --to full`)")
-        warm = self.run_dir / WARMUP_DIR / WARMUP_FILE
+        warm = RunDir(self.run_dir).warmup_full
         if recorded and tw.heads is None and not reusable(warm, cfg, self.backbone_fingerprint):
             raise ConfigError(f"this run's teacher heads came from its head warm-up, but {warm} is missing or was made "
                               "with other settings (dino/ibot/crops/teacher/optim/train keys it depends on): a new "
@@ -104,17 +105,18 @@ class Distiller(Trainer):
             check_resume(saved[name].get("config", {}), scfg, Path(f"the checkpoint of student {name!r}"),
                          self.allow_config_change)
 
-    def _teacher_with_heads(self) -> TeacherWeights:
+    def _teacher_with_heads(self) -> Weights:
         """The teacher's weights with heads: its own, or those of the head warm-up on its backbone."""
         tw = self.teacher_weights
         if tw.heads is not None:
             return tw
-        from dinotrain.export.full import read_full
+        from dinotrain.weights.resolve import open_weights
 
-        out = warm_up_heads(self.cfg, tw.backbone, tw.spec, self.run_dir / WARMUP_DIR / WARMUP_FILE, self.env,
+        out = warm_up_heads(self.cfg, tw.backbone, tw.spec, RunDir(self.run_dir), self.env,
                             self.dataset, source=tw.source, backbone_fingerprint=self.backbone_fingerprint)
-        full = read_full(out)
-        warmed = TeacherWeights(tw.source, "backbone+warm-up", full.backbone, tw.spec, full.heads, full.config)
+        full = open_weights(out, heads=True)
+        warmed = Weights(source=tw.source, kind="backbone+warm-up", backbone=full.backbone, spec=tw.spec,
+                         heads=full.heads, config=full.config)
         for name, scfg in self.student_cfgs.items():
             check_student_fits(warmed, name, scfg)
         return warmed
@@ -134,7 +136,7 @@ class Distiller(Trainer):
             torch.manual_seed(_name_seed(cfg.train.seed, name))  # same init on every rank, whoever else is there
             model = SSLMetaArch(scfg)
             if scfg.student.pretrained_weights and not resuming:
-                model.load_student_backbone(scfg.student.pretrained_weights)
+                model.load_student_backbone(open_pretrained(scfg.student.pretrained_weights))
             # No masking in distillation: the mask token is never used, so it is not trained (and has no
             # optimizer state that a checkpoint would miss).
             if model.student["backbone"].mask_token is not None:
@@ -153,7 +155,7 @@ class Distiller(Trainer):
     def _checkpoint_parts(self) -> Parts:
         parts: Parts = {"": (self.teacher.centers, None)}
         for name, learner in zip(self.names, self.learners):
-            parts[f"{STUDENTS_DIR}/{name}"] = (learner.model, learner.optimizer)
+            parts[RunDir.student_part(name)] = (learner.model, learner.optimizer)
         return parts
 
     def _save_extra(self) -> dict:
@@ -196,7 +198,7 @@ class Distiller(Trainer):
                          f"lr {last[f'{name}/lr']:.2e}" for name in self.names)
 
     def export_final(self) -> None:
-        """Each student's EMA backbone as an official hub state dict: `<run>/students/<name>.pth`."""
+        """Each student's EMA backbone as an official hub state dict: `RunDir.student(name)`."""
         for name, learner in zip(self.names, self.learners):
-            self._write_ema_backbone(learner, self.run_dir / STUDENTS_DIR / f"{name}.pth",
+            self._write_ema_backbone(learner, RunDir(self.run_dir).student(name),
                                      f"student {name} (EMA backbone)")

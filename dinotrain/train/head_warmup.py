@@ -5,7 +5,7 @@ pretraining with random heads wrecks the features in the first iterations (dinov
 10 %), and a distillation teacher needs heads to give targets. The warm-up runs the DINO recipe with
 the backbone frozen (student and teacher backbones identical): only the student heads learn, the
 teacher heads are their EMA. The result, backbone + teacher heads + config, is written as a full
-export (`dinotrain export --to full` layout) in `<run>/head_warmup/`, reused whenever the same backbone
+export (`dinotrain export --to full` layout) at `RunDir.warmup_full`, reused whenever the same backbone
 and warm-up settings come back (a restart, `--no-resume`), and usable as `student.pretrained_weights` or
 `distillation.teacher` elsewhere. It is not resumed mid-way: a run killed during the warm-up repeats it
 (it is short by design).
@@ -28,12 +28,13 @@ from dinotrain.distributed.fsdp import clip_grad_norm, compute_dtype
 from dinotrain.models.vision_transformer import ViTSpec
 from dinotrain.train.batches import build_train_loader, seed_step, to_device
 from dinotrain.train.optim import apply_schedules, build_optimizer
+from dinotrain.train.rundir import RunDir
 from dinotrain.train.schedules import CosineScheduler, Schedules, WarmupThenConstant, scaled_lr
 from dinotrain.train.ssl import SSLMetaArch
+from dinotrain.weights.resolve import open_weights
+from dinotrain.weights.state_dict import Weights, WeightsError
 
 log = logging.getLogger("dinotrain.head_warmup")
-WARMUP_DIR = "head_warmup"
-WARMUP_FILE = "teacher_full.safetensors"
 
 
 def warmup_schedules(cfg: DictConfig, iterations: int, lr: float) -> Schedules:
@@ -78,18 +79,20 @@ def reusable(out: Path, cfg: DictConfig, backbone_fingerprint: str) -> bool:
     return info.get("backbone_fingerprint") == backbone_fingerprint and info.get("settings") == warmup_settings(cfg)
 
 
-def warm_up_heads(cfg: DictConfig, backbone: dict, spec: ViTSpec, out: Path, env: DistEnv, dataset,
+def warm_up_heads(cfg: DictConfig, backbone: dict, spec: ViTSpec, run: RunDir, env: DistEnv, dataset,
                   source: str, build_student_arch: bool = False, backbone_fingerprint: str | None = None) -> Path:
-    """Warm up heads on `backbone` (frozen) for `train.head_warmup_iterations`; write the full export `out`.
+    """Warm up heads on `backbone` (frozen) for `train.head_warmup_iterations`; write the full export
+    `run.warmup_full` (returned).
 
     The model has the backbone's shapes (`spec`, e.g. a distillation teacher), or with `build_student_arch`
     the config's student (continued pretraining; the weights must fit it). Reuses `out` when it was made
     from the same weights and length.
     """
-    from dinotrain.export.full import FullExport, write_full
     from dinotrain.train.loop import TrainingDiverged, finite_everywhere
     from dinotrain.train.teacher import fingerprint
+    from dinotrain.weights.full import FullExport, write_full
 
+    out = run.warmup_full
     iterations = cfg.train.head_warmup_iterations
     backbone_fp = backbone_fingerprint or fingerprint(backbone)
     if from_main(reusable(out, cfg, backbone_fp)):
@@ -115,7 +118,7 @@ def warm_up_heads(cfg: DictConfig, backbone: dict, spec: ViTSpec, out: Path, env
     loader, _ = build_train_loader(cfg, env.rank, env.world_size, 0, dataset=dataset)
     data = iter(loader)
     out.parent.mkdir(parents=True, exist_ok=True)
-    metrics = out.parent / "metrics.jsonl"
+    metrics = run.warmup_metrics
     if env.is_main:
         metrics.unlink(missing_ok=True)
     log.info("head warm-up: %d iterations on the frozen backbone of %s (heads trained, teacher heads = EMA)",
@@ -171,23 +174,31 @@ def warm_up_heads(cfg: DictConfig, backbone: dict, spec: ViTSpec, out: Path, env
     return out
 
 
-def pretrained_with_heads(cfg: DictConfig, run_dir: Path, env: DistEnv, dataset):
-    """What `dinotrain train` loads from `student.pretrained_weights`: a full export as it is; backbone-only
-    weights through the head warm-up when `train.head_warmup_iterations` > 0 (else with random heads, warned)."""
-    from dinotrain.export.convert import read_weights
-    from dinotrain.export.full import is_full_export
+def open_pretrained(path: str) -> Weights:
+    """What `student.pretrained_weights` names, read by the weights resolver with the heads it holds (a full
+    export, a run or checkpoint directory); errors name the config key."""
+    where = f"config key 'student.pretrained_weights' = {path}"
+    try:
+        return open_weights(path, heads=True)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{where}: {exc}") from exc
+    except WeightsError as exc:
+        raise WeightsError(f"{where}: {exc}") from exc
 
+
+def pretrained_with_heads(cfg: DictConfig, run_dir: Path, env: DistEnv, dataset) -> Weights:
+    """What `dinotrain train` loads from `student.pretrained_weights`: weights with heads (a full export, a run) as
+    they are; backbone-only weights through the head warm-up when `train.head_warmup_iterations` > 0 (else with
+    random heads, warned)."""
     path = cfg.student.pretrained_weights
-    if Path(path).is_file() and str(path).endswith(".safetensors") and is_full_export(path):
-        return path
+    weights = open_pretrained(path)
+    if weights.heads is not None:
+        return weights
     if cfg.train.head_warmup_iterations <= 0:
         log.warning("student.pretrained_weights holds a backbone without DINO/iBOT heads: the heads start random, "
                     "which can wreck the pretrained features early on; set train.head_warmup_iterations (e.g. 500) "
                     "to warm them up on the frozen backbone first")
-        return path
-    try:
-        backbone, spec = read_weights(path)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"config key 'student.pretrained_weights' = {path}: {exc}") from exc
-    return warm_up_heads(cfg, backbone, spec, run_dir / WARMUP_DIR / WARMUP_FILE, env, dataset, source=str(path),
-                         build_student_arch=True)
+        return weights
+    out = warm_up_heads(cfg, weights.backbone, weights.spec, RunDir(run_dir), env, dataset, source=str(path),
+                        build_student_arch=True)
+    return open_pretrained(str(out))

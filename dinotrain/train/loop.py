@@ -1,9 +1,9 @@
 """The one training loop: SSL pretraining on 1 CPU process up to many GPUs, with exact resume.
 
-Run directory: `config.yaml` (resolved config), `metrics.jsonl` (one JSON object per logged
-iteration), `log.txt`, `checkpoints/<iteration>/` (sharded, last N kept) and, at the end,
-`teacher_backbone.pth` (the official hub layout, ready for `dinotrain convert` and evaluation; a
-distillation writes `students/<name>.pth` instead).
+Run directory (`train/rundir.py`): the resolved config, metrics (one JSON object per logged
+iteration), the log, sharded checkpoints (last N kept) and, at the end, the teacher backbone (the
+official hub layout, ready for `dinotrain convert` and evaluation; a distillation writes one per
+student instead).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dinotrain.distributed.fsdp import clip_grad_norm, compute_dtype, set_gradie
 from dinotrain.train.batches import (UnreadableDatasetError, build_train_dataset, build_train_loader, first_sample,
                                      seed_step, to_device)
 from dinotrain.train.resume import check_resume, config_changes, log_changes, record_history
-from dinotrain.train.rundir import move_aside, prepare_run_dir, rewind_metrics, setup_logging
+from dinotrain.train.rundir import RunDir, move_aside, prepare_run_dir, rewind_metrics, setup_logging
 from dinotrain.train.optim import apply_schedules, build_optimizer
 from dinotrain.train.schedules import Schedules, build_schedules, scaled_lr
 from dinotrain.train.ssl import OFFICIAL_LOGGED_LOSSES, SSLMetaArch
@@ -98,7 +98,7 @@ class Trainer:
         if self.env.is_main:
             if not resume:
                 move_aside(self.run_dir)  # starting over never deletes the previous run
-            save_config(cfg, self.run_dir / "config.yaml")
+            save_config(cfg, RunDir(self.run_dir).config)
         if dist.is_initialized():
             dist.barrier()
 
@@ -125,10 +125,10 @@ class Trainer:
             if self.env.is_main:
                 changes = config_changes(extra.get("config", {}), cfg)
                 log_changes(changes, self.start_iter)
-                ckpt = self.run_dir / "checkpoints" / f"{self.start_iter:08d}"
+                ckpt = RunDir(self.run_dir).checkpoint(self.start_iter)
                 record_history(self.run_dir, ckpt, self.start_iter, self.env.world_size, changes)
         if self.env.is_main:
-            rewind_metrics(self.run_dir / "metrics.jsonl", self.start_iter)
+            rewind_metrics(RunDir(self.run_dir).metrics, self.start_iter)
         self.loader, n_images = build_train_loader(
             cfg, self.env.rank, self.env.world_size, self.sample_position, dataset=self.dataset)
         period = cfg.checkpoint.period_iterations or cfg.train.saveckp_freq * cfg.train.OFFICIAL_EPOCH_LENGTH
@@ -202,7 +202,7 @@ class Trainer:
         return self.learners[0].scaler
 
     def _newest_readable_checkpoint(self) -> tuple[Path, dict] | None:
-        """(checkpoint, its extra.json) of the newest checkpoint whose extra.json reads; the config check uses it."""
+        """(checkpoint, its extra state) of the newest checkpoint whose extra state reads; the config check uses it."""
         for ckpt in reversed(self.candidates):
             try:
                 return ckpt, read_extra(ckpt)
@@ -304,7 +304,7 @@ class Trainer:
 
     def _run(self, stop=None) -> dict[str, float]:
         data = iter(self.loader)
-        metrics_path = self.run_dir / "metrics.jsonl"
+        metrics_path = RunDir(self.run_dir).metrics
         bad_in_a_row, skipped_images = 0, self.skipped_before
         last: dict[str, float] = {}
         t_log, it_log = time.perf_counter(), self.start_iter
@@ -361,7 +361,7 @@ class Trainer:
 
     def export_teacher(self) -> Path:
         """Write the teacher backbone as an official hub state dict (the artifact later steps use)."""
-        return self._write_ema_backbone(self.learners[0], self.run_dir / "teacher_backbone.pth", "teacher backbone")
+        return self._write_ema_backbone(self.learners[0], RunDir(self.run_dir).teacher_backbone, "teacher backbone")
 
     def _write_ema_backbone(self, learner: Learner, path: Path, what: str) -> Path:
         """A learner's EMA backbone, gathered from every rank, written atomically by rank 0 (hub layout)."""

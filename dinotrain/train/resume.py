@@ -5,7 +5,7 @@ Three kinds of differences:
 * keys that make the continued run a different experiment (dataset, centering) -> refused unless the
   user passes `--allow-config-change`;
 * everything else (lr, batch size, crop count, schedules, ...) -> allowed, each logged, and the
-  history is appended to `resume_history.jsonl` in the run directory.
+  history is appended to the run directory's resume history (`RunDir.resume_history`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dinotrain.config import ConfigError
+from dinotrain.train.rundir import RunDir
 
 log = logging.getLogger("dinotrain.train")
 
@@ -31,7 +32,6 @@ ARCH_KEYS = ("student.arch", "student.depth", "student.patch_size", "student.ffn
              "ibot.head_bottleneck_dim", "ibot.head_nlayers", "ibot.head_hidden_dim", "ibot.norm_last_layer")
 # Keys whose change turns the continued run into another experiment.
 GUARDED_KEYS = ("train.dataset_path", "train.centering")
-HISTORY = "resume_history.jsonl"
 
 
 def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -90,8 +90,8 @@ def log_changes(changes: dict[str, tuple[Any, Any]], iteration: int) -> None:
 
 def record_history(run_dir: Path, checkpoint: Path, iteration: int, world_size: int,
                    changes: dict[str, tuple[Any, Any]]) -> None:
-    """Append one line per resume to `resume_history.jsonl`: when, from where, what changed."""
+    """Append one line per resume to the run's resume history: when, from where, what changed."""
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": str(checkpoint), "iteration": iteration,
              "world_size": world_size, "changes": {k: list(v) for k, v in changes.items()}}
-    with (run_dir / HISTORY).open("a") as f:
+    with RunDir(run_dir).resume_history.open("a") as f:
         f.write(json.dumps(entry, default=str) + "\n")

@@ -1,4 +1,12 @@
-"""The run directory: checked before anything is built, its logs, and its metrics history.
+"""The run directory: every path of a run named once (`RunDir`), checked before anything is built, its logs,
+and its metrics history.
+
+Layout: `config.yaml` (the resolved config), `metrics.jsonl` (one JSON object per logged iteration), `log.txt`,
+`resume_history.jsonl`, `checkpoints/<iteration:08d>/` (sharded; a distillation checkpoint holds one part per
+student in `students/<name>/`), at the end `teacher_backbone.pth` (pretraining) or `students/<name>.pth`
+(distillation, one per student), `head_warmup/` (the head warm-up's full export and metrics), `slurm/`
+(the job logs of `dinotrain submit`) and `plots/` (`dinotrain plot`). What one checkpoint holds inside (DCP shards, `extra.json`) is the
+checkpoint's own format: `distributed/checkpoint.py`.
 
 Every rank runs the checks (same shared filesystem, same answer), so a bad output directory stops
 all ranks with one clear line instead of leaving some waiting in a collective.
@@ -15,15 +23,114 @@ from pathlib import Path
 
 log = logging.getLogger("dinotrain.train")
 
-RUN_FILES = ("config.yaml", "log.txt", "metrics.jsonl", "resume_history.jsonl")
+_STUDENTS = "students"
 
 
 class RunDirError(ValueError):
     """An output directory that cannot hold a run; the message says which path and why."""
 
 
-def prepare_run_dir(run_dir: Path) -> None:
+class RunDir:
+    """The paths of one run directory. Nothing else in dinotrain spells them."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    # ---- files of the run --------------------------------------------------------------------------
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log.txt"
+
+    @property
+    def resume_history(self) -> Path:
+        return self.root / "resume_history.jsonl"
+
+    @property
+    def slurm(self) -> Path:
+        return self.root / "slurm"
+
+    @property
+    def plots(self) -> Path:
+        """Where `dinotrain plot` writes the training curves by default."""
+        return self.root / "plots"
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def checkpoint(self, iteration: int) -> Path:
+        return self.checkpoints / f"{iteration:08d}"
+
+    @staticmethod
+    def student_part(name: str) -> str:
+        """The part of a distillation checkpoint that holds student `name` (a training-layout checkpoint)."""
+        return f"{_STUDENTS}/{name}"
+
+    @staticmethod
+    def checkpoint_students(ckpt: str | os.PathLike) -> list[str] | None:
+        """The students of a distillation checkpoint, sorted; None for a training checkpoint."""
+        parts = Path(ckpt) / _STUDENTS
+        if not parts.is_dir():
+            return None
+        return sorted(d.name for d in parts.iterdir() if d.is_dir())
+
+    # ---- what a finished run leaves ----------------------------------------------------------------
+    @property
+    def teacher_backbone(self) -> Path:
+        return self.root / "teacher_backbone.pth"
+
+    @property
+    def students(self) -> Path:
+        return self.root / _STUDENTS
+
+    def student(self, name: str) -> Path:
+        return self.students / f"{name}.pth"
+
+    def finished_students(self) -> list[str]:
+        """Names of the students a finished distillation run exported, sorted."""
+        return sorted(p.stem for p in self.students.glob("*.pth")) if self.students.is_dir() else []
+
+    @property
+    def head_warmup(self) -> Path:
+        return self.root / "head_warmup"
+
+    @property
+    def warmup_full(self) -> Path:
+        """The head warm-up's result: backbone + warmed-up heads + config, as a full export."""
+        return self.head_warmup / "teacher_full.safetensors"
+
+    @property
+    def warmup_metrics(self) -> Path:
+        return self.head_warmup / self.metrics.name
+
+    def looks_like_run(self) -> bool:
+        """A directory a run wrote into (as opposed to, say, a transformers model directory)."""
+        return self.root.is_dir() and (self.checkpoints.is_dir() or self.config.is_file()
+                                       or self.teacher_backbone.is_file() or self.students.is_dir())
+
+
+def prepare_run_dir(run_dir: str | os.PathLike) -> None:
     """Create `run_dir` if needed and check that the run's files can be written there."""
+    run = RunDir(run_dir)
+    run_dir = run.root
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -31,9 +138,8 @@ def prepare_run_dir(run_dir: Path) -> None:
     except OSError as exc:
         raise RunDirError(f"cannot create output directory {run_dir}: {exc.strerror or exc} "
                           "(is a parent a file, or not writable?); choose another --output-dir") from exc
-    for name in RUN_FILES + ("checkpoints",):
-        path = run_dir / name
-        want_dir = name == "checkpoints"
+    for path in (run.config, run.log, run.metrics, run.resume_history, run.checkpoints):
+        want_dir = path == run.checkpoints
         if path.exists() and path.is_dir() != want_dir:
             kind = "a directory" if path.is_dir() else "a file"
             raise RunDirError(f"{path} is {kind}, but the run needs it to be {'a directory' if want_dir else 'a file'}; "
@@ -47,7 +153,7 @@ def prepare_run_dir(run_dir: Path) -> None:
                           "fix its permissions or choose another --output-dir") from exc
 
 
-def setup_logging(run_dir: Path, is_main: bool) -> None:
+def setup_logging(run_dir: str | os.PathLike, is_main: bool) -> None:
     """Console + `log.txt` on the main rank; other ranks stay quiet."""
     root = logging.getLogger("dinotrain")
     root.setLevel(logging.INFO)
@@ -57,7 +163,7 @@ def setup_logging(run_dir: Path, is_main: bool) -> None:
         root.addHandler(logging.NullHandler())
         return
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "log.txt")):
+    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(RunDir(run_dir).log)):
         handler.setFormatter(fmt)
         root.addHandler(handler)
     root.propagate = False
@@ -98,10 +204,12 @@ def rewind_metrics(path: Path, iteration: int) -> None:
         tmp.replace(path)
 
 
-def move_aside(run_dir: Path) -> None:
+def move_aside(run_dir: str | os.PathLike) -> None:
     """`--no-resume`: previous checkpoints and metrics move to `*.old-<time>`; nothing is deleted."""
+    run = RunDir(run_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for name, aside in (("checkpoints", f"checkpoints.old-{stamp}"), ("metrics.jsonl", f"metrics.old-{stamp}.jsonl")):
-        if (run_dir / name).exists():
-            (run_dir / name).rename(run_dir / aside)
-            log.info("--no-resume: %s moved to %s", name, run_dir / aside)
+    for path in (run.checkpoints, run.metrics):
+        aside = path.with_name(f"{path.stem}.old-{stamp}{path.suffix}")
+        if path.exists():
+            path.rename(aside)
+            log.info("--no-resume: %s moved to %s", path.name, aside)

@@ -85,42 +85,29 @@ class SSLMetaArch(nn.Module):
         self.one_cross_entropy = self.ibot_patch_loss.student_temp == self.dino_loss.student_temp
 
     # ---- set-up ------------------------------------------------------------------------------
-    def load_student_backbone(self, weights) -> None:
+    def load_student_backbone(self, weights, heads: dict | None = None) -> None:
         """Start student and teacher from pretrained weights (before sharding).
 
-        `weights`: a backbone state dict, or a path in any supported format (`cfg.student.pretrained_weights`),
-        including a full export (`dinotrain export --to full`), whose DINO/iBOT heads are loaded too, into
-        student and teacher alike, as when the official code continues from a full checkpoint.
-        Weights made at another image size (e.g. the official 518-px ones in a 224-px run) have their
-        position embeddings resampled to the run's grid (logged), unless `student.pretrained_strict`
-        is true. Errors name the config key `student.pretrained_weights`.
+        `weights`: a backbone state dict (with `heads`, optionally), or a `Weights` the caller resolved from
+        `cfg.student.pretrained_weights` (`head_warmup.open_pretrained`), whose DINO/iBOT heads, when it holds
+        them (a full export, a run), are loaded too, into student and teacher alike, as when the official code
+        continues from a full checkpoint. Weights made at another image size (e.g. the official 518-px ones in
+        a 224-px run) have their position embeddings resampled to the run's grid (logged), unless
+        `student.pretrained_strict` is true. Errors name the config key `student.pretrained_weights`.
         """
-        import os
-
-        from dinotrain.models.state_dict import WeightsError, fit_pos_embed, strip_to_backbone
+        from dinotrain.weights.state_dict import Weights, WeightsError, fit_pos_embed, strip_to_backbone
 
         key = "student.pretrained_weights"
-        source = weights if isinstance(weights, (str, os.PathLike)) else self.cfg.student.pretrained_weights
+        source = self.cfg.student.pretrained_weights
+        if isinstance(weights, Weights):
+            weights, heads, source = weights.backbone, weights.heads, weights.source
         where = f"config key '{key}'" + (f" = {source}" if source else "")
         strict = bool(self.cfg.student.pretrained_strict)
-        heads = None
         try:
-            if isinstance(weights, (str, os.PathLike)):
-                from dinotrain.export.full import is_full_export, read_full
-
-                if is_full_export(weights):
-                    full = read_full(weights)
-                    weights, heads = full.backbone, full.heads
-                else:
-                    from dinotrain.export.convert import read_weights
-
-                    weights = read_weights(weights)[0]
             state_dict = fit_pos_embed(strip_to_backbone(weights), self.student["backbone"].spec, strict=strict,
                                        what=f"weights of {key}")
             if heads is not None:
                 self._check_heads(heads)
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{where}: {exc}") from exc
         except WeightsError as exc:
             hint = (" (in training the model's img_size is crops.global_crops_size; or set "
                     "student.pretrained_strict=false to resample)") if strict and "strict" in str(exc) else ""
@@ -133,7 +120,7 @@ class SSLMetaArch(nn.Module):
     def _check_heads(self, heads: dict) -> None:
         """Pretrained heads must be the heads this config builds (one clear error otherwise)."""
         from dinotrain.models.heads import head_settings
-        from dinotrain.models.state_dict import WeightsError
+        from dinotrain.weights.state_dict import WeightsError
 
         if set(heads) != set(k for k in self.student if k != "backbone"):
             raise WeightsError(f"the file has heads {sorted(heads)} but this config builds "

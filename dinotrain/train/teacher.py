@@ -1,9 +1,10 @@
 """The frozen teacher of distillation: where its weights come from, their fingerprint, its targets.
 
-Three sources, in the order of what users have: (a) a dinotrain run or checkpoint directory (the EMA
-teacher's backbone and heads, read in bounded memory), (b) a full export (`dinotrain export --to
-full`: backbone + heads + config), (c) backbone-only weights (hub `.pth`, `.safetensors`, Hugging Face
-directory), whose heads the head warm-up makes (`train/head_warmup.py`). A distillation checkpoint
+Three sources, in the order of what users have, all read by the weights resolver
+(`dinotrain.weights.resolve`): (a) a dinotrain run or checkpoint directory (the EMA teacher's backbone
+and heads, read in bounded memory), (b) a full export (`dinotrain export --to full`: backbone + heads +
+config), (c) backbone-only weights (hub `.pth`, `.safetensors`, Hugging Face directory), whose heads
+the head warm-up makes (`train/head_warmup.py`). A distillation checkpoint
 never holds the teacher: it records the resolved source and a fingerprint of the weights, and a
 resume with other weights is refused.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,22 +22,16 @@ from torch import Tensor, nn
 from dinotrain.config import ConfigError
 from dinotrain.distributed.fsdp import reshard, shard_module
 from dinotrain.losses import DINOLoss, iBOTPatchLoss
-from dinotrain.models.state_dict import WeightsError
-from dinotrain.models.vision_transformer import ViTSpec, vit_from_spec
+from dinotrain.models.vision_transformer import vit_from_spec
 from dinotrain.train.ssl import center_teacher, teacher_logits
+from dinotrain.weights.resolve import CHECKPOINT, FULL, open_weights, resolve
+from dinotrain.weights.state_dict import Weights, WeightsError
 
 KEY = "distillation.teacher"
-HEADS = ("dino_head", "ibot_head")
 
 
-@dataclass
-class TeacherWeights:
-    source: str  # resolved: the checkpoint directory, or the file / directory given
-    kind: str  # "run" | "full" | "backbone"
-    backbone: dict[str, Tensor]  # official hub names
-    spec: ViTSpec
-    heads: dict[str, dict[str, Tensor]] | None  # None: backbone only (heads come from the warm-up)
-    config: dict  # the source's recipe config ({} for backbone-only weights)
+# What the teacher's source offered, in the words a distillation checkpoint records (and logs).
+_RECORDED_KIND = {CHECKPOINT: "run", FULL: "full"}  # anything else: "backbone" (heads from the warm-up)
 
 
 def fingerprint(tensors: dict[str, Tensor]) -> str:
@@ -50,79 +44,48 @@ def fingerprint(tensors: dict[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def all_tensors(weights: TeacherWeights) -> dict[str, Tensor]:
+def all_tensors(weights: Weights) -> dict[str, Tensor]:
     out = {f"backbone.{k}": v for k, v in weights.backbone.items()}
     for head, state in (weights.heads or {}).items():
         out.update({f"{head}.{k}": v for k, v in state.items()})
     return out
 
 
-def _split_heads(tensors: dict[str, Tensor]) -> tuple[dict, dict]:
-    backbone = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
-    heads = {h: {k[len(h) + 1:]: v for k, v in tensors.items() if k.startswith(h + ".")} for h in HEADS}
-    return backbone, {h: sd for h, sd in heads.items() if sd}
+def _named(exc: BaseException) -> str:
+    message = str(exc)
+    return message if message.startswith(KEY) else f"{KEY}: {message}"
 
 
 def resolve_source(given: str) -> str:
-    """What `distillation.teacher` names, pinned: a run directory becomes its newest complete checkpoint
-    (so every rank, and every resume, reads the same weights even while the teacher run goes on)."""
-    from dinotrain.distributed.checkpoint import complete_checkpoints
-
+    """What `distillation.teacher` names, pinned by the weights resolver: a run directory becomes its newest
+    complete checkpoint (so every rank, and every resume, reads the same weights even while the teacher run
+    goes on)."""
     if not given:
         raise ConfigError(f"{KEY} is empty: give a dinotrain run directory, a full export (.safetensors with "
                           "heads) or backbone weights (.pth, .safetensors, Hugging Face directory)")
     path = Path(given)
     if not path.exists():
         raise FileNotFoundError(f"{KEY}: {path} does not exist")
-    if path.is_dir() and not (path / "extra.json").is_file() and (path / "checkpoints").is_dir():
-        found = complete_checkpoints(path)
-        if not found:
-            raise FileNotFoundError(f"{KEY}: the run directory {path} has no complete checkpoint yet")
-        return str(found[-1])
-    return str(path)
-
-
-def _from_checkpoint(ckpt: Path) -> TeacherWeights:
-    """The EMA teacher (backbone + heads) of a training checkpoint."""
-    from dinotrain.distributed.checkpoint import read_extra
-    from dinotrain.distributed.checkpoint_files import read_tensors
-    from dinotrain.models.state_dict import infer_spec
-
-    if (ckpt / "students").is_dir():
-        raise ConfigError(f"{KEY}: {ckpt} is a distillation checkpoint (its frozen teacher is not stored there); "
-                          "export a student with `dinotrain export RUN OUT.safetensors --to full --which NAME` "
-                          "and use that file as the teacher")
-    extra = read_extra(ckpt)
-    backbone, heads = _split_heads(read_tensors(ckpt, "model.teacher.", what="EMA teacher"))
-    config = extra.get("config", {})
-    spec = infer_spec(backbone)
-    s = config.get("student", {})
-    if "interpolate_offset" in s:  # not in the weights: the run's settings
-        spec = dataclasses.replace(spec, interpolate_offset=float(s["interpolate_offset"]),
-                                   interpolate_antialias=bool(s["interpolate_antialias"]))
-    return TeacherWeights(str(ckpt), "run", backbone, spec, heads, config)
-
-
-def read_teacher(given: str) -> TeacherWeights:
-    """The teacher's weights from what `distillation.teacher` names (see the module docstring)."""
-    from dinotrain.export.convert import read_weights
-    from dinotrain.export.full import is_full_export, read_full
-
-    path = Path(resolve_source(given))
     try:
-        if path.is_dir() and (path / "extra.json").is_file():
-            return _from_checkpoint(path)
-        if path.is_file() and path.suffix == ".safetensors" and is_full_export(path):
-            full = read_full(path)
-            return TeacherWeights(str(path), "full", full.backbone, full.spec, full.heads, full.config)
-        backbone, spec = read_weights(path)
-    except WeightsError as exc:
-        message = str(exc)
-        raise WeightsError(message if message.startswith(KEY) else f"{KEY}: {message}") from exc
-    return TeacherWeights(str(path), "backbone", backbone, spec, None, {})
+        return str(resolve(path, "teacher", heads=True)[0])
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(_named(exc)) from exc
 
 
-def check_student_fits(weights: TeacherWeights, name: str, cfg: DictConfig) -> None:
+def read_teacher(given: str) -> Weights:
+    """The teacher's weights (backbone, heads where the source holds them, config) from what
+    `distillation.teacher` names; errors name the key. Its `kind` is one of "run", "full", "backbone"."""
+    path = resolve_source(given)
+    try:
+        weights = open_weights(path, "teacher", heads=True)
+    except (WeightsError, FileNotFoundError) as exc:
+        raise type(exc)(_named(exc)) from exc
+    except ValueError as exc:  # a distillation checkpoint: its frozen teacher is not stored there
+        raise ConfigError(_named(exc)) from exc
+    return dataclasses.replace(weights, kind=_RECORDED_KIND.get(weights.kind, "backbone"))
+
+
+def check_student_fits(weights: Weights, name: str, cfg: DictConfig) -> None:
     """A student can learn from this teacher: same patch size, prototype counts equal to the teacher heads'."""
     from dinotrain.models.heads import head_settings
 
@@ -157,7 +120,7 @@ class FrozenTeacher(nn.Module):
     teacher a distillation checkpoint stores.
     """
 
-    def __init__(self, weights: TeacherWeights, cfg: DictConfig, do_ibot: bool = True):
+    def __init__(self, weights: Weights, cfg: DictConfig, do_ibot: bool = True):
         super().__init__()
         from dinotrain.models.heads import head_from_state_dict
 

@@ -10,9 +10,9 @@ from dinotrain.cli import main
 from dinotrain.config import load_config
 from dinotrain.distributed.checkpoint import full_state_dict
 from dinotrain.distributed.env import destroy_distributed
-from dinotrain.export.full import read_full
 from dinotrain.train.distill import Distiller
 from dinotrain.train.teacher import read_teacher
+from dinotrain.weights.full import read_full
 from trainruns import FAST, train
 
 pytestmark = pytest.mark.slow
@@ -166,7 +166,7 @@ def test_bad_teacher_inputs_are_one_line_errors(teacher_run, tmp_path, capsys):
 
 
 def test_changed_full_export_teacher_is_refused_on_resume(full_export, tmp_path, capsys):
-    from dinotrain.export.full import write_full
+    from dinotrain.weights.full import write_full
 
     teacher = tmp_path / "teacher.safetensors"
     teacher.write_bytes(full_export.read_bytes())

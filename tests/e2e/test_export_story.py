@@ -10,7 +10,7 @@ from dinotrain.cli import main
 from dinotrain.data.augmentations import make_eval_transform
 from dinotrain.data.datasets import load_rgb
 from dinotrain.data.tiny import ensure_tiny_dataset
-from dinotrain.export.convert import load_backbone
+from dinotrain.weights.convert import load_backbone
 from trainruns import REPO, metrics, train
 
 pytestmark = pytest.mark.slow

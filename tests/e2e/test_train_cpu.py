@@ -8,7 +8,7 @@ import torch
 
 from dinotrain.distributed.checkpoint import complete_checkpoints
 from dinotrain.distributed.checkpoint_files import read_teacher_backbone
-from dinotrain.export.convert import load_backbone
+from dinotrain.weights.convert import load_backbone
 
 from trainruns import REPO, env, metrics, train
 

@@ -254,7 +254,7 @@ def _chain(exc: BaseException):
 
 
 def test_weights_file_refusal_gives_no_unsafe_advice(tmp_path):
-    from dinotrain.models.state_dict import WeightsError, read_state_dict
+    from dinotrain.weights.state_dict import WeightsError, read_state_dict
 
     marker = tmp_path / "pwned"
     torch.save({"cls_token": torch.zeros(1), "evil": _Touch(marker)}, tmp_path / "evil.pth")

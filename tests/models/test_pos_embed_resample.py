@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf, open_dict
 
-from dinotrain.export import load_backbone, save_backbone
 from dinotrain.models.presets import build_preset
-from dinotrain.models.state_dict import WeightsError, fit_pos_embed, load_backbone_weights
+from dinotrain.train.head_warmup import open_pretrained
+from dinotrain.weights import load_backbone, save_backbone
+from dinotrain.weights.state_dict import WeightsError, fit_pos_embed, load_backbone_weights
 
 REPO = str(Path(__file__).resolve().parents[2])
 ONE_BLOCK = dict(depth=1)
@@ -154,11 +155,11 @@ def test_training_start_resamples_and_errors_name_the_config_key(tmp_path):
     with pytest.raises(WeightsError, match="student.pretrained_weights.*embed_dim"):
         meta.load_student_backbone(src.state_dict())
     with pytest.raises(FileNotFoundError, match="student.pretrained_weights.*nope.pth"):
-        meta.load_student_backbone(str(tmp_path / "nope.pth"))
+        meta.load_student_backbone(open_pretrained(str(tmp_path / "nope.pth")))
 
     tiny64 = _ssl(["crops.global_crops_size=64"]).student["backbone"]
     path = save_backbone(tiny64, tmp_path / "tiny64.pth", "hub")
-    meta.load_student_backbone(str(path))
+    meta.load_student_backbone(open_pretrained(str(path)))
     expected = _reference(tiny64.pos_embed.detach(), 4)
     for nets in (meta.student, meta.teacher):
         assert torch.allclose(nets["backbone"].pos_embed, expected, atol=1e-6, rtol=0)
@@ -169,4 +170,4 @@ def test_training_start_resamples_and_errors_name_the_config_key(tmp_path):
     with open_dict(cfg):
         cfg.student.pretrained_strict = True
     with pytest.raises(WeightsError, match=r"student.pretrained_weights.*8x8.*4x4.*pretrained_strict=false"):
-        meta.load_student_backbone(str(path))
+        meta.load_student_backbone(open_pretrained(str(path)))

@@ -32,7 +32,8 @@ from dinotrain.distributed.env import destroy_distributed, init_distributed  # n
 from dinotrain.distributed.fsdp import DTYPES, clip_grad_norm  # noqa: E402
 from dinotrain.train.optim import apply_schedules, build_optimizer  # noqa: E402
 from dinotrain.train.ssl import SSLMetaArch, build_backbone, _head  # noqa: E402
-from dinotrain.train.teacher import FrozenTeacher, TeacherWeights  # noqa: E402
+from dinotrain.train.teacher import FrozenTeacher  # noqa: E402
+from dinotrain.weights.state_dict import Weights  # noqa: E402
 
 
 def _cfg(args, arch: str, depth: int):
@@ -49,7 +50,7 @@ def _teacher(args, device, dtype) -> FrozenTeacher:
     cfg = _cfg(args, args.teacher, args.teacher_depth)
     backbone = build_backbone(cfg, for_teacher=True)
     heads = {name: _head(cfg[name.split("_")[0]], backbone.embed_dim).state_dict() for name in ("dino_head", "ibot_head")}
-    weights = TeacherWeights("random", "bench", backbone.state_dict(), backbone.spec, heads, {})
+    weights = Weights(source="random", kind="bench", backbone=backbone.state_dict(), spec=backbone.spec, heads=heads)
     teacher = FrozenTeacher(weights, cfg).to(device)
     teacher.shard(dtype)
     return teacher

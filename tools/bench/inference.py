@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
-from dinotrain.export import save_backbone  # noqa: E402
+from dinotrain.weights import save_backbone  # noqa: E402
 from dinotrain.models import build_preset  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -6,8 +6,8 @@ without its sharded training checkpoint. This file is what they consume instead.
 
 Layout: tensors `backbone.<official name>`, `dino_head.<k>` and optionally `ibot_head.<k>` (the names of
 `DINOHead`'s state dict); metadata `format` = FULL_FORMAT, the backbone's ViTSpec (as every export of
-ours records it) and `config` = the run's recipe config as JSON. `read_weights` of `convert.py` reads its
-backbone like any safetensors file (the `backbone.` prefix is stripped, the heads dropped).
+ours records it) and `config` = the run's recipe config as JSON. The resolver (`resolve.py`) reads all of it
+(`read_full`) or, when no heads are asked for, the backbone alone (`backbone_of_full`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 
 from torch import Tensor
 
-from dinotrain.export.hf import reconcile_spec, spec_from_metadata, spec_to_metadata
+from dinotrain.weights.hf import reconcile_spec, spec_from_metadata, spec_to_metadata
 from dinotrain.models.heads import head_settings
-from dinotrain.models.state_dict import WeightsError, infer_spec
+from dinotrain.weights.state_dict import WeightsError, infer_spec
 from dinotrain.models.vision_transformer import ViTSpec
 
 __all__ = ["FULL_FORMAT", "FullExport", "backbone_of_full", "is_full_export", "read_full", "write_full"]

@@ -4,9 +4,10 @@
   no room for settings outside the weights: on load, interpolation follows `infer_spec`'s defaults.
 - `safetensors`: the same tensors in a `.safetensors` file whose metadata records the `ViTSpec` as
   JSON (so settings that are not in the weights, like position-embedding interpolation, survive).
-- `hf`: a `transformers` directory (`config.json` + `model.safetensors`), see `dinotrain.export.hf`.
+- `hf`: a `transformers` directory (`config.json` + `model.safetensors`), see `dinotrain.weights.hf`.
 
-The architecture is always inferred from the weights, so no separate config has to travel along.
+The architecture is always inferred from the weights, so no separate config has to travel along. What a
+path holds (any format, a full export, a run or checkpoint directory) is decided by `resolve.py`.
 """
 
 from __future__ import annotations
@@ -17,55 +18,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dinotrain.export.hf import (
-    from_hf_tensors,
-    is_hf_dir,
-    load_hf,
-    read_hf_config,
-    read_safetensors,
-    reconcile_spec,
-    save_hf,
-    spec_from_metadata,
-    spec_to_metadata,
-)
-from dinotrain.models.state_dict import WeightsError, fit_pos_embed, infer_spec, read_state_dict, strip_to_backbone
 from dinotrain.models.vision_transformer import DinoVisionTransformer, ViTSpec, vit_from_spec
+from dinotrain.weights.hf import save_hf, spec_to_metadata
+from dinotrain.weights.resolve import open_weights, read_weights
+from dinotrain.weights.state_dict import Weights, WeightsError, fit_pos_embed
 
 FORMATS = ("hub", "hf", "safetensors")
-
-
-def _looks_like_hf(tensors: dict[str, Tensor]) -> bool:
-    return any(k.endswith("embeddings.cls_token") for k in tensors)
-
-
-def read_weights(path: str | Path) -> tuple[dict[str, Tensor], ViTSpec]:
-    """Official-named backbone state dict and its ViTSpec from a `.pth`, `.safetensors` or HF directory."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"weights not found: {path}")
-    if path.is_dir():
-        return load_hf(path)
-    if path.suffix == ".safetensors":
-        tensors, metadata = read_safetensors(path)
-    else:
-        tensors, metadata = read_state_dict(path), {}
-    if _looks_like_hf(tensors):
-        if is_hf_dir(path.parent):  # e.g. the model.safetensors of an HF directory
-            return from_hf_tensors(read_hf_config(path.parent), tensors, metadata)
-        raise WeightsError(
-            f"{path} holds transformers-named weights but has no config.json beside it; "
-            "pass the transformers model directory (with its config.json) instead"
-        )
-    state_dict = strip_to_backbone(tensors)
-    try:
-        spec = infer_spec(state_dict)
-    except WeightsError as exc:
-        raise WeightsError(f"{path}: {exc}") from exc
-    try:
-        spec = reconcile_spec(spec_from_metadata(metadata), spec)
-    except WeightsError as exc:
-        raise WeightsError(f"{path}: {exc}") from exc
-    return state_dict, spec
 
 
 def write_weights(state_dict: dict[str, Tensor], spec: ViTSpec, dst: str | Path, to: str) -> Path:
@@ -104,7 +62,12 @@ def save_backbone(model: DinoVisionTransformer, dst: str | Path, to: str) -> Pat
 
 
 def load_backbone(path: str | Path, strict_pos_embed: bool = False, **kwargs) -> DinoVisionTransformer:
-    """A backbone with weights from any supported format, in eval mode (call `.train()` to fine-tune).
+    """A backbone with the weights of any path `open_weights` takes, in eval mode (see `backbone_from_weights`)."""
+    return backbone_from_weights(open_weights(path), strict_pos_embed, **kwargs)
+
+
+def backbone_from_weights(weights: Weights, strict_pos_embed: bool = False, **kwargs) -> DinoVisionTransformer:
+    """A backbone built as `weights` say, with their tensors, in eval mode (call `.train()` to fine-tune).
 
     `kwargs` override settings that are not fixed by the weights, either ViTSpec fields
     (`interpolate_offset`, `interpolate_antialias`, `num_heads`, `img_size`) or constructor-only ones
@@ -112,13 +75,12 @@ def load_backbone(path: str | Path, strict_pos_embed: bool = False, **kwargs) ->
     An `img_size` other than the weights' resamples their position embeddings to the new grid
     (logged), unless `strict_pos_embed=True`, which refuses instead.
     """
-    state_dict, spec = read_weights(path)
     spec_fields = {f.name for f in dataclasses.fields(ViTSpec)}
-    wanted = dataclasses.replace(spec, **{k: kwargs.pop(k) for k in list(kwargs) if k in spec_fields})
+    wanted = dataclasses.replace(weights.spec, **{k: kwargs.pop(k) for k in list(kwargs) if k in spec_fields})
     try:
-        state_dict = fit_pos_embed(state_dict, wanted, strict=strict_pos_embed)
+        state_dict = fit_pos_embed(weights.backbone, wanted, strict=strict_pos_embed)
     except WeightsError as exc:
-        raise WeightsError(f"{path}: {exc}") from exc
+        raise WeightsError(f"{weights.source}: {exc}") from exc
     model = vit_from_spec(wanted, **kwargs)
     model.load_state_dict(state_dict, strict=True)
     return model.eval()

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dinotrain.models.state_dict import WeightsError, check_compatible, infer_spec
+from dinotrain.weights.state_dict import WeightsError, check_compatible, infer_spec, read_state_dict
 from dinotrain.models.vision_transformer import ViTSpec
 
 CONFIG_NAME = "config.json"
@@ -363,8 +363,6 @@ def _read_hf_tensors(src: Path) -> tuple[dict[str, Tensor], dict]:
             metadata.update(meta)
         return tensors, metadata
     if legacy.is_file():
-        from dinotrain.models.state_dict import read_state_dict
-
         return read_state_dict(legacy), {}
     raise FileNotFoundError(f"{src} has a config.json but no {WEIGHTS_NAME}, shard index or pytorch_model.bin")
 

@@ -7,10 +7,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dinotrain.export import FORMATS, convert, load_backbone, read_weights, save_backbone
 from dinotrain.cli import main
 from dinotrain.models import PRESETS, build_preset
-from dinotrain.models.state_dict import WeightsError
+from dinotrain.weights import FORMATS, convert, load_backbone, read_weights, save_backbone
+from dinotrain.weights.state_dict import WeightsError
 
 # Small but complete variants of each family (full width; what changes between them is the mapping).
 NAMES = ["dinov2_vits14", "dinov2_vitg14_reg", "dino_vitb8"]

@@ -1,4 +1,5 @@
-"""Reading backbone weights: infer the architecture from a state dict and load it safely.
+"""Backbone state dicts: what weights hold (`Weights`), the architecture they imply, reading them safely, and
+fitting them to a model (prefixes stripped, position embeddings resampled).
 
 Loading never unpickles arbitrary objects (`torch.load(weights_only=True)` or safetensors), so a
 downloaded checkpoint cannot run code on the user's machine.
@@ -10,6 +11,7 @@ import dataclasses
 import logging
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +31,20 @@ log = logging.getLogger("dinotrain.weights")
 
 class WeightsError(ValueError):
     """A weights file that is not (or not the expected) ViT backbone."""
+
+
+@dataclass
+class Weights:
+    """What a path holds, as `dinotrain.weights.resolve.open_weights` read it (CPU tensors, official names)."""
+
+    source: str  # what was read: the file, the HF directory, or the checkpoint a run directory was pinned to
+    kind: str  # "checkpoint" | "full" | "hub" | "safetensors" | "hf" (see resolve.py)
+    backbone: dict[str, Tensor]
+    spec: ViTSpec
+    heads: dict[str, dict[str, Tensor]] | None = None  # "dino_head" (+ "ibot_head"); None: not held or not asked
+    config: dict = field(default_factory=dict)  # the recipe config of the run that made them; {} if unknown
+    label: str = ""  # which network of a checkpoint, for messages: "teacher", "student 's1' (EMA)", ...
+    iteration: int | None = None  # a checkpoint's iteration
 
 
 def strip_to_backbone(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

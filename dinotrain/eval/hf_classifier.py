@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from dinotrain.export.hf import (CONFIG_NAME, DINOV2, DINOV2_REG, VIT, WEIGHTS_NAME, hf_config, hf_model_type,
+from dinotrain.weights.hf import (CONFIG_NAME, DINOV2, DINOV2_REG, VIT, WEIGHTS_NAME, hf_config, hf_model_type,
                                  spec_to_metadata, to_hf_state_dict, write_preprocessor_config)
 from dinotrain.models.vision_transformer import ViTSpec
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dinotrain.models import PRESETS, DinoVisionTransformer, build_preset
-from dinotrain.models.state_dict import (
+from dinotrain.weights.state_dict import (
     WeightsError,
     backbone_from_state_dict,
     check_compatible,

@@ -15,10 +15,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModel, Dinov2Model, Dinov2WithRegistersModel, ViTModel
 
-from dinotrain.export import load_backbone, save_backbone
-from dinotrain.export.hf import from_hf_state_dict, hf_config, to_hf_state_dict
 from dinotrain.models import PRESETS, build_preset
-from dinotrain.models.state_dict import WeightsError
+from dinotrain.weights import load_backbone, save_backbone
+from dinotrain.weights.hf import from_hf_state_dict, hf_config, to_hf_state_dict
+from dinotrain.weights.state_dict import WeightsError
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()

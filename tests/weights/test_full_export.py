@@ -14,11 +14,11 @@ from safetensors.torch import save_file
 from torch.nn.utils.parametrizations import weight_norm
 
 from dinotrain.cli import main
-from dinotrain.export import read_weights, save_backbone
-from dinotrain.export.full import FULL_FORMAT, FullExport, backbone_of_full, is_full_export, read_full, write_full
 from dinotrain.models.heads import DINOHead, head_from_state_dict, head_settings
-from dinotrain.models.state_dict import WeightsError
 from dinotrain.models.vision_transformer import build_vit
+from dinotrain.weights import read_weights, save_backbone
+from dinotrain.weights.full import FULL_FORMAT, FullExport, backbone_of_full, is_full_export, read_full, write_full
+from dinotrain.weights.state_dict import WeightsError
 from trainruns import FAST
 
 HEAD_CONFIGS = [

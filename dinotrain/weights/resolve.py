@@ -1,0 +1,145 @@
+"""The one answer to "what does this path hold": `open_weights(path)` for every path a user can give.
+
+Every reader of weights calls it (training's `student.pretrained_weights`, distillation's teacher, the head
+warm-up, eval, embed, serve, visualize, `dinotrain export` / `convert`, the torch.hub entry points).
+
+| path                                            | kind            | source (what is read)                    |
+|-------------------------------------------------|-----------------|------------------------------------------|
+| a checkpoint directory (`checkpoints/<it>/`)    | `checkpoint`    | itself                                   |
+| a run directory, training or distillation       | `checkpoint`    | its newest complete checkpoint           |
+|   ... finished, when only a backbone is asked   | `hub`           | `teacher_backbone.pth` / the only student |
+| a full export (backbone + heads + config)       | `full`          | the file                                 |
+| a `.safetensors` file                           | `safetensors`   | the file                                 |
+| a Hugging Face directory (or its weights file)  | `hf`            | the directory (the file)                 |
+| any other file: a torch-saved state dict        | `hub`           | the file                                 |
+
+`which` picks a network of a checkpoint: 'teacher' (the EMA, default) or 'student' of a training run, a
+student's name of a distillation (default: its only student). A run directory is pinned to one checkpoint
+(`resolve`), so that every rank, and every resume, reads the same weights while the run goes on. Heads are
+read only when asked for (`heads=True`) and held (a checkpoint, a full export). Files never run code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor
+
+from dinotrain.distributed.checkpoint import complete_checkpoints, is_checkpoint
+from dinotrain.models.vision_transformer import ViTSpec
+from dinotrain.train.rundir import RunDir
+from dinotrain.weights.checkpoint import read_checkpoint
+from dinotrain.weights.full import backbone_of_full, is_full_export, read_full
+from dinotrain.weights.hf import (CONFIG_NAME, from_hf_tensors, is_hf_dir, load_hf, read_hf_config, read_safetensors,
+                                  reconcile_spec, spec_from_metadata)
+from dinotrain.weights.state_dict import Weights, WeightsError, infer_spec, read_state_dict, strip_to_backbone
+
+CHECKPOINT, FULL, HUB, SAFETENSORS, HF = "checkpoint", "full", "hub", "safetensors", "hf"
+KINDS = (CHECKPOINT, FULL, HUB, SAFETENSORS, HF)
+
+
+def _finished_export(run: RunDir) -> Path | None:
+    """What a finished run exported: its teacher backbone, or its only student's; None before the end."""
+    if run.teacher_backbone.is_file():
+        return run.teacher_backbone
+    students = run.finished_students()
+    if len(students) > 1:
+        raise ValueError(f"{run} is a distillation run with students {', '.join(students)}: pass one of them, "
+                         f"e.g. --weights {run.student(students[0])}")
+    return run.student(students[0]) if students else None
+
+
+def _pin_run(run: RunDir, which: str | None, heads: bool, checkpoint: bool) -> tuple[Path, str]:
+    """A run directory's newest complete checkpoint; or its finished export, when that holds what is asked
+    (a backbone, no particular network, not the checkpoint explicitly) or when there is no checkpoint."""
+    export_first = which is None and not heads and not checkpoint
+    if export_first and (exported := _finished_export(run)) is not None:
+        return exported, HUB
+    found = complete_checkpoints(run)
+    if found:
+        return found[-1], CHECKPOINT
+    if which is None and not checkpoint and (exported := _finished_export(run)) is not None:
+        return exported, HUB  # heads asked for, but the checkpoints are gone: the backbone alone
+    raise FileNotFoundError(f"{run} is a run directory without a complete checkpoint (a run writes its first one "
+                            "after checkpoint.period_iterations) and without teacher_backbone.pth or "
+                            "students/*.pth (written when the run finishes)")
+
+
+def resolve(path: str | Path, which: str | None = None, *, heads: bool = False,
+            checkpoint: bool = False) -> tuple[Path, str]:
+    """(what will be read, its kind) for `path`, looking at names and headers only (no tensors read).
+
+    `checkpoint=True` reads a run directory's newest checkpoint even when the run has finished (`dinotrain
+    export`: the checkpoint holds the student, the heads and the run's interpolation settings).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"weights not found: {path}")
+    if path.is_dir():
+        if is_checkpoint(path):
+            return path, CHECKPOINT
+        run = RunDir(path)
+        if run.looks_like_run():
+            return _pin_run(run, which, heads, checkpoint)
+        if not is_hf_dir(path):
+            raise FileNotFoundError(f"{path} is neither a run or checkpoint directory nor a transformers model "
+                                    f"directory (it has no {CONFIG_NAME})")
+        return path, HF
+    if path.suffix == ".safetensors":
+        return path, FULL if is_full_export(path) else SAFETENSORS
+    return path, HUB
+
+
+def _looks_like_hf(tensors: dict[str, Tensor]) -> bool:
+    return any(k.endswith("embeddings.cls_token") for k in tensors)
+
+
+def _read_file(path: Path, kind: str) -> tuple[str, dict[str, Tensor], ViTSpec]:
+    """(kind, official-named backbone, spec) of a `.pth` / `.safetensors` file; HF-named tensors need the
+    `config.json` of the directory they sit in (then the kind is `hf`)."""
+    if kind == SAFETENSORS:
+        tensors, metadata = read_safetensors(path)
+    else:
+        tensors, metadata = read_state_dict(path), {}
+    if _looks_like_hf(tensors):
+        if is_hf_dir(path.parent):  # e.g. the model.safetensors of an HF directory
+            return HF, *from_hf_tensors(read_hf_config(path.parent), tensors, metadata)
+        raise WeightsError(
+            f"{path} holds transformers-named weights but has no config.json beside it; "
+            "pass the transformers model directory (with its config.json) instead"
+        )
+    state_dict = strip_to_backbone(tensors)
+    try:
+        spec = reconcile_spec(spec_from_metadata(metadata), infer_spec(state_dict))
+    except WeightsError as exc:
+        raise WeightsError(f"{path}: {exc}") from exc
+    return kind, state_dict, spec
+
+
+def open_weights(path: str | Path, which: str | None = None, *, heads: bool = False,
+                 checkpoint: bool = False) -> Weights:
+    """What `path` holds: backbone (official names), spec, heads (with `heads=True`, where held), the recipe
+    config ({} if unknown), the resolved source and its kind. See the module docstring for the paths taken."""
+    source, kind = resolve(path, which, heads=heads, checkpoint=checkpoint)
+    if kind == CHECKPOINT:
+        return read_checkpoint(source, which, heads=heads)
+    if which not in (None, "teacher"):
+        raise ValueError(f"--which {which!r}: {source} holds one backbone ({kind}); --which picks a network of a "
+                         "run or checkpoint directory")
+    if kind == FULL and heads:
+        full = read_full(source)
+        return Weights(source=str(source), kind=kind, backbone=full.backbone, spec=full.spec, heads=full.heads,
+                       config=full.config)
+    if kind == FULL:
+        backbone, spec = backbone_of_full(source)
+    elif kind == HF:
+        backbone, spec = load_hf(source)
+    else:
+        kind, backbone, spec = _read_file(source, kind)
+    return Weights(source=str(source), kind=kind, backbone=backbone, spec=spec)
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, Tensor], ViTSpec]:
+    """Official-named backbone state dict and its ViTSpec of any path `open_weights` takes."""
+    weights = open_weights(path)
+    return weights.backbone, weights.spec
