@@ -61,8 +61,8 @@ def _pin_run(run: RunDir, which: str | None, heads: bool, checkpoint: bool) -> t
     if which is None and not checkpoint and (exported := _finished_export(run)) is not None:
         return exported, HUB  # heads asked for, but the checkpoints are gone: the backbone alone
     raise FileNotFoundError(f"{run} is a run directory without a complete checkpoint (a run writes its first one "
-                            "after checkpoint.period_iterations) and without teacher_backbone.pth or "
-                            "students/*.pth (written when the run finishes)")
+                            f"after checkpoint.period_iterations) and without {run.teacher_backbone.name} or "
+                            f"{run.students.name}/*.pth (written when the run finishes)")
 
 
 def resolve(path: str | Path, which: str | None = None, *, heads: bool = False,
