@@ -1,9 +1,9 @@
 """The one training loop: SSL pretraining on 1 CPU process up to many GPUs, with exact resume.
 
-Run directory (`train/rundir.py`): the resolved config, metrics (one JSON object per logged
-iteration), the log, sharded checkpoints (last N kept) and, at the end, the teacher backbone (the
-official hub layout, ready for `dinotrain convert` and evaluation; a distillation writes one per
-student instead).
+Run directory: `config.yaml` (resolved config), `metrics.jsonl` (one JSON object per logged
+iteration), `log.txt`, `checkpoints/<iteration>/` (sharded, last N kept) and, at the end,
+`teacher_backbone.pth` (the official hub layout, ready for `dinotrain convert` and evaluation; a
+distillation writes `students/<name>.pth` instead).
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ class Trainer:
         return self.learners[0].scaler
 
     def _newest_readable_checkpoint(self) -> tuple[Path, dict] | None:
-        """(checkpoint, its extra state) of the newest checkpoint whose extra state reads; the config check uses it."""
+        """(checkpoint, its extra.json) of the newest checkpoint whose extra.json reads; the config check uses it."""
         for ckpt in reversed(self.candidates):
             try:
                 return ckpt, read_extra(ckpt)

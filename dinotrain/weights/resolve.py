@@ -60,9 +60,12 @@ def _pin_run(run: RunDir, which: str | None, heads: bool, checkpoint: bool) -> t
         return found[-1], CHECKPOINT
     if which is None and not checkpoint and (exported := _finished_export(run)) is not None:
         return exported, HUB  # heads asked for, but the checkpoints are gone: the backbone alone
-    raise FileNotFoundError(f"{run} is a run directory without a complete checkpoint (a run writes its first one "
-                            f"after checkpoint.period_iterations) and without {run.teacher_backbone.name} or "
-                            f"{run.students.name}/*.pth (written when the run finishes)")
+    first = "a run writes its first one after checkpoint.period_iterations"
+    if checkpoint:
+        raise FileNotFoundError(f"{run} is neither a checkpoint directory nor a run directory with a complete "
+                                f"checkpoint ({first})")
+    raise FileNotFoundError(f"{run} is a run directory without a complete checkpoint ({first}) and without "
+                            f"{run.teacher_backbone.name} or {run.students.name}/*.pth (written when the run finishes)")
 
 
 def resolve(path: str | Path, which: str | None = None, *, heads: bool = False,

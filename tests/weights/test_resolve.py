@@ -111,7 +111,7 @@ def test_finished_run_gives_its_export_unless_heads_or_the_checkpoint_are_asked_
     shutil.rmtree(RunDir(finished).checkpoints)  # heads asked for, checkpoints gone: the backbone alone
     w = open_weights(finished, heads=True)
     assert (w.kind, w.heads) == ("hub", None) and _same(w.backbone, _state(model.teacher.backbone))
-    with pytest.raises(FileNotFoundError, match="without a complete checkpoint"):
+    with pytest.raises(FileNotFoundError, match="nor a run directory with a complete checkpoint"):
         open_weights(finished, checkpoint=True)
 
 
