@@ -31,6 +31,7 @@ from dinotrain.train.optim import apply_schedules, build_optimizer
 from dinotrain.train.rundir import RunDir
 from dinotrain.train.schedules import CosineScheduler, Schedules, WarmupThenConstant, scaled_lr
 from dinotrain.train.ssl import SSLMetaArch
+from dinotrain.weights.full import config_of_full
 from dinotrain.weights.resolve import open_weights
 from dinotrain.weights.state_dict import Weights, WeightsError
 
@@ -69,10 +70,7 @@ def reusable(out: Path, cfg: DictConfig, backbone_fingerprint: str) -> bool:
     if not out.is_file():
         return False
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(out), "pt") as f:
-            info = json.loads((f.metadata() or {}).get("config", "{}")).get("head_warmup", {})
+        info = config_of_full(out).get("head_warmup", {})
     except Exception as exc:  # a damaged file is redone, never trusted
         log.warning("head warm-up file %s is unreadable (%s); it will be redone", out, exc)
         return False

@@ -24,7 +24,8 @@ from dinotrain.models.heads import head_settings
 from dinotrain.weights.state_dict import WeightsError, infer_spec
 from dinotrain.models.vision_transformer import ViTSpec
 
-__all__ = ["FULL_FORMAT", "FullExport", "backbone_of_full", "is_full_export", "read_full", "write_full"]
+__all__ = ["FULL_FORMAT", "FullExport", "backbone_of_full", "config_of_full", "is_full_export", "read_full",
+           "write_full"]
 
 FULL_FORMAT = "dinotrain-full"
 BACKBONE, DINO_HEAD, IBOT_HEAD = "backbone", "dino_head", "ibot_head"
@@ -104,6 +105,22 @@ def is_full_export(path: str | Path) -> bool:
     return metadata.get("format") == FULL_FORMAT or any(k.startswith(DINO_HEAD + ".") for k in keys)
 
 
+def _config(path: Path, metadata: dict) -> dict:
+    try:
+        config = json.loads(metadata.get("config", "{}"))
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"{path}: corrupt `config` metadata ({exc}); export the run again") from exc
+    if not isinstance(config, dict):
+        raise WeightsError(f"{path}: its `config` metadata is a {type(config).__name__}, not a mapping")
+    return config
+
+
+def config_of_full(path: str | Path) -> dict:
+    """The recipe config a full export records, from its header only (no tensor is read)."""
+    path = Path(path)
+    return _config(path, _header(path)[1])
+
+
 def _read_groups(path: Path, groups: tuple[str, ...]) -> tuple[dict[str, dict[str, Tensor]], dict]:
     """The tensors of `groups` (prefix stripped) and the metadata; other tensors are never read."""
     from safetensors import safe_open
@@ -143,12 +160,7 @@ def read_full(path: str | Path) -> FullExport:
     if not groups[DINO_HEAD]:
         raise WeightsError(f"{path} is not a full export: it has no `{DINO_HEAD}.*` tensors")
     spec = _backbone_spec(path, groups[BACKBONE], metadata)
-    try:
-        config = json.loads(metadata.get("config", "{}"))
-    except json.JSONDecodeError as exc:
-        raise WeightsError(f"{path}: corrupt `config` metadata ({exc}); export the run again") from exc
-    if not isinstance(config, dict):
-        raise WeightsError(f"{path}: its `config` metadata is a {type(config).__name__}, not a mapping")
+    config = _config(path, metadata)
     export = FullExport(groups[BACKBONE], spec, {h: groups[h] for h in HEADS if groups[h]}, config)
     _check(export, str(path))
     return export

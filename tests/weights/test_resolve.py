@@ -19,7 +19,7 @@ from dinotrain.train.rundir import RunDir
 from dinotrain.train.ssl import SSLMetaArch
 from dinotrain.train.teacher import read_teacher
 from dinotrain.weights import open_weights, resolve, save_backbone, write_weights
-from dinotrain.weights.full import FullExport, write_full
+from dinotrain.weights.full import FullExport, config_of_full, write_full
 from dinotrain.weights.hf import WEIGHTS_NAME
 from trainruns import FAST
 
@@ -192,6 +192,7 @@ def test_full_export(run, tmp_path):
     assert set(w.heads) == {"dino_head", "ibot_head"} and _same(w.heads["dino_head"], heads["dino_head"])
     plain = open_weights(path)
     assert (plain.kind, plain.heads) == ("full", None) and _same(plain.backbone, backbone)
+    assert config_of_full(path) == cfg  # from the header alone (the head warm-up's reuse check)
 
 
 def test_paths_that_hold_no_weights(tmp_path):
