@@ -24,7 +24,8 @@ from dinotrain.distributed.fsdp import reshard, shard_module
 from dinotrain.losses import DINOLoss, iBOTPatchLoss
 from dinotrain.models.state_dict import WeightsError
 from dinotrain.models.vision_transformer import ViTSpec, vit_from_spec
-from dinotrain.train.ssl import center_teacher, teacher_logits
+from dinotrain.losses.centering import teacher_targets
+from dinotrain.train.ssl import teacher_logits
 
 KEY = "distillation.teacher"
 HEADS = ("dino_head", "ibot_head")
@@ -186,5 +187,5 @@ class FrozenTeacher(nn.Module):
         self.n_forward += 1
         cls_logits, patch_logits = teacher_logits(self.nets, batch, self.do_ibot)
         reshard(self.nets)
-        return center_teacher(self.centering, self.centers["dino_loss"], self.centers["ibot_patch_loss"],
-                              cls_logits, patch_logits, teacher_temp)
+        return teacher_targets(self.centering, self.centers["dino_loss"], self.centers["ibot_patch_loss"],
+                               cls_logits, patch_logits, teacher_temp)

@@ -140,7 +140,7 @@ def case_step(size: str, args, device) -> list[dict]:
 
     dtype = DTYPES[args.dtype]
     model, optimizer, cfg, batch = _our_step(size, args, device)
-    runners = {"dinotrain": lambda: step(model, optimizer, cfg, batch)}  # the work of Trainer._step
+    runners = {"dinotrain": lambda: step(model, optimizer, cfg, batch)}  # the work of train.loop.train_step
     if not args.no_peer:
         h = HEADS[size]
         peer = build_peer(ARCHS[size], 14, 224, n_prototypes=h["n_prototypes"], bottleneck=h["bottleneck"],
@@ -149,23 +149,6 @@ def case_step(size: str, args, device) -> list[dict]:
         crops = peer_inputs(batch, device)
         runners["lightly+timm"] = lambda: peer_step(peer, *crops)
     return measure(f"step-{size}", runners, args, device, images=args.batch)
-
-
-def case_fast_path(attr: str, case: str, now: str, before: str):
-    """Our ViT-S/14 step with one fast path of `SSLMetaArch` on (now) vs off (before), same model and batch."""
-    def run_case(args, device) -> list[dict]:
-        from train_step import step
-
-        model, optimizer, cfg, batch = _our_step("S", args, device)
-
-        def run(on: bool):
-            def call():
-                setattr(model, attr, on)
-                step(model, optimizer, cfg, batch)
-            return call
-
-        return measure(case, {now: run(True), before: run(False)}, args, device, images=args.batch)
-    return run_case
 
 
 def case_previous(patch: str, case: str, now: str, before: str):
@@ -390,9 +373,8 @@ def case_head_ce(args, device) -> list[dict]:
 
 CASES = {
     **{f"step-{s}": (lambda s: lambda a, d: case_step(s, a, d))(s) for s in ARCHS},
-    "last-block": case_fast_path("last_block_rows_only", "step-S, last block", "rows read (now)", "every token (before)"),
-    "one-ce": case_fast_path("one_cross_entropy", "step-S, head cross-entropies", "one call, one gradient (now)",
-                             "split logits (before)"),
+    "fast-paths": case_previous("every_token_and_split_logits", "step-S, last block + head cross-entropies",
+                                "rows read, one call (now)", "every token, split logits (before)"),
     "head-ops": case_previous("separate_op_weight_norm_and_logsumexp", "step-S, head ops",
                               "fused weight norm, in-place lse (now)", "separate ops (before)"),
     "alone-plain": case_alone_plain,
