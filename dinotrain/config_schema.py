@@ -14,6 +14,7 @@ its errors span several lines; here a wrong value stops with one line that names
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Union
@@ -277,8 +278,9 @@ def _no_checkpoint_period(cfg: dict) -> str | None:
 def _crops_not_in_patches(cfg: dict) -> str | None:
     patch = cfg["student"]["patch_size"]
     for name in ("global_crops_size", "local_crops_size"):
-        if cfg["crops"][name] % patch:
-            return f"config key 'crops.{name}' = {cfg['crops'][name]} must be a multiple of student.patch_size = {patch}"
+        size = cfg["crops"][name]
+        if size % patch:
+            return f"config key 'crops.{name}' = {size} must be a multiple of student.patch_size = {patch}"
     return None
 
 
@@ -292,6 +294,7 @@ def is_section(tp: Any) -> bool:
     return dataclasses.is_dataclass(tp)
 
 
+@functools.cache
 def section_fields(section: type) -> dict[str, Any]:
     """Key name -> annotation (resolved) of a section, in declaration order."""
     hints = typing.get_type_hints(section)
@@ -332,16 +335,17 @@ class Leaf:
         return inner
 
 
-def leaves(section: type = Config, prefix: str = "") -> list[Leaf]:
+@functools.cache
+def leaves(section: type = Config, prefix: str = "") -> tuple[Leaf, ...]:
     """Every value-holding key under `section` (mappings of names are not leaves: their entries are configs)."""
     meta = {f.name: f.metadata for f in dataclasses.fields(section)}
-    out: list[Leaf] = []
+    out: tuple[Leaf, ...] = ()
     for name, tp in section_fields(section).items():
         if is_section(tp):
             out += leaves(tp, f"{prefix}{name}.")
         elif not is_entries(tp):
             m = meta[name]
-            out.append(Leaf(f"{prefix}{name}", tp, m.get("rule"), m.get("must", ""), m.get("if_null", "")))
+            out += (Leaf(f"{prefix}{name}", tp, m.get("rule"), m.get("must", ""), m.get("if_null", "")),)
     return out
 
 

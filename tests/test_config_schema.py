@@ -111,7 +111,8 @@ def test_every_choice_is_enforced(leaf):
     message = _one_line_naming(leaf.key, [f"{leaf.key}=not_a_choice"])
     assert "must be one of " + ", ".join(typing.get_args(leaf.base)) in message
     for choice in typing.get_args(leaf.base):
-        assert _default(OmegaConf.to_container(load_config("smoke/cpu_tiny", [f"{leaf.key}={choice}"])), leaf.key) == choice
+        cfg = load_config("smoke/cpu_tiny", [f"{leaf.key}={choice}"])
+        assert _default(OmegaConf.to_container(cfg), leaf.key) == choice
 
 
 def _outside(rule: schema.Range) -> list:
@@ -186,3 +187,14 @@ def test_config_py_keeps_no_key_lists():
     quoted = set(re.findall(r"[\"']([A-Za-z_]+\.[A-Za-z_]+)[\"']", source))
     named = quoted & ({leaf.key for leaf in LEAVES} | {"distillation.students"})
     assert named == {"distillation.students"}, named
+
+
+SHIPPED = sorted(str(p.relative_to(configs_dir()).with_suffix("")) for p in configs_dir().rglob("*.yaml")
+                 if p.name != "default.yaml")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_loads(name):
+    # the full-scale recipes leave the dataset (and the distillation recipes the teacher) null on purpose
+    cfg = load_config(name, ["train.dataset_path=/data/train", "distillation.teacher=/runs/teacher"])
+    assert cfg.train.dataset_path == "/data/train"
