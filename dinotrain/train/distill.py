@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from dinotrain.config import ConfigError, student_configs
 from dinotrain.distributed.checkpoint import Parts
 from dinotrain.distributed.env import all_ranks, from_main, gathered
-from dinotrain.train.batches import _mix
+from dinotrain.data.seeds import mix_seed as _mix
 from dinotrain.train.head_warmup import WARMUP_DIR, WARMUP_FILE, reusable, warm_up_heads
 from dinotrain.train.loop import Learner, Trainer
 from dinotrain.train.schedules import build_schedules, scaled_lr

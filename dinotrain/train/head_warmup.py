@@ -26,7 +26,8 @@ from dinotrain.distributed.checkpoint import full_state_dict
 from dinotrain.distributed.env import DistEnv, all_ranks, all_reduce_mean, from_main
 from dinotrain.distributed.fsdp import clip_grad_norm, compute_dtype
 from dinotrain.models.vision_transformer import ViTSpec
-from dinotrain.train.batches import build_train_loader, seed_step, to_device
+from dinotrain.data.loader import build_train_loader, to_device
+from dinotrain.data.seeds import seed_step
 from dinotrain.train.optim import apply_schedules, build_optimizer
 from dinotrain.train.schedules import CosineScheduler, Schedules, WarmupThenConstant, scaled_lr
 from dinotrain.train.ssl import SSLMetaArch

@@ -23,8 +23,9 @@ from dinotrain.distributed.checkpoint import (Checkpointer, CheckpointError, Par
                                               full_state_dict, read_extra)
 from dinotrain.distributed.env import DistEnv, all_reduce_mean, init_distributed, all_ranks, main_first
 from dinotrain.distributed.fsdp import clip_grad_norm, compute_dtype, set_gradient_sync, use_tf32
-from dinotrain.train.batches import (UnreadableDatasetError, build_train_dataset, build_train_loader, first_sample,
-                                     seed_step, to_device)
+from dinotrain.data.loader import (UnreadableDatasetError, build_train_dataset, build_train_loader, first_sample,
+                                   to_device)
+from dinotrain.data.seeds import seed_step
 from dinotrain.train.resume import check_resume, config_changes, log_changes, record_history
 from dinotrain.train.rundir import move_aside, prepare_run_dir, rewind_metrics, setup_logging
 from dinotrain.train.optim import apply_schedules, build_optimizer
