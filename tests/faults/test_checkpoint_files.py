@@ -31,7 +31,7 @@ from trainruns import FAST, REPO, env
 
 
 def build_training_checkpoint(ckpt: Path, overrides=()) -> dict:
-    """A checkpoint as `Checkpointer.save` writes it (one process): SSL meta-arch + AdamW with state,
+    """A checkpoint as `Checkpointer.save_parts` writes it (one process): SSL meta-arch + AdamW with state,
     `{"model": ..., "optim": ...}` through DCP, plus extra.json. Returns the saved state."""
     from omegaconf import OmegaConf
     from torch.distributed.checkpoint.state_dict import get_state_dict

@@ -1,6 +1,6 @@
 """Peak memory of `dinotrain export` on a sharded training checkpoint: full consolidation vs backbone only.
 
-Builds a checkpoint with the structure `Checkpointer.save` writes (`{"model": ..., "optim": ...}` through
+Builds a checkpoint with the structure `Checkpointer.save_parts` writes (`{"model": ..., "optim": ...}` through
 DCP, one process): the SSL meta-architecture of a recipe (student + EMA teacher, each a backbone, a DINO
 head and an iBOT head, plus the loss centers) and AdamW state (step, exp_avg, exp_avg_sq for every student
 parameter, faked: zeros of the right sizes). Then, each in a fresh subprocess, measures the peak RSS
