@@ -38,7 +38,6 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 METADATA = ".metadata"
-TEACHER_BACKBONE = "model.teacher.backbone."
 
 # Exactly the globals a `.metadata` written by DCP references (listed from real checkpoints of this torch
 # version, 1 and 2 processes, with pickletools); torch dtypes are added below. Each is a plain data class,
@@ -295,8 +294,3 @@ def read_tensors(ckpt_dir: str | Path, prefix: str, *, what: str | None = None) 
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise CheckpointError(f"checkpoint {ckpt_dir} could not be read: {type(exc).__name__}: {first}") from exc
     return {fqn[len(prefix):]: tensor for fqn, tensor in state.items()}
-
-
-def read_teacher_backbone(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Official-layout teacher backbone state dict of a training checkpoint (what the hub export holds)."""
-    return read_tensors(ckpt_dir, TEACHER_BACKBONE, what="teacher backbone")

@@ -22,12 +22,16 @@ from dinotrain.distributed.checkpoint import CheckpointError
 from dinotrain.distributed.checkpoint_files import (
     SafeFileSystemReader,
     read_metadata,
-    read_teacher_backbone,
     read_tensors,
     validate_checkpoint,
 )
 
 from trainruns import FAST, REPO, env
+
+
+def read_teacher_backbone(ckpt_dir):
+    """The official-layout teacher backbone of a training checkpoint (what the hub export holds)."""
+    return read_tensors(ckpt_dir, "model.teacher.backbone.", what="teacher backbone")
 
 
 def build_training_checkpoint(ckpt: Path, overrides=()) -> dict:
