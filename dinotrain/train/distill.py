@@ -24,15 +24,14 @@ import torch
 from omegaconf import OmegaConf
 
 from dinotrain.config import ConfigError, student_configs
+from dinotrain.data.seeds import mix_seed
 from dinotrain.distributed.checkpoint import Parts
-from dinotrain.distributed.env import all_ranks, from_main, gathered
-from dinotrain.train.batches import _mix
+from dinotrain.distributed.env import DistEnv, all_ranks, from_main, gathered
 from dinotrain.train.head_warmup import WARMUP_DIR, WARMUP_FILE, reusable, warm_up_heads
-from dinotrain.distributed.env import DistEnv
 from dinotrain.train.learner import build_learner
+from dinotrain.train.resume import check_resume
 from dinotrain.train.schedules import build_schedules, scaled_lr
 from dinotrain.train.ssl import SSLMetaArch
-from dinotrain.train.resume import check_resume
 from dinotrain.train.teacher import (KEY, FrozenTeacher, TeacherWeights, all_tensors, check_student_fits, fingerprint,
                                      read_teacher, resolve_source)
 
@@ -42,7 +41,7 @@ STUDENTS_DIR = "students"
 
 def _name_seed(seed: int, name: str, *more: int) -> int:
     """Seed of one student's randomness: independent of the other students (multi = single student)."""
-    return _mix(seed, zlib.crc32(name.encode()), *more)
+    return mix_seed(seed, zlib.crc32(name.encode()), *more)
 
 
 class Distillation:

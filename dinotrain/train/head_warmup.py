@@ -26,7 +26,7 @@ from dinotrain.distributed.checkpoint import full_state_dict
 from dinotrain.distributed.env import DistEnv, all_ranks, from_main
 from dinotrain.distributed.fsdp import compute_dtype
 from dinotrain.models.vision_transformer import ViTSpec
-from dinotrain.train.batches import build_train_loader
+from dinotrain.data.loader import build_train_loader
 from dinotrain.train.learner import Learner, build_learner
 from dinotrain.train.loop import Phase, run_loop
 from dinotrain.train.schedules import CosineScheduler, Schedules, WarmupThenConstant, scaled_lr

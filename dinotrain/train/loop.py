@@ -22,9 +22,10 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from dinotrain.data.loader import UnreadableDatasetError, to_device
+from dinotrain.data.seeds import seed_step
 from dinotrain.distributed.checkpoint import Checkpointer, Parts
 from dinotrain.distributed.env import DistEnv, all_reduce_mean
-from dinotrain.train.batches import UnreadableDatasetError, seed_step, to_device
 from dinotrain.train.learner import Learner
 from dinotrain.train.ssl import OFFICIAL_LOGGED_LOSSES
 

@@ -17,7 +17,7 @@ from dinotrain.config import save_config
 from dinotrain.distributed.checkpoint import Checkpointer, CheckpointError, complete_checkpoints, read_extra
 from dinotrain.distributed.env import DistEnv, all_ranks, init_distributed, main_first
 from dinotrain.distributed.fsdp import compute_dtype, use_tf32
-from dinotrain.train.batches import build_train_dataset, build_train_loader, first_sample
+from dinotrain.data.loader import build_train_dataset, build_train_loader, first_sample
 from dinotrain.train.distill import Distillation
 from dinotrain.train.loop import Phase, run_loop, total_iterations
 from dinotrain.train.pretrain import Pretraining

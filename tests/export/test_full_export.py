@@ -188,7 +188,7 @@ def _checkpoint(run_dir, overrides=(), seed=0, iteration=3, shift=0.5):
             p.add_(shift)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # one process, no group
-        ckpt = Checkpointer(run_dir).save(iteration, model, None, {"config": OmegaConf.to_container(cfg)})
+        ckpt = Checkpointer(run_dir).save_parts(iteration, {"": (model, None)}, {"config": OmegaConf.to_container(cfg)})
     return model, OmegaConf.to_container(cfg), ckpt
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dinotrain.config import load_config
-from dinotrain.train.batches import GlobalMaskCollator
+from dinotrain.data.collate import GlobalMaskCollator
 from dinotrain.train.ssl import SSLMetaArch
 from reference_ssl_step import reference_compute_losses
 

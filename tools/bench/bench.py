@@ -245,19 +245,22 @@ def case_masks(args, device) -> list[dict]:
     now draws the whole batch's plan but only its own 64 masks; before, every rank drew all 2,048."""
     import random
 
-    from dinotrain.data.collate import draw_masks
+    from dinotrain.data.collate import GlobalMaskCollator, mask_counts
     from dinotrain.data.masking import MaskingGenerator
-    from dinotrain.train.batches import GlobalMaskCollator
 
     global_batch, world, grid = 1024, 32, 16
     collator = GlobalMaskCollator(global_batch, grid * grid, grid, (0.1, 0.5), 0.5, seed=0)
     sample = ({"global_crops": [torch.zeros(3, 2, 2)] * 2, "local_crops": []}, 0)
     items = [(p, sample, 0) for p in range(3, global_batch, world)]  # rank 3's 32 images
     generator = MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid)
+
+    def whole_batch_masks(rng):  # before: every rank drew the block masks of all 2 x global_batch crops
+        counts = mask_counts(2 * global_batch, (0.1, 0.5), 0.5, grid * grid, rng)
+        return torch.stack([torch.from_numpy(generator(c, rng=rng)).flatten() for c in counts])
+
     runners = {
         "per-rank masks (now)": lambda: collator(items),
-        "whole-batch masks (before)": lambda: draw_masks(2 * global_batch, (0.1, 0.5), 0.5, grid * grid, generator,
-                                                         random.Random(0)),
+        "whole-batch masks (before)": lambda: whole_batch_masks(random.Random(0)),
     }
     return measure("masks (1 rank of 32, batch 1024)", runners, argparse.Namespace(**{**vars(args), "flops": False}),
                    torch.device("cpu"), images=global_batch // world)

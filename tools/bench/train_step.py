@@ -28,7 +28,7 @@ from dinotrain.config import load_config
 from dinotrain.models import layers
 from dinotrain.distributed.env import destroy_distributed, init_distributed
 from dinotrain.distributed.fsdp import clip_grad_norm
-from dinotrain.train.batches import GlobalMaskCollator
+from dinotrain.data.collate import GlobalMaskCollator
 from dinotrain.train.optim import apply_schedules, build_optimizer
 from dinotrain.train.ssl import SSLMetaArch
 
