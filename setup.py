@@ -21,7 +21,6 @@ setup(
         "omegaconf>=2.3",
         "pyyaml",  # cluster profiles (slurm/*.yaml)
         "submitit>=1.5",
-        "fvcore",
         "safetensors",
         "numpy",
         "pillow",

@@ -27,33 +27,23 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 # ---- train ------------------------------------------------------------------------------------------
-def _run_loop(args: argparse.Namespace, loop_class) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
+    """`train` and `distill` (the objective is the command's: `train.run.OBJECTIVES`); same arguments, run
+    directory and resume rules."""
     from dinotrain.config import load_config
     from dinotrain.distributed.env import destroy_distributed
+    from dinotrain.train.run import TrainingRun
 
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
     cfg = load_config(args.config, overrides)
     try:
-        loop_class(cfg, cfg.train.output_dir, resume=not args.no_resume,
-                   allow_config_change=args.allow_config_change).run()
+        TrainingRun(cfg, cfg.train.output_dir, command=args.command, resume=not args.no_resume,
+                    allow_config_change=args.allow_config_change).run()
     finally:
         destroy_distributed()
     return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from dinotrain.train.loop import Trainer
-
-    return _run_loop(args, Trainer)
-
-
-def cmd_distill(args: argparse.Namespace) -> int:
-    """`train`'s twin for distillation: same arguments, run directory and resume rules."""
-    from dinotrain.train.distill import Distiller
-
-    return _run_loop(args, Distiller)
 
 
 # ---- submit -----------------------------------------------------------------------------------------
@@ -429,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, help_text, config_help in (
             ("train", cmd_train, "self-supervised pretraining (DINO + iBOT + KoLeo)",
              "a YAML file or a shipped config name such as smoke/cpu_tiny"),
-            ("distill", cmd_distill, "distil students from a frozen teacher (backbone + DINO/iBOT heads)",
+            ("distill", cmd_train, "distil students from a frozen teacher (backbone + DINO/iBOT heads)",
              "a YAML file or a shipped config name such as smoke/distill_cpu_tiny (see configs/distill/)")):
         t = sub.add_parser(name, help=help_text)
         _add_run_arguments(t, config_help, "run directory (checkpoints, metrics.jsonl, log.txt)")

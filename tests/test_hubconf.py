@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dinotrain.models import PRESETS
-from dinotrain.weights import save_backbone
+from dinotrain.weights.convert import save_backbone
 from dinotrain.weights.state_dict import WeightsError
 
 REPO = str(Path(__file__).resolve().parents[1])

@@ -31,7 +31,7 @@ from dinotrain.data.photometric import normalize_pixels
 from dinotrain.eval.features import eval_sizes, shared_label_space
 from dinotrain.eval.knn import knn_line, knn_of_models
 from dinotrain.eval.pixels import PixelFeatures
-from dinotrain.train.batches import build_train_dataset, resolve_dataset_root
+from dinotrain.data.loader import build_train_dataset, resolve_dataset_root
 from dinotrain.train.optim import apply_schedules, build_optimizer
 from dinotrain.train.schedules import build_schedules, scaled_lr
 from dinotrain.train.ssl import build_backbone

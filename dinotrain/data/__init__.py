@@ -1,5 +1,5 @@
 """Data pipeline: image folders, the built-in tiny dataset, DINOv2 augmentations, iBOT masks,
-collation and the resumable sharded sampler."""
+collation, the resumable sharded sampler, seeds, and the training loader (`dinotrain.data.loader`)."""
 
 from dinotrain.data.augmentations import (
     IMAGENET_MEAN,
@@ -7,7 +7,6 @@ from dinotrain.data.augmentations import (
     DataAugmentationDINO,
     make_eval_transform,
 )
-from dinotrain.data.collate import DataCollator, collate_data_and_cast, draw_masks
 from dinotrain.data.datasets import IMAGE_EXTENSIONS, ImageFolderDataset
 from dinotrain.data.masking import MaskingGenerator
 from dinotrain.data.samplers import InfiniteShardedSampler
@@ -18,13 +17,10 @@ __all__ = [
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
     "DataAugmentationDINO",
-    "DataCollator",
     "ImageFolderDataset",
     "InfiniteShardedSampler",
     "MaskingGenerator",
-    "collate_data_and_cast",
     "default_tiny_root",
-    "draw_masks",
     "ensure_tiny_dataset",
     "make_eval_transform",
     "make_tiny_dataset",

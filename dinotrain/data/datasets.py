@@ -2,8 +2,8 @@
 
 A long pretraining run should not die hours in because one JPEG in a million is truncated, so a
 file that cannot be decoded is logged and returned as ``None``; training replaces it by another
-image of the sample stream and counts it (:class:`dinotrain.train.batches.SeededSamples`), the
-per-batch collate of the library drops it (:func:`dinotrain.data.collate.collate_data_and_cast`).
+image of the sample stream and counts it (:class:`dinotrain.data.loader.SeededSamples`), feature
+extraction drops it (:func:`dinotrain.eval.features.extract_features`).
 
 Every consumer of image files (training, k-NN features, ``dinotrain embed``) decodes through
 :func:`load_rgb`, which never turns a valid image silently white or black: PIL's ``convert("RGB")``

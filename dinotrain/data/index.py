@@ -273,13 +273,6 @@ def check_dataset_root(root: Path) -> None:
         raise ValueError(f"dataset path is not a folder: {root} (point it at a folder of images)")
 
 
-def scan_index(root: str | os.PathLike) -> ImageIndex:
-    """Scan `root` now, without any cache (the reference the cached index must equal)."""
-    root = Path(root).expanduser()
-    check_dataset_root(root)
-    return _checked(_scan(root)[0])
-
-
 def _checked(index: ImageIndex) -> ImageIndex:
     if not len(index):
         raise ValueError(

@@ -13,20 +13,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import Sampler
 
-_MASK64 = (1 << 64) - 1
-
-
-def _mix64(value: int) -> int:
-    """SplitMix64 finaliser: spreads nearby integers over 64 bits (decorrelates epoch seeds)."""
-    value = (value + 0x9E3779B97F4A7C15) & _MASK64
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return value ^ (value >> 31)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """Seed of the permutation of `epoch` (a deterministic function of (seed, epoch))."""
-    return _mix64(_mix64(seed & _MASK64) ^ (epoch & _MASK64))
+from dinotrain.data.seeds import epoch_seed
 
 
 def _check_int(name: str, value, lowest: int) -> int:

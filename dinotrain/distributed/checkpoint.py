@@ -32,14 +32,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from dinotrain.distributed.checkpoint_files import CheckpointError, SafeFileSystemReader, validate_checkpoint
 from dinotrain.train.rundir import RunDir
 
 log = logging.getLogger("dinotrain.checkpoint")
 EXTRA = "extra.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message says which and why."""
 
 
 def _barrier() -> None:
@@ -148,10 +145,6 @@ class Checkpointer:
         self.root = self.run.checkpoints
         self.keep_last = keep_last
 
-    def save(self, iteration: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-             extra: dict[str, Any]) -> Path:
-        return self.save_parts(iteration, {"": (model, optimizer)}, extra)
-
     def save_parts(self, iteration: int, parts: Parts, extra: dict[str, Any]) -> Path:
         final = self.run.checkpoint(iteration)
         tmp = final.with_name(f".tmp-{final.name}")
@@ -178,9 +171,6 @@ class Checkpointer:
         for stale in self.root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
 
-    def load(self, ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-        return self.load_parts(ckpt, {"": (model, optimizer)})
-
     def load_parts(self, ckpt: Path, parts: Parts) -> dict:
         """Load one checkpoint into the (sharded) models and optimizers; returns its extra state.
 
@@ -188,8 +178,6 @@ class Checkpointer:
         every needed tensor present with its shape) and read into fresh buffers; the live models and
         optimizers are only written once every part was read. A failure leaves them untouched.
         """
-        from dinotrain.distributed.checkpoint_files import SafeFileSystemReader, validate_checkpoint
-
         extra = read_extra(ckpt)
         loaded = []
         for name, (model, optimizer) in parts.items():
@@ -212,10 +200,6 @@ class Checkpointer:
                 set_state_dict(model, optimizer, model_state_dict=request["model"],
                                optim_state_dict={**request["optim"], **optim_groups}, options=_optimizer_options())
         return extra
-
-    def load_latest(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    candidates: list[Path] | None = None) -> dict | None:
-        return self.load_latest_parts({"": (model, optimizer)}, candidates)
 
     def load_latest_parts(self, parts: Parts, candidates: list[Path] | None = None) -> dict | None:
         """Newest checkpoint that loads; a damaged one is reported and the previous one used.

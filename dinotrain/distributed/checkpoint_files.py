@@ -13,7 +13,8 @@ torch.distributed.checkpoint (DCP) trusts its files. In this torch version:
 before DCP's planner sees it; `validate_checkpoint` checks that every shard the metadata refers to exists
 and is long enough, before anything is loaded in place. `read_tensors` loads only the tensors under a
 prefix (the teacher backbone for export), reading only their byte ranges: the optimizer state and the
-heads are never read.
+heads are never read. Every problem is a `CheckpointError` (defined here, the lowest of the two checkpoint
+modules, so that `checkpoint.py` imports this one and not the other way round).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 METADATA = ".metadata"
-TEACHER_BACKBONE = "model.teacher.backbone."
 
 # Exactly the globals a `.metadata` written by DCP references (listed from real checkpoints of this torch
 # version, 1 and 2 processes, with pickletools); torch dtypes are added below. Each is a plain data class,
@@ -62,17 +62,8 @@ _ALLOWED_GLOBALS = {
 }
 
 
-def _error(message: str) -> Exception:
-    # Imported here, not at module top: checkpoint.py imports this module, in either order.
-    from dinotrain.distributed.checkpoint import CheckpointError
-
-    return CheckpointError(message)
-
-
-def _is_error(exc: BaseException) -> bool:
-    from dinotrain.distributed.checkpoint import CheckpointError
-
-    return isinstance(exc, CheckpointError)
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says which and why."""
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -87,21 +78,21 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        raise _error(f"checkpoint metadata {self.source} references the forbidden global {module}.{name} "
-                     "and will not be loaded (a checkpoint holds data, never code)")
+        raise CheckpointError(f"checkpoint metadata {self.source} references the forbidden global {module}.{name} "
+                              "and will not be loaded (a checkpoint holds data, never code)")
 
     def persistent_load(self, pid: Any) -> Any:
-        raise _error(f"checkpoint metadata {self.source} holds a persistent reference and will not be loaded")
+        raise CheckpointError(f"checkpoint metadata {self.source} holds a persistent reference and will not be loaded")
 
 
 def _load_metadata(stream, source: str) -> Metadata:
     try:
         metadata = _MetadataUnpickler(stream, source).load()
     except Exception as exc:
-        if _is_error(exc):
+        if isinstance(exc, CheckpointError):
             raise
-        raise _error(f"checkpoint metadata {source} is unreadable ({type(exc).__name__}: {exc}): "
-                     "the checkpoint is truncated or corrupt") from exc
+        raise CheckpointError(f"checkpoint metadata {source} is unreadable ({type(exc).__name__}: {exc}): "
+                              "the checkpoint is truncated or corrupt") from exc
     _check_structure(metadata, source)
     return metadata
 
@@ -110,7 +101,7 @@ def _check_structure(metadata: Any, source: str) -> None:
     """Types and shard names a filesystem checkpoint's metadata must have (allowed classes, wrong places)."""
 
     def bad(what: str) -> Exception:
-        return _error(f"checkpoint metadata {source} is malformed: {what}")
+        return CheckpointError(f"checkpoint metadata {source} is malformed: {what}")
 
     if not isinstance(metadata, Metadata):
         raise bad(f"it holds a {type(metadata).__name__}, not DCP Metadata")
@@ -149,7 +140,7 @@ def read_metadata(ckpt_dir: str | Path, rank: int | None = None) -> Metadata:
     """
     path = Path(ckpt_dir) / (METADATA if rank is None else f"__{rank}{METADATA}")
     if not path.is_file():
-        raise _error(f"{Path(ckpt_dir)} is not a dinotrain checkpoint directory (no {path.name})")
+        raise CheckpointError(f"{Path(ckpt_dir)} is not a dinotrain checkpoint directory (no {path.name})")
     with open(path, "rb") as stream:
         return _load_metadata(stream, str(path))
 
@@ -161,11 +152,11 @@ def _check_shards(ckpt_dir: Path, metadata: Metadata) -> None:
     for name in sorted(needed):
         shard = ckpt_dir / name
         if not shard.is_file():
-            raise _error(f"shard {name} of checkpoint {ckpt_dir} is missing: the checkpoint is incomplete")
+            raise CheckpointError(f"shard {name} of checkpoint {ckpt_dir} is missing: the checkpoint is incomplete")
         size = shard.stat().st_size
         if size < needed[name]:
-            raise _error(f"shard {name} of checkpoint {ckpt_dir} is {size} bytes, metadata needs {needed[name]}: "
-                         "the checkpoint is truncated")
+            raise CheckpointError(f"shard {name} of checkpoint {ckpt_dir} is {size} bytes, metadata needs "
+                                  f"{needed[name]}: the checkpoint is truncated")
 
 
 def _volume(sizes) -> int:
@@ -182,7 +173,7 @@ def _check_coverage(ckpt_dir: Path, metadata: Metadata) -> None:
     stored = metadata.storage_data
 
     def bad(what: str) -> Exception:
-        return _error(f"checkpoint {ckpt_dir} {what}: its metadata is inconsistent")
+        return CheckpointError(f"checkpoint {ckpt_dir} {what}: its metadata is inconsistent")
 
     for fqn, item in metadata.state_dict_metadata.items():
         if isinstance(item, BytesStorageMetadata):
@@ -243,8 +234,8 @@ class _SafeBytesPlanner:
         try:
             obj = torch.load(value, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise _error(f"entry {read_item.storage_index.fqn} of checkpoint {self._source} is not plain data "
-                         f"and will not be loaded ({unpickling_refusal(exc)})") from exc
+            raise CheckpointError(f"entry {read_item.storage_index.fqn} of checkpoint {self._source} is not plain data "
+                                  f"and will not be loaded ({unpickling_refusal(exc)})") from exc
         clean = io.BytesIO()
         torch.save(obj, clean)
         clean.seek(0)
@@ -292,19 +283,14 @@ def read_tensors(ckpt_dir: str | Path, prefix: str, *, what: str | None = None) 
              for fqn, item in metadata.state_dict_metadata.items()
              if fqn.startswith(prefix) and isinstance(item, TensorStorageMetadata)}
     if not state:
-        raise _error(f"{ckpt_dir} holds no {what or f'tensors under {prefix!r}'}")
+        raise CheckpointError(f"{ckpt_dir} holds no {what or f'tensors under {prefix!r}'}")
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             dcp.load(state, storage_reader=SafeFileSystemReader(ckpt_dir), no_dist=True)
     except (Exception, CheckpointException) as exc:  # DCP's own error is a BaseException
-        if _is_error(exc):
+        if isinstance(exc, CheckpointError):
             raise
         first = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise _error(f"checkpoint {ckpt_dir} could not be read: {type(exc).__name__}: {first}") from exc
+        raise CheckpointError(f"checkpoint {ckpt_dir} could not be read: {type(exc).__name__}: {first}") from exc
     return {fqn[len(prefix):]: tensor for fqn, tensor in state.items()}
-
-
-def read_teacher_backbone(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Official-layout teacher backbone state dict of a training checkpoint (what the hub export holds)."""
-    return read_tensors(ckpt_dir, TEACHER_BACKBONE, what="teacher backbone")

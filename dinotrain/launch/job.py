@@ -161,15 +161,6 @@ class SlurmRun(submitit.helpers.Checkpointable):
         self.signal_delay_s = signal_delay_s
         self.allow_config_change = allow_config_change
 
-    def _loop_class(self):
-        if self.command == "train":
-            from dinotrain.train.loop import Trainer
-
-            return Trainer
-        from dinotrain.train.distill import Distiller
-
-        return Distiller
-
     def __call__(self) -> dict:
         from dinotrain.distributed.env import destroy_distributed
 
@@ -179,7 +170,10 @@ class SlurmRun(submitit.helpers.Checkpointable):
         OmegaConf.set_readonly(cfg, True)
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         try:
-            trainer = self._loop_class()(cfg, self.run_dir, resume=True, allow_config_change=self.allow_config_change)
+            from dinotrain.train.run import TrainingRun
+
+            trainer = TrainingRun(cfg, self.run_dir, command=self.command, resume=True,
+                                  allow_config_change=self.allow_config_change)
             where = (f"resuming from iteration {trainer.start_iter}" if trainer.start_iter else "starting at iteration 0")
             log.info("SLURM job %s (%s task(s)%s): %s", os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_NTASKS"),
                      f", requeued {restarts} time(s)" if restarts else "", where)

@@ -19,7 +19,7 @@ from dinotrain.config import ConfigError
 
 _REPO_PROFILES = Path(__file__).resolve().parents[2] / "slurm"
 
-# key -> (accepted Python types, what it is); the README's profile section documents the same keys
+# key -> (accepted Python types, what it is); docs/slurm.md's profile section documents the same keys
 PROFILE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "partition": ((str,), "SLURM partition (sbatch --partition)"),
     "account": ((str,), "account to charge (sbatch --account)"),

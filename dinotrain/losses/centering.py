@@ -142,3 +142,25 @@ def sinkhorn_knopp(
         q.div_(q.sum(dim=0, keepdim=True)).div_(b)  # each sample gets 1/B of the mass
     q.mul_(b)  # columns sum to 1: an assignment per sample
     return q.t()
+
+
+@torch.no_grad()
+def teacher_targets(centering: str, dino_loss, ibot_loss, cls_logits: Tensor, patch_logits: Tensor | None,
+                    teacher_temp: float) -> tuple[Tensor, Tensor | None]:
+    """Teacher logits -> target probabilities of a step: softmax centering with the losses' EMA centres (updated
+    here, after use, as official) or Sinkhorn-Knopp. `dino_loss` / `ibot_loss` are the `DINOLoss` /
+    `iBOTPatchLoss` holding the centres; `patch_logits` (masked patches, (M, K)) may be None (no iBOT)."""
+    if centering == "centering":
+        cls_probs = dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
+        dino_loss.update_center(cls_logits)
+        patch_probs = None
+        if patch_logits is not None:
+            patch_probs = ibot_loss.softmax_center_teacher(patch_logits.unsqueeze(0), teacher_temp).squeeze(0)
+            ibot_loss.update_center(patch_logits.unsqueeze(0))
+        return cls_probs, patch_probs
+    cls_probs = dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
+    patch_probs = None
+    if patch_logits is not None:
+        n_masked = torch.tensor([patch_logits.shape[0]], device=patch_logits.device, dtype=torch.long)
+        patch_probs = ibot_loss.sinkhorn_knopp_teacher(patch_logits, teacher_temp, n_masked)
+    return cls_probs, patch_probs

@@ -186,5 +186,25 @@ class DINOLoss(nn.Module):
             student_global, student_local, teacher_probs, n_global, student_temp=self.student_temp
         )
 
+    def head_rows_losses(self, logits: Tensor, teacher_probs: Tensor, n_local_rows: int,
+                         patch_targets: Tensor | None = None, n_global: int = 2) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The loss of a training step on the DINO head's output: `(global_loss, local_loss, patch_ce)`.
+
+        `logits` are the head's rows [local CLS; global CLS; masked patches (a head shared with iBOT)], view-major,
+        scored in ONE cross-entropy against their target segments (`dino_crossview_targets`, then `patch_targets`):
+        one (rows, prototypes) gradient where split logits would write one per part. The values are
+        `dino_crossview_losses`' (tests/train/test_fast_paths.py checks the step against it); `patch_ce` holds the
+        masked patches' cross-entropies for `iBOTPatchLoss.weighted_sum` (None without patch rows). The logits
+        are read by this loss alone: its backward writes their gradient into their memory.
+        """
+        n_g = teacher_probs.shape[0]
+        b = n_g // n_global
+        local_t, global_t, denom = dino_crossview_targets(teacher_probs, n_global, n_local_rows // b)
+        patches = [] if patch_targets is None else [patch_targets]
+        ce = soft_cross_entropy(logits, [*local_t, *global_t, *patches], self.student_temp, grad_in_logits=True)
+        n_l = n_local_rows
+        global_loss, local_loss = ce[n_l:n_l + n_g].sum() / (b * denom), ce[:n_l].sum() / (b * denom)
+        return global_loss, local_loss, ce[n_l + n_g:] if patches else None
+
     def extra_repr(self) -> str:
         return f"out_dim={self.out_dim}, student_temp={self.student_temp}, center_momentum={self.center_momentum}"

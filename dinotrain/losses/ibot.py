@@ -87,6 +87,12 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 - official name
         ce = soft_cross_entropy(s, t, self.student_temp)  # float32 for half-precision inputs, as the official code
         return self.weighted_sum(ce, student_masks_flat, n_masked_patches, masks_weight)
 
+    def head_rows_ce(self, logits: Tensor, teacher_patch_probs: Tensor) -> Tensor:
+        """The masked patches' cross-entropies (M,) from a separate iBOT head's output (M, K), for
+        `weighted_sum`. The logits are read by this loss alone: its backward writes their gradient into
+        their memory (no new (M, K) tensor)."""
+        return soft_cross_entropy(logits, teacher_patch_probs, self.student_temp, grad_in_logits=True)
+
     def weighted_sum(self, ce: Tensor, student_masks_flat: Tensor, n_masked_patches: int | None = None,
                      masks_weight: Tensor | None = None) -> Tensor:
         """The loss from the masked tokens' cross-entropies (M,) (computed at this loss's student

@@ -24,15 +24,15 @@ import torch
 from omegaconf import OmegaConf
 
 from dinotrain.config import ConfigError, student_configs
+from dinotrain.data.seeds import mix_seed
 from dinotrain.distributed.checkpoint import Parts
-from dinotrain.distributed.env import all_ranks, from_main, gathered
-from dinotrain.train.batches import _mix
+from dinotrain.distributed.env import DistEnv, all_ranks, from_main, gathered
 from dinotrain.train.head_warmup import open_pretrained, reusable, warm_up_heads
-from dinotrain.train.loop import Learner, Trainer
-from dinotrain.train.schedules import build_schedules, scaled_lr
-from dinotrain.train.ssl import SSLMetaArch
+from dinotrain.train.learner import build_learner
 from dinotrain.train.resume import check_resume
 from dinotrain.train.rundir import RunDir
+from dinotrain.train.schedules import build_schedules, scaled_lr
+from dinotrain.train.ssl import SSLMetaArch
 from dinotrain.train.teacher import (KEY, FrozenTeacher, all_tensors, check_student_fits, fingerprint, read_teacher,
                                      resolve_source)
 from dinotrain.weights.state_dict import Weights
@@ -42,14 +42,16 @@ log = logging.getLogger("dinotrain.distill")
 
 def _name_seed(seed: int, name: str, *more: int) -> int:
     """Seed of one student's randomness: independent of the other students (multi = single student)."""
-    return _mix(seed, zlib.crc32(name.encode()), *more)
+    return mix_seed(seed, zlib.crc32(name.encode()), *more)
 
 
-class Distiller(Trainer):
-    """The training loop with a frozen teacher and one learner per student."""
+class Distillation:
+    """The frozen teacher and one learner per student; the teacher runs once per micro-batch for all."""
 
-    def _check_before_start(self, newest_extra: dict | None) -> None:
-        cfg = self.cfg
+    def __init__(self, cfg, run_dir: Path, env: DistEnv, newest_extra: dict | None, allow_config_change: bool = False):
+        """Checks of the students and the teacher, before the dataset and the models are built."""
+        self.cfg, self.run_dir, self.env = cfg, run_dir, env
+        self.allow_config_change = allow_config_change
         self.student_cfgs = student_configs(cfg)
         self._check_students(newest_extra)
         given = cfg.distillation.teacher
@@ -121,8 +123,9 @@ class Distiller(Trainer):
             check_student_fits(warmed, name, scfg)
         return warmed
 
-    def _build_learners(self, resuming: bool) -> list[Learner]:
+    def build(self, dataset, dtype: torch.dtype, global_batch: int, resuming: bool) -> None:
         cfg = self.cfg
+        self.dataset = dataset
         self.teacher_weights = self._teacher_with_heads()
         self.teacher_fingerprint = fingerprint(all_tensors(self.teacher_weights))
         do_ibot = any(scfg.ibot.loss_weight > 0 for scfg in self.student_cfgs.values())
@@ -130,8 +133,9 @@ class Distiller(Trainer):
         # the tensors now live in the (sharded) teacher: keep only where they came from
         self.teacher_weights = dataclasses.replace(self.teacher_weights, backbone={}, heads={})
         self.teacher.to(self.env.device)
-        self.teacher.shard(self.dtype, reshard_after_forward=cfg.fsdp.reshard_after_forward)
-        learners = []
+        self.teacher.shard(dtype, reshard_after_forward=cfg.fsdp.reshard_after_forward)
+        self.schedules = build_schedules(cfg, scaled_lr(cfg, global_batch))  # the teacher's temperature
+        self.learners = []
         for name, scfg in self.student_cfgs.items():
             torch.manual_seed(_name_seed(cfg.train.seed, name))  # same init on every rank, whoever else is there
             model = SSLMetaArch(scfg)
@@ -141,24 +145,23 @@ class Distiller(Trainer):
             # optimizer state that a checkpoint would miss).
             if model.student["backbone"].mask_token is not None:
                 model.student["backbone"].mask_token.requires_grad_(False)
-            schedules = build_schedules(scfg, scaled_lr(scfg, self.global_batch))
-            learners.append(self._learner(model, scfg, schedules, prefix=f"{name}/"))
+            schedules = build_schedules(scfg, scaled_lr(scfg, global_batch))
+            self.learners.append(build_learner(model, scfg, schedules, dtype, self.env.device, prefix=f"{name}/"))
             n_params = sum(p.numel() for p in model.student["backbone"].parameters())
             log.info("student %s: %s/%d, depth %d, %.1fM backbone parameters", name, scfg.student.arch,
                      scfg.student.patch_size, len(model.student["backbone"].blocks), n_params / 1e6)
-        return learners
 
     @property
     def names(self) -> list[str]:
         return list(self.student_cfgs)
 
-    def _checkpoint_parts(self) -> Parts:
+    def parts(self) -> Parts:
         parts: Parts = {"": (self.teacher.centers, None)}
         for name, learner in zip(self.names, self.learners):
             parts[RunDir.student_part(name)] = (learner.model, learner.optimizer)
         return parts
 
-    def _save_extra(self) -> dict:
+    def state(self) -> dict:
         tw = self.teacher_weights
         return {
             "teacher": {"given": self.cfg.distillation.teacher, "source": tw.source, "kind": tw.kind,
@@ -167,10 +170,10 @@ class Distiller(Trainer):
             "students": {name: {"config": OmegaConf.to_container(scfg, resolve=True)}
                          for name, scfg in self.student_cfgs.items()},
             "grad_scalers": {name: learner.scaler.state_dict() for name, learner in zip(self.names, self.learners)
-                             if learner.scaler is not None},
+                             if learner.scaler.is_enabled()},
         }
 
-    def _restore_extra(self, extra: dict) -> None:
+    def load_state(self, extra: dict) -> None:
         recorded = extra.get("teacher", {}).get("fingerprint")
         if recorded and recorded != self.teacher_fingerprint:  # e.g. the warm-up file was changed
             raise ConfigError(f"the teacher's weights (backbone + heads) differ from the ones this run was distilled "
@@ -178,27 +181,24 @@ class Distiller(Trainer):
                               "them, or start a new run (another --output-dir, or --no-resume)")
         scalers = extra.get("grad_scalers") or {}
         for name, learner in zip(self.names, self.learners):
-            if learner.scaler is not None and scalers.get(name):
+            if learner.scaler.is_enabled() and scalers.get(name):
                 learner.scaler.load_state_dict(scalers[name])
 
-    def _forward_backward(self, batch: dict, it: int, micro: int) -> dict[str, tuple[torch.Tensor, dict]]:
-        """One teacher forward, then each student's forward and backward against its targets."""
+    def losses(self, batch: dict, it: int, micro: int):
+        """One teacher forward, then each student's losses against its targets (the loop backpropagates
+        each before the next student's forward)."""
         teacher_cls, teacher_patch = self.teacher.targets(batch, self.schedules.at(it)["teacher_temp"])
-        out = {}
         for name, learner in zip(self.names, self.learners):
             torch.manual_seed(_name_seed(self.cfg.train.seed, name, it, self.env.rank, micro))
-            total, terms = learner.model.student_losses(batch, teacher_cls, teacher_patch, mask_inputs=False)
-            self._backward(learner, total)
-            out[learner.prefix] = (total, terms)
-        return out
+            yield (learner, *learner.model.student_losses(batch, teacher_cls, teacher_patch, mask_inputs=False))
 
-    def _log_line(self, last: dict) -> str:
+    def log_line(self, last: dict) -> str:
         return "  ".join(f"{name} loss {last[f'{name}/total_loss']:.4f} (dino g {last.get(f'{name}/dino_global_crops_loss', 0):.3f} "
                          f"l {last.get(f'{name}/dino_local_crops_loss', 0):.3f}, ibot {last.get(f'{name}/ibot_loss', 0):.3f}) "
                          f"lr {last[f'{name}/lr']:.2e}" for name in self.names)
 
-    def export_final(self) -> None:
+    def finish(self) -> None:
         """Each student's EMA backbone as an official hub state dict: `<run>/students/<name>.pth`."""
         for name, learner in zip(self.names, self.learners):
-            self._write_ema_backbone(learner, RunDir(self.run_dir).student(name),
-                                     f"student {name} (EMA backbone)")
+            learner.write_ema_backbone(RunDir(self.run_dir).student(name), f"student {name} (EMA backbone)",
+                                       self.env.is_main)

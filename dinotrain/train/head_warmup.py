@@ -23,14 +23,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dinotrain.distributed.checkpoint import full_state_dict
-from dinotrain.distributed.env import DistEnv, all_ranks, all_reduce_mean, from_main
-from dinotrain.distributed.fsdp import clip_grad_norm, compute_dtype
+from dinotrain.distributed.env import DistEnv, all_ranks, from_main
+from dinotrain.distributed.fsdp import compute_dtype
 from dinotrain.models.vision_transformer import ViTSpec
-from dinotrain.train.batches import build_train_loader, seed_step, to_device
-from dinotrain.train.optim import apply_schedules, build_optimizer
+from dinotrain.data.loader import build_train_loader
+from dinotrain.train.learner import Learner, build_learner
+from dinotrain.train.loop import Phase, run_loop
 from dinotrain.train.rundir import RunDir
 from dinotrain.train.schedules import CosineScheduler, Schedules, WarmupThenConstant, scaled_lr
-from dinotrain.train.ssl import SSLMetaArch
+from dinotrain.train.ssl import SSLMetaArch, ssl_log_line, ssl_losses
 from dinotrain.weights.full import config_of_full
 from dinotrain.weights.resolve import open_weights
 from dinotrain.weights.state_dict import Weights, WeightsError
@@ -77,6 +78,30 @@ def reusable(out: Path, cfg: DictConfig, backbone_fingerprint: str) -> bool:
     return info.get("backbone_fingerprint") == backbone_fingerprint and info.get("settings") == warmup_settings(cfg)
 
 
+class HeadWarmup:
+    """The objective of the warm-up: the DINOv2 losses, one learner whose backbone is frozen; no checkpoints
+    (a run killed during the warm-up repeats it); at the end, backbone + teacher heads as a full export."""
+
+    def __init__(self, learner: Learner, finish):
+        self.learners = [learner]
+        self.finish = finish
+
+    def losses(self, batch: dict, it: int, micro: int):
+        return ssl_losses(self.learners[0], batch)
+
+    def parts(self) -> dict:
+        return {}
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, extra: dict) -> None:
+        pass
+
+    def log_line(self, last: dict) -> str:
+        return ssl_log_line(last)
+
+
 def warm_up_heads(cfg: DictConfig, backbone: dict, spec: ViTSpec, run: RunDir, env: DistEnv, dataset,
                   source: str, build_student_arch: bool = False, backbone_fingerprint: str | None = None) -> Path:
     """Warm up heads on `backbone` (frozen) for `train.head_warmup_iterations`; write the full export
@@ -84,9 +109,8 @@ def warm_up_heads(cfg: DictConfig, backbone: dict, spec: ViTSpec, run: RunDir, e
 
     The model has the backbone's shapes (`spec`, e.g. a distillation teacher), or with `build_student_arch`
     the config's student (continued pretraining; the weights must fit it). Reuses `out` when it was made
-    from the same weights and length.
+    from the same weights and length. It runs in the one training loop, as a phase of its own.
     """
-    from dinotrain.train.loop import TrainingDiverged, finite_everywhere
     from dinotrain.train.teacher import fingerprint
     from dinotrain.weights.full import FullExport, write_full
 
@@ -100,74 +124,35 @@ def warm_up_heads(cfg: DictConfig, backbone: dict, spec: ViTSpec, run: RunDir, e
     torch.manual_seed(cfg.train.seed)
     model = SSLMetaArch(wcfg, spec=None if build_student_arch else spec)
     model.load_student_backbone(backbone)
-    model.student["backbone"].requires_grad_(False)
-    dtype = compute_dtype(cfg.compute_precision.dtype, env.device)
-    model.to(env.device)
-    model.shard(dtype)
-    optimizer = build_optimizer(model.student, wcfg)  # the heads: frozen parameters are in no group
-    scaler = None
-    if dtype == torch.float16 and cfg.compute_precision.grad_scaler:
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-        scaler = ShardedGradScaler(device=env.device.type)
+    model.student["backbone"].requires_grad_(False)  # the optimizer gets the heads only
     accum = cfg.train.grad_accum_steps
     global_batch = cfg.train.batch_size_per_gpu * env.world_size * accum
-    schedules = warmup_schedules(cfg, iterations, scaled_lr(cfg, global_batch))
+    learner = build_learner(model, wcfg, warmup_schedules(cfg, iterations, scaled_lr(cfg, global_batch)),
+                            compute_dtype(cfg.compute_precision.dtype, env.device), env.device, heads_only=True)
     loader, _ = build_train_loader(cfg, env.rank, env.world_size, 0, dataset=dataset)
-    data = iter(loader)
     out.parent.mkdir(parents=True, exist_ok=True)
     metrics = run.warmup_metrics
     if env.is_main:
         metrics.unlink(missing_ok=True)
     log.info("head warm-up: %d iterations on the frozen backbone of %s (heads trained, teacher heads = EMA)",
              iterations, source)
-    t0 = t_log = time.perf_counter()
-    it_log = 0
-    for it in range(iterations):
-        seed_step(cfg.train.seed + 1, it, env.rank)  # its own stream of randomness, apart from the run's
-        sched = schedules.at(it)
-        apply_schedules(optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
-        optimizer.zero_grad(set_to_none=True)
-        loss = 0.0
-        for _ in range(accum):
-            batch = to_device(next(data), env.device)
-            total, _terms = model.compute_losses(batch, sched["teacher_temp"])
-            # heads that would be saved and reused: never NaN (a sync per micro-batch; the warm-up is short)
-            if not finite_everywhere([torch.isfinite(total.detach())]).item():
-                raise TrainingDiverged(f"head warm-up diverged: the loss is {float(total)} at iteration {it}; lower "
-                                       "optim.base_lr or train.head_warmup_iterations' lr warmup share")
-            ((scaler.scale(total) if scaler else total) / accum).backward()
-            loss += float(total.detach()) / accum
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if cfg.optim.clip_grad:
-            for name, module in model.student.items():
-                if name != "backbone":
-                    clip_grad_norm(module, cfg.optim.clip_grad)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        model.update_teacher(sched["mom"], heads_only=True)
-        done = it + 1
-        if done % cfg.train.log_every == 0 or done == iterations:
-            now = time.perf_counter()
-            record = {"iteration": done, **all_reduce_mean({"loss": loss}, env.device), "lr": sched["lr"],
-                      "images_per_s": (done - it_log) * global_batch / max(now - t_log, 1e-9)}
-            t_log, it_log = now, done
-            if env.is_main:
-                with metrics.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                log.info("head warm-up it %d/%d  loss %.4f  lr %.2e  %.1f img/s", done, iterations, record["loss"],
-                         sched["lr"], record["images_per_s"])
-    heads = {name: full_state_dict(model.teacher[name]) for name in model.teacher if name != "backbone"}
-    config = OmegaConf.to_container(wcfg, resolve=True)
-    config["head_warmup"] = {"iterations": iterations, "backbone_fingerprint": backbone_fp, "source": str(source),
-                             "settings": warmup_settings(cfg), "seconds": round(time.perf_counter() - t0, 1)}
-    # written by rank 0; a failure there (disk full) stops every rank instead of leaving them in a barrier
-    all_ranks(lambda: write_full(out, FullExport(backbone={k: v.detach().cpu() for k, v in backbone.items()},
-                                                 spec=spec, heads=heads, config=config)) if env.is_main else None, env)
+    t0 = time.perf_counter()
+
+    def write() -> None:
+        heads = {name: full_state_dict(model.teacher[name]) for name in model.teacher if name != "backbone"}
+        config = OmegaConf.to_container(wcfg, resolve=True)
+        config["head_warmup"] = {"iterations": iterations, "backbone_fingerprint": backbone_fp, "source": str(source),
+                                 "settings": warmup_settings(cfg), "seconds": round(time.perf_counter() - t0, 1)}
+        # written by rank 0; a failure there (disk full) stops every rank instead of leaving them in a barrier
+        all_ranks(lambda: write_full(out, FullExport(backbone={k: v.detach().cpu() for k, v in backbone.items()},
+                                                     spec=spec, heads=heads, config=config)) if env.is_main else None,
+                  env)
+
+    # heads that would be saved and reused are never NaN: the first non-finite step stops the warm-up
+    phase = Phase(start=0, end=iterations, accum=accum, global_batch=global_batch, seed=cfg.train.seed + 1,
+                  log_every=cfg.train.log_every, metrics=metrics, nan_tolerance=0, label="head warm-up ",
+                  diverged_hint="Lower optim.base_lr or train.head_warmup_iterations' lr warmup share.")
+    run_loop(HeadWarmup(learner, write), loader, phase, env)
     log.info("head warm-up done in %.0f s: backbone + warmed-up heads written to %s", time.perf_counter() - t0, out)
     return out
 

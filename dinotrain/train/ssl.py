@@ -16,8 +16,8 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from dinotrain.distributed.fsdp import ema_update, reshard, shard_module
-from dinotrain.losses import DINOLoss, KoLeoLoss, dino_crossview_targets, iBOTPatchLoss
-from dinotrain.losses.cross_entropy import soft_cross_entropy
+from dinotrain.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from dinotrain.losses.centering import teacher_targets
 from dinotrain.models.heads import DINOHead
 from dinotrain.models.vision_transformer import DinoVisionTransformer, ViTSpec, build_vit, vit_from_spec
 
@@ -76,13 +76,8 @@ class SSLMetaArch(nn.Module):
         ibot_dim = cfg.ibot.head_n_prototypes if self.ibot_separate_head else cfg.dino.head_n_prototypes
         self.ibot_patch_loss = iBOTPatchLoss(ibot_dim)
         self.koleo_loss = KoLeoLoss()
-        # The last block computes only the tokens the losses read (CLS, iBOT-masked patches); False runs
-        # it on every token (same values; kept for tests and the before/after benchmark).
-        self.last_block_rows_only = True
-        # The shared head's rows in one cross-entropy call with target segments (one gradient); False: split
-        # logits and one call per loss (same values; kept for tests and the before/after benchmark).
-        # (One temperature for all rows: both losses' student temperature is the official 0.1.)
-        self.one_cross_entropy = self.ibot_patch_loss.student_temp == self.dino_loss.student_temp
+        # The shared head's rows are scored in one cross-entropy at one temperature (DINOLoss.head_rows_losses)
+        assert self.ibot_patch_loss.student_temp == self.dino_loss.student_temp
 
     # ---- set-up ------------------------------------------------------------------------------
     def load_student_backbone(self, weights, heads: dict | None = None) -> None:
@@ -147,10 +142,10 @@ class SSLMetaArch(nn.Module):
     @torch.no_grad()
     def _teacher_targets(self, batch: dict, teacher_temp: float) -> tuple[Tensor, Tensor | None]:
         """Teacher probabilities for the global CLS tokens (view order kept) and the masked patches."""
-        cls_logits, patch_logits = teacher_logits(self.teacher, batch, self.do_ibot, self.last_block_rows_only)
+        cls_logits, patch_logits = teacher_logits(self.teacher, batch, self.do_ibot)
         reshard(self.teacher)
-        return center_teacher(self.cfg.train.centering, self.dino_loss, self.ibot_patch_loss, cls_logits,
-                              patch_logits, teacher_temp)
+        return teacher_targets(self.cfg.train.centering, self.dino_loss, self.ibot_patch_loss, cls_logits,
+                               patch_logits, teacher_temp)
 
     def _koleo(self, cls_tokens: Tensor) -> Tensor:
         """KoLeo per global view, over this process's batch (official) or, with `dino.koleo_global`,
@@ -194,8 +189,8 @@ class SSLMetaArch(nn.Module):
             crops.append(batch["collated_local_crops"])
             masks.append(None)
             patches.append(patches[0][:0])  # CLS only
-        outs = self.student["backbone"](crops, masks, is_training=True,
-                                        select_patches=patches if self.last_block_rows_only else None)
+        # the last block computes only the rows the losses read: CLS tokens and the masked patches
+        outs = self.student["backbone"](crops, masks, is_training=True, select_patches=patches)
         g_cls = outs[0]["x_norm_clstoken"]
         l_cls = outs[1]["x_norm_clstoken"] if self.n_local_crops else g_cls[:0]
         head_in = [l_cls, g_cls]
@@ -203,26 +198,10 @@ class SSLMetaArch(nn.Module):
             g_patch = patch_tokens_at(outs[0], batch["mask_indices_list"])
             if not self.ibot_separate_head:
                 head_in.append(g_patch)
+        # the logits are the head's output, read by this loss only: its backward may overwrite them
         logits = at_least_fp32(self.student["dino_head"](torch.cat(head_in)))
-        n_l, n_g = l_cls.shape[0], g_cls.shape[0]
-        patch_ce = None
-        if self.one_cross_entropy:
-            # every row of the shared head's output in one cross-entropy against its target segment: one
-            # (rows, prototypes) gradient, where split logits write one per part and concatenate them
-            b = n_g // N_GLOBAL_CROPS
-            local_t, global_t, denom = dino_crossview_targets(teacher_cls, N_GLOBAL_CROPS, n_l // b)
-            patches = [teacher_patch] if len(head_in) == 3 else []
-            # the logits are the head's output, read by this loss only: its backward may overwrite them
-            ce = soft_cross_entropy(logits, [*local_t, *global_t, *patches], self.dino_loss.student_temp,
-                                    grad_in_logits=True)
-            dino_local, dino_global = ce[:n_l].sum() / (b * denom), ce[n_l : n_l + n_g].sum() / (b * denom)
-            patch_ce = ce[n_l + n_g :] if patches else None
-        else:
-            # split, not slices: the backward of a split concatenates the parts' gradients, while each slice's
-            # backward would zero-fill and add a gradient of the whole (rows, prototypes) output
-            l_logits, g_logits, *patch_part = torch.split(logits, [t.shape[0] for t in head_in])
-            dino_global, dino_local = self.dino_loss.dino_crossview_losses(
-                g_logits, l_logits if self.n_local_crops else None, teacher_cls, n_global=N_GLOBAL_CROPS)
+        dino_global, dino_local, patch_ce = self.dino_loss.head_rows_losses(
+            logits, teacher_cls, l_cls.shape[0], teacher_patch if len(head_in) == 3 else None, N_GLOBAL_CROPS)
         w = self.cfg.dino.loss_weight
         terms = {"dino_global_term": w * dino_global, "dino_local_term": w * dino_local}
         logged = {"dino_global_crops_loss": dino_global, "dino_local_crops_loss": dino_local}
@@ -231,15 +210,9 @@ class SSLMetaArch(nn.Module):
             logged["koleo_loss"] = terms["koleo_term"] / 2
         if self.do_ibot:
             if self.ibot_separate_head:  # its own head's output, read by this loss alone (as the shared head's above)
-                patch_ce = soft_cross_entropy(at_least_fp32(self.student["ibot_head"](g_patch)), teacher_patch,
-                                              self.ibot_patch_loss.student_temp, grad_in_logits=True)
-            if patch_ce is not None:
-                ibot = self.ibot_patch_loss.weighted_sum(patch_ce, batch["collated_masks"],
-                                                         masks_weight=batch["masks_weight"])
-            else:
-                ibot = self.ibot_patch_loss.forward_masked(
-                    patch_part[0], teacher_patch, student_masks_flat=batch["collated_masks"],
-                    masks_weight=batch["masks_weight"])
+                patch_ce = self.ibot_patch_loss.head_rows_ce(at_least_fp32(self.student["ibot_head"](g_patch)),
+                                                             teacher_patch)
+            ibot = self.ibot_patch_loss.weighted_sum(patch_ce, batch["collated_masks"], masks_weight=batch["masks_weight"])
             terms["ibot_term"] = self.cfg.ibot.loss_weight * ibot
             logged["ibot_loss"] = ibot / 2
         total = sum(terms.values())
@@ -256,14 +229,26 @@ class SSLMetaArch(nn.Module):
                 ema_update(self.teacher[name], self.student[name], momentum)
 
 
+def ssl_losses(learner, batch: dict):
+    """The DINOv2 step's losses of a learner (`train/learner.py`) against its own EMA teacher, as an objective
+    yields them to the loop (pretraining, head warm-up)."""
+    yield (learner, *learner.model.compute_losses(batch, learner.sched["teacher_temp"]))
+
+
+def ssl_log_line(last: dict, prefix: str = "") -> str:
+    """The log line of an SSL step's metrics (the official displayed terms)."""
+    return (f"loss {last[prefix + 'total_loss']:.4f} (dino g {last.get(prefix + 'dino_global_crops_loss', 0):.4f} "
+            f"l {last.get(prefix + 'dino_local_crops_loss', 0):.4f}, ibot {last.get(prefix + 'ibot_loss', 0):.4f}, "
+            f"koleo {last.get(prefix + 'koleo_loss', 0):.4f})  lr {last[prefix + 'lr']:.2e}")
+
+
 @torch.no_grad()
-def teacher_logits(nets: nn.ModuleDict, batch: dict, do_ibot: bool,
-                   rows_only: bool = True) -> tuple[Tensor, Tensor | None]:
+def teacher_logits(nets: nn.ModuleDict, batch: dict, do_ibot: bool) -> tuple[Tensor, Tensor | None]:
     """Head logits (fp32) of a teacher's global-crop CLS tokens and, with iBOT, of its patch tokens at
     the sampled mask positions; a shared head (no `ibot_head`) scores both in one call (official).
-    `rows_only`: the backbone's last block computes those tokens only (same values, less work)."""
+    The backbone's last block computes those tokens only."""
     out = nets["backbone"](batch["collated_global_crops"], is_training=True,
-                           select_patches=selected_patches(batch, do_ibot) if rows_only else None)
+                           select_patches=selected_patches(batch, do_ibot))
     cls = out["x_norm_clstoken"]
     masked = patch_tokens_at(out, batch["mask_indices_list"]) if do_ibot else None
     if do_ibot and "ibot_head" not in nets:
@@ -288,26 +273,6 @@ def patch_tokens_at(out: dict, mask_indices: Tensor) -> Tensor:
     if "x_norm_selected_patchtokens" in out:
         return out["x_norm_selected_patchtokens"]
     return out["x_norm_patchtokens"].flatten(0, 1)[mask_indices]
-
-
-@torch.no_grad()
-def center_teacher(centering: str, dino_loss: DINOLoss, ibot_loss: iBOTPatchLoss, cls_logits: Tensor,
-                   patch_logits: Tensor | None, teacher_temp: float) -> tuple[Tensor, Tensor | None]:
-    """Teacher logits -> target probabilities: softmax centering (updating the EMA centers) or Sinkhorn-Knopp."""
-    if centering == "centering":
-        cls_probs = dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
-        dino_loss.update_center(cls_logits)
-        patch_probs = None
-        if patch_logits is not None:
-            patch_probs = ibot_loss.softmax_center_teacher(patch_logits.unsqueeze(0), teacher_temp).squeeze(0)
-            ibot_loss.update_center(patch_logits.unsqueeze(0))
-        return cls_probs, patch_probs
-    cls_probs = dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
-    patch_probs = None
-    if patch_logits is not None:
-        n_masked = torch.tensor([patch_logits.shape[0]], device=patch_logits.device, dtype=torch.long)
-        patch_probs = ibot_loss.sinkhorn_knopp_teacher(patch_logits, teacher_temp, n_masked)
-    return cls_probs, patch_probs
 
 
 def world_size() -> int:

@@ -22,8 +22,9 @@ from torch import Tensor, nn
 from dinotrain.config import ConfigError
 from dinotrain.distributed.fsdp import reshard, shard_module
 from dinotrain.losses import DINOLoss, iBOTPatchLoss
+from dinotrain.losses.centering import teacher_targets
 from dinotrain.models.vision_transformer import vit_from_spec
-from dinotrain.train.ssl import center_teacher, teacher_logits
+from dinotrain.train.ssl import teacher_logits
 from dinotrain.weights.resolve import CHECKPOINT, FULL, open_weights, resolve
 from dinotrain.weights.state_dict import Weights, WeightsError
 
@@ -149,5 +150,5 @@ class FrozenTeacher(nn.Module):
         self.n_forward += 1
         cls_logits, patch_logits = teacher_logits(self.nets, batch, self.do_ibot)
         reshard(self.nets)
-        return center_teacher(self.centering, self.centers["dino_loss"], self.centers["ibot_patch_loss"],
-                              cls_logits, patch_logits, teacher_temp)
+        return teacher_targets(self.centering, self.centers["dino_loss"], self.centers["ibot_patch_loss"],
+                               cls_logits, patch_logits, teacher_temp)

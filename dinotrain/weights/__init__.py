@@ -8,13 +8,5 @@
   file. `checkpoint.py`: a backbone (and heads) read from a sharded checkpoint.
 """
 
-from dinotrain.weights.convert import (FORMATS, backbone_from_weights, convert, load_backbone, save_backbone,
-                                       write_weights)
-from dinotrain.weights.hf import hf_config, load_hf, save_hf
-from dinotrain.weights.resolve import open_weights, read_weights, resolve
-from dinotrain.weights.state_dict import Weights, WeightsError
-
-__all__ = [
-    "FORMATS", "Weights", "WeightsError", "backbone_from_weights", "convert", "hf_config", "load_backbone", "load_hf",
-    "open_weights", "read_weights", "resolve", "save_backbone", "save_hf", "write_weights",
-]
+# Nothing is imported here: modules below `distributed/` and `models/` import `weights.state_dict`, and a package
+# that imported its modules would close import cycles through them (tests/test_imports.py).

@@ -163,7 +163,7 @@ def test_bad_blur_probabilities_raise(bad):
 
 def test_recipes_choose_blur_probabilities_and_config_validates_them(monkeypatch):
     from dinotrain.config import ConfigError, load_config
-    from dinotrain.train import batches
+    from dinotrain.data import loader
 
     data = ["train.dataset_path=/data/imagenet/train"]
     assert list(load_config().crops.blur_probabilities) == list(PAPER_BLUR_PROBABILITIES)
@@ -174,8 +174,8 @@ def test_recipes_choose_blur_probabilities_and_config_validates_them(monkeypatch
         with pytest.raises(ConfigError, match="crops.blur_probabilities"):
             load_config(None, [f"crops.blur_probabilities={bad}"])
     # the training dataset's augmentation receives the configured values
-    monkeypatch.setattr(batches, "ImageFolderDataset", lambda root, transform, index_cache_dir=None: transform)
-    augment = batches.build_train_dataset(load_config("train/vitl14", data))
+    monkeypatch.setattr(loader, "ImageFolderDataset", lambda root, transform, index_cache_dir=None: transform)
+    augment = loader.build_train_dataset(load_config("train/vitl14", data))
     assert augment.blur_probabilities == OFFICIAL_CODE_BLUR_PROBABILITIES
     assert augment.global_transform_1.transforms[1].p == 0.0 and augment.global_transform_2.transforms[1].p == 0.9
 

@@ -4,9 +4,8 @@ import logging
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
-from dinotrain.data import DataAugmentationDINO, DataCollator, ImageFolderDataset, MaskingGenerator
+from dinotrain.data import ImageFolderDataset
 
 
 def test_labelled_folder_sorted_classes_nested_and_all_extensions(tmp_path, write_image):
@@ -98,13 +97,17 @@ def test_truncated_image_returns_none(tmp_path, write_image):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_collate_drops_and_counts_corrupt_images_across_workers(tmp_path, write_image, num_workers):
+def test_training_loader_replaces_and_counts_corrupt_images_across_workers(tmp_path, write_image, num_workers):
+    from dinotrain.config import load_config
+    from dinotrain.data.loader import build_train_loader
+
     _folder_with_one_corrupt_image(tmp_path, write_image)
-    augment = DataAugmentationDINO((0.5, 1.0), (0.2, 0.5), 1, global_crops_size=16, local_crops_size=8)
-    ds = ImageFolderDataset(tmp_path, transform=augment)
-    collate = DataCollator((0.1, 0.5), 0.5, n_tokens=16, mask_generator=MaskingGenerator(4), seed=0)
-    loader = DataLoader(ds, batch_size=3, num_workers=num_workers, collate_fn=collate)
-    batches = list(loader)
-    assert sum(b["n_skipped"] for b in batches) == 1
-    assert sum(len(b["labels"]) for b in batches) == 5
+    cfg = load_config(None, [f"train.dataset_path={tmp_path}", "student.patch_size=4", "crops.global_crops_size=16",
+                             "crops.local_crops_size=8", "crops.local_crops_number=1", "crops.blur_kernel_size=3",
+                             "train.batch_size_per_gpu=3", f"train.num_workers={num_workers}"])
+    loader, size = build_train_loader(cfg, rank=0, world_size=1, start_position=0)
+    batches = [b for b, _ in zip(loader, range(2))]  # one epoch: every file drawn once, the corrupt one replaced
+    assert size == 6
+    assert sum(b["n_skipped"] for b in batches) >= 1
+    assert sum(len(b["labels"]) for b in batches) == 6  # batches stay full
     assert all(b["collated_global_crops"].shape[1:] == torch.Size([3, 16, 16]) for b in batches)

@@ -165,7 +165,7 @@ def test_each_shape_class_is_drawn_as_itself():
 def test_dataset_path_tiny_shapes_and_cli_kinds(tmp_path, monkeypatch):
     from dinotrain import cli
     from dinotrain.config import load_config
-    from dinotrain.train.batches import resolve_dataset_root
+    from dinotrain.data.loader import resolve_dataset_root
 
     monkeypatch.setenv("DINOTRAIN_DATA", str(tmp_path))
     cfg = load_config("smoke/cpu_tiny", ["train.dataset_path=tiny-shapes"])

@@ -135,7 +135,7 @@ def test_crop_and_flip_bit_identical_to_torchvision(size, scale, image_size):
 
 def test_uint8_crops_normalised_later_equal_the_normalised_crops():
     """The training loader's uint8 crops, normalised by to_device, are bit for bit the worker-normalised ones."""
-    from dinotrain.train.batches import to_device
+    from dinotrain.data.loader import to_device
 
     kwargs = dict(global_crops_size=32, local_crops_size=16)
     floats = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 2, **kwargs)

@@ -10,7 +10,7 @@ from dinotrain.cli import main
 from dinotrain.config import load_config
 from dinotrain.distributed.checkpoint import full_state_dict
 from dinotrain.distributed.env import destroy_distributed
-from dinotrain.train.distill import Distiller
+from dinotrain.train.run import TrainingRun
 from dinotrain.train.teacher import read_teacher
 from dinotrain.weights.full import read_full
 from trainruns import FAST, train
@@ -36,11 +36,12 @@ def _overrides(teacher, *more):
     return [*FAST, f"distillation.teacher={teacher}", "student.depth=2", *more]
 
 
-def _distiller(run_dir, teacher, *more, resume=False) -> Distiller:
-    return Distiller(load_config("smoke/distill_cpu_tiny", _overrides(teacher, *more)), run_dir, resume=resume)
+def _distiller(run_dir, teacher, *more, resume=False) -> TrainingRun:
+    return TrainingRun(load_config("smoke/distill_cpu_tiny", _overrides(teacher, *more)), run_dir, command="distill",
+                       resume=resume)
 
 
-def _run(distiller: Distiller) -> dict:
+def _run(distiller: TrainingRun) -> dict:
     try:
         return distiller.run()
     finally:
@@ -55,16 +56,16 @@ def test_teacher_is_frozen_and_runs_once_per_step(teacher_run, tmp_path):
     d = _distiller(tmp_path / "d", teacher_run, "train.max_iterations=3", "distillation.students.a.student.depth=2",
                    "distillation.students.b.student.depth=3")
     calls = []
-    d.teacher.nets["backbone"].register_forward_hook(lambda *_: calls.append(1))
+    d.objective.teacher.nets["backbone"].register_forward_hook(lambda *_: calls.append(1))
     _run(d)
     assert len(calls) == 3, "the teacher must run exactly once per step, whatever the number of students"
     original = read_teacher(str(teacher_run))
-    assert all(not p.requires_grad and p.grad is None for p in d.teacher.parameters())
-    after = full_state_dict(d.teacher.nets["backbone"])
+    assert all(not p.requires_grad and p.grad is None for p in d.objective.teacher.parameters())
+    after = full_state_dict(d.objective.teacher.nets["backbone"])
     assert after.keys() == original.backbone.keys()
     assert all(torch.equal(after[k], original.backbone[k]) for k in after), "teacher backbone changed"
     for name, head in original.heads.items():
-        got = full_state_dict(d.teacher.nets[name])
+        got = full_state_dict(d.objective.teacher.nets[name])
         assert all(torch.equal(got[k], head[k]) for k in head), f"teacher {name} changed"
     assert (tmp_path / "d" / "students" / "a.pth").is_file() and (tmp_path / "d" / "students" / "b.pth").is_file()
 
@@ -120,13 +121,12 @@ def test_backbone_only_teacher_gets_heads_from_the_warm_up_once(teacher_run, tmp
 
 
 def test_continued_pretraining_starts_from_a_full_export_with_its_heads(full_export, tmp_path):
-    from dinotrain.train.loop import Trainer
-
     cfg = load_config("smoke/cpu_tiny", [*FAST, f"student.pretrained_weights={full_export}"])
     try:
-        trainer = Trainer(cfg, tmp_path / "t", resume=False)
+        trainer = TrainingRun(cfg, tmp_path / "t", resume=False)
         heads = read_full(full_export).heads
-        for nets in (trainer.model.student, trainer.model.teacher):
+        model = trainer.objective.learners[0].model
+        for nets in (model.student, model.teacher):
             got = full_state_dict(nets["dino_head"])
             assert all(torch.equal(got[k], heads["dino_head"][k]) for k in got)
     finally:

@@ -92,7 +92,7 @@ def test_one_fp32_process_trains_plain_modules_with_the_fsdp_steps(process_group
 
     from dinotrain.config import load_config
     from dinotrain.distributed.fsdp import fsdp_needed
-    from dinotrain.train.batches import build_train_loader, to_device
+    from dinotrain.data.loader import build_train_loader, to_device
     from dinotrain.train.optim import apply_schedules, build_optimizer
     from dinotrain.train.ssl import SSLMetaArch
     from trainruns import FAST

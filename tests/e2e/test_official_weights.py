@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from dinotrain.models.presets import build_preset
 from dinotrain.models.vision_transformer import build_vit
-from dinotrain.weights import save_backbone
+from dinotrain.weights.convert import save_backbone
 from tests.trainruns import REPO, run_cli, train_args
 
 VITS14 = ["student.arch=vit_small", "student.patch_size=14", "crops.global_crops_size=42",

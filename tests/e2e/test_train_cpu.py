@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dinotrain.distributed.checkpoint import complete_checkpoints
-from dinotrain.distributed.checkpoint_files import read_teacher_backbone
+from dinotrain.distributed.checkpoint_files import read_tensors
 from dinotrain.weights.convert import load_backbone
 
 from trainruns import REPO, env, metrics, train
@@ -28,7 +28,7 @@ def test_train_writes_the_run_directory(tmp_path):
     assert (run / "config.yaml").is_file() and (run / "log.txt").is_file()
     ckpts = complete_checkpoints(run)
     assert [int(c.name) for c in ckpts] == [3, 4]
-    teacher = read_teacher_backbone(ckpts[-1])
+    teacher = read_tensors(ckpts[-1], "model.teacher.backbone.")
     exported = torch.load(run / "teacher_backbone.pth", weights_only=True)
     assert teacher.keys() == exported.keys()
     assert all(torch.equal(teacher[k], exported[k]) for k in teacher)

@@ -22,7 +22,6 @@ from dinotrain.distributed.checkpoint import CheckpointError
 from dinotrain.distributed.checkpoint_files import (
     SafeFileSystemReader,
     read_metadata,
-    read_teacher_backbone,
     read_tensors,
     validate_checkpoint,
 )
@@ -30,8 +29,13 @@ from dinotrain.distributed.checkpoint_files import (
 from trainruns import FAST, REPO, env
 
 
+def read_teacher_backbone(ckpt_dir):
+    """The official-layout teacher backbone of a training checkpoint (what the hub export holds)."""
+    return read_tensors(ckpt_dir, "model.teacher.backbone.", what="teacher backbone")
+
+
 def build_training_checkpoint(ckpt: Path, overrides=()) -> dict:
-    """A checkpoint as `Checkpointer.save` writes it (one process): SSL meta-arch + AdamW with state,
+    """A checkpoint as `Checkpointer.save_parts` writes it (one process): SSL meta-arch + AdamW with state,
     `{"model": ..., "optim": ...}` through DCP, plus extra.json. Returns the saved state."""
     from omegaconf import OmegaConf
     from torch.distributed.checkpoint.state_dict import get_state_dict

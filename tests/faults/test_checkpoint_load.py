@@ -1,4 +1,4 @@
-"""Checkpointer.load is all or nothing, and matches optimizer state to parameters by name (in-process)."""
+"""Checkpointer.load_parts is all or nothing, and matches optimizer state to parameters by name (in-process)."""
 
 import pytest
 import torch
@@ -43,11 +43,11 @@ def test_optimizer_state_survives_a_new_param_group_layout(dist_env, tmp_path):
     model, opt = _model_and_optimizer(["optim.layerwise_decay=1.0"])
     _fake_step(model, opt)
     saved = {n: _local(opt.state[p]["exp_avg"]).clone() for n, p in model.student.named_parameters()}
-    Checkpointer(tmp_path).save(1, model, opt, {"sample_position": 0})
+    Checkpointer(tmp_path).save_parts(1, {"": (model, opt)}, {"sample_position": 0})
 
     model2, opt2 = _model_and_optimizer(["optim.layerwise_decay=0.9"], seed=1)
     assert len(opt2.param_groups) > len(opt.param_groups)  # another layout
-    extra = Checkpointer(tmp_path).load(tmp_path / "checkpoints" / "00000001", model2, opt2)
+    extra = Checkpointer(tmp_path).load_parts(tmp_path / "checkpoints" / "00000001", {"": (model2, opt2)})
     assert extra["iteration"] == 1
     for n, p in model2.student.named_parameters():
         assert torch.equal(_local(opt2.state[p]["exp_avg"]), saved[n]), n
@@ -58,7 +58,7 @@ def test_optimizer_state_survives_a_new_param_group_layout(dist_env, tmp_path):
 def test_failed_read_leaves_the_live_model_untouched(dist_env, tmp_path, monkeypatch):
     model, opt = _model_and_optimizer()
     _fake_step(model, opt)
-    Checkpointer(tmp_path).save(1, model, opt, {"sample_position": 0})
+    Checkpointer(tmp_path).save_parts(1, {"": (model, opt)}, {"sample_position": 0})
 
     fresh, fresh_opt = _model_and_optimizer(seed=1)
     before = {k: _local(v).clone() for k, v in fresh.state_dict().items()}
@@ -70,7 +70,7 @@ def test_failed_read_leaves_the_live_model_untouched(dist_env, tmp_path, monkeyp
 
     monkeypatch.setattr(ck.dcp, "load", load_then_fail)
     with pytest.raises(CheckpointError, match="disk vanished"):
-        Checkpointer(tmp_path).load(tmp_path / "checkpoints" / "00000001", fresh, fresh_opt)
+        Checkpointer(tmp_path).load_parts(tmp_path / "checkpoints" / "00000001", {"": (fresh, fresh_opt)})
     after = fresh.state_dict()
     assert all(torch.equal(before[k], _local(after[k])) for k in before)
 
@@ -78,8 +78,8 @@ def test_failed_read_leaves_the_live_model_untouched(dist_env, tmp_path, monkeyp
 def test_all_checkpoints_failing_raises_instead_of_starting_over(dist_env, tmp_path):
     model, opt = _model_and_optimizer()
     for it in (1, 2):
-        Checkpointer(tmp_path).save(it, model, opt, {"sample_position": 0})
+        Checkpointer(tmp_path).save_parts(it, {"": (model, opt)}, {"sample_position": 0})
     for meta in (tmp_path / "checkpoints").glob("*/.metadata"):
         meta.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="none of the 2 checkpoint"):
-        Checkpointer(tmp_path).load_latest(model, opt)
+        Checkpointer(tmp_path).load_latest_parts({"": (model, opt)})

@@ -7,7 +7,7 @@ import torch
 
 from dinotrain.data.datasets import ImageFolderDataset
 from dinotrain.data.tiny import ensure_tiny_dataset
-from dinotrain.train.batches import SeededSamples, UnreadableDatasetError
+from dinotrain.data.loader import SeededSamples, UnreadableDatasetError
 from trainruns import metrics, run_cli, train_args
 
 

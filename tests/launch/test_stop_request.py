@@ -61,7 +61,7 @@ def test_the_job_ends_with_the_signal_ignored_by_the_process(submitit_calls, mon
             with stop.armed():
                 return {"loss": 1.0}
 
-    monkeypatch.setattr(SlurmRun, "_loop_class", lambda self: FinishedRun)
+    monkeypatch.setattr("dinotrain.train.run.TrainingRun", FinishedRun)
     result = SlurmRun("train", {"launch": {"max_requeues": 3}}, str(tmp_path), signal_delay_s=30)()
     assert result["iteration"] == 3
     assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf, open_dict
 
 from dinotrain.models.presets import build_preset
 from dinotrain.train.head_warmup import open_pretrained
-from dinotrain.weights import load_backbone, save_backbone
+from dinotrain.weights.convert import load_backbone, save_backbone
 from dinotrain.weights.state_dict import WeightsError, fit_pos_embed, load_backbone_weights
 
 REPO = str(Path(__file__).resolve().parents[2])

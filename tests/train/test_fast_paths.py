@@ -1,8 +1,8 @@
-"""The SSL step's fast paths change nothing that is learned: with each of them on or off (and all off), the same
-loss terms and the same gradient of every student parameter, in float64, across head and crop layouts.
+"""The SSL step's fast paths change nothing that is learned: the same loss terms and the same gradient of every
+student parameter, in float64, as the plain reference step (tests/reference_ssl_step.py), across head and crop layouts:
 
-- `last_block_rows_only`: the backbone's last block computes only the rows the losses read (CLS, masked patches);
-- `one_cross_entropy`: the shared head's rows scored in one cross-entropy call against target segments.
+- the backbone's last block computes only the rows the losses read (CLS, masked patches);
+- the shared head's rows are scored in one cross-entropy call against target segments.
 """
 
 import copy
@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from dinotrain.config import load_config
-from dinotrain.train.batches import GlobalMaskCollator
+from dinotrain.data.collate import GlobalMaskCollator
 from dinotrain.train.ssl import SSLMetaArch
-
-FAST_PATHS = ("last_block_rows_only", "one_cross_entropy")
+from reference_ssl_step import reference_compute_losses
 
 
 def _ssl(overrides):
@@ -32,12 +31,13 @@ def _ssl(overrides):
     return model, batch
 
 
-def _run(base, batch, on: set[str]):
+def _run(base, batch, reference: bool):
     model = copy.deepcopy(base)  # the centre EMA is state: every run starts from the same one
-    for name in FAST_PATHS:
-        setattr(model, name, name in on)
     torch.manual_seed(7)
-    total, logged = model.compute_losses(batch, teacher_temp=0.05)
+    if reference:
+        total, logged = reference_compute_losses(model, batch, teacher_temp=0.05)
+    else:
+        total, logged = model.compute_losses(batch, teacher_temp=0.05)
     total.backward()
     grads = {n: p.grad for n, p in model.student.named_parameters() if p.grad is not None}
     return total.detach(), {k: v.detach() for k, v in logged.items()}, grads
@@ -52,19 +52,13 @@ def _run(base, batch, on: set[str]):
 def test_fast_paths_leave_losses_and_gradients_unchanged(overrides):
     base, batch = _ssl(overrides)
     assert batch["mask_indices_list"].numel() > 0
-    t0, l0, g0 = _run(base, batch, set())
+    t0, l0, g0 = _run(base, batch, reference=True)
     assert g0
-    for on in ({"last_block_rows_only"}, {"one_cross_entropy"}, set(FAST_PATHS)):
-        t1, l1, g1 = _run(base, batch, on)
-        torch.testing.assert_close(t0, t1, rtol=1e-12, atol=0, msg=str(on))
-        assert l0.keys() == l1.keys()
-        for k in l0:
-            torch.testing.assert_close(l0[k], l1[k], rtol=1e-12, atol=1e-14, msg=f"{on} {k}")
-        assert g0.keys() == g1.keys()
-        for name in g0:
-            torch.testing.assert_close(g0[name], g1[name], rtol=1e-9, atol=1e-13, msg=f"{on} {name}")
-
-
-def test_fast_paths_are_on_by_default():
-    model, _ = _ssl([])
-    assert all(getattr(model, name) for name in FAST_PATHS)
+    t1, l1, g1 = _run(base, batch, reference=False)
+    torch.testing.assert_close(t0, t1, rtol=1e-12, atol=0)
+    assert l0.keys() == l1.keys()
+    for k in l0:
+        torch.testing.assert_close(l0[k], l1[k], rtol=1e-12, atol=1e-14, msg=k)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        torch.testing.assert_close(g0[name], g1[name], rtol=1e-9, atol=1e-13, msg=name)

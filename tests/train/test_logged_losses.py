@@ -5,7 +5,7 @@ import torch
 
 from dinotrain.config import load_config
 from dinotrain.distributed.env import destroy_distributed, init_distributed
-from dinotrain.train.batches import build_train_loader, to_device
+from dinotrain.data.loader import build_train_loader, to_device
 from dinotrain.train.ssl import SSLMetaArch
 from trainruns import FAST
 

@@ -5,15 +5,17 @@ import torch
 
 from dinotrain.config import load_config
 from dinotrain.distributed.env import destroy_distributed
-from dinotrain.train.loop import Trainer, TrainingDiverged
+from dinotrain.train.loop import TrainingDiverged
+from dinotrain.train.run import TrainingRun
 from trainruns import FAST
 
 
 def _trainer(tmp_path, tolerance, bad_iterations):
     cfg = load_config("smoke/cpu_tiny", FAST + ["train.max_iterations=4", f"train.nan_tolerance={tolerance}",
                                                 "checkpoint.period_iterations=100"])
-    trainer = Trainer(cfg, tmp_path, resume=False)
-    real = trainer.model.compute_losses
+    trainer = TrainingRun(cfg, tmp_path, resume=False)
+    model = trainer.objective.learners[0].model
+    real = model.compute_losses
     calls = {"n": 0}
 
     def poisoned(batch, teacher_temp):
@@ -23,7 +25,7 @@ def _trainer(tmp_path, tolerance, bad_iterations):
             total = total * float("nan")
         return total, terms
 
-    trainer.model.compute_losses = poisoned
+    model.compute_losses = poisoned
     return trainer
 
 

@@ -39,7 +39,7 @@ def test_what_a_run_directory_looks_like(tmp_path):
 def test_checkpointer_writes_where_the_run_directory_says(tmp_path):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        saved = Checkpointer(tmp_path).save(7, torch.nn.Linear(2, 2), None, {})
+        saved = Checkpointer(tmp_path).save_parts(7, {"": (torch.nn.Linear(2, 2), None)}, {})
     assert saved == RunDir(tmp_path).checkpoint(7) and complete_checkpoints(tmp_path) == [saved]
 
 

@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 
 from dinotrain.cli import main
 from dinotrain.models import PRESETS, build_preset
-from dinotrain.weights import FORMATS, convert, load_backbone, read_weights, save_backbone
+from dinotrain.weights.convert import FORMATS, convert, load_backbone, save_backbone
+from dinotrain.weights.resolve import read_weights
 from dinotrain.weights.state_dict import WeightsError
 
 # Small but complete variants of each family (full width; what changes between them is the mapping).

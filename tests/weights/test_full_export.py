@@ -16,7 +16,8 @@ from torch.nn.utils.parametrizations import weight_norm
 from dinotrain.cli import main
 from dinotrain.models.heads import DINOHead, head_from_state_dict, head_settings
 from dinotrain.models.vision_transformer import build_vit
-from dinotrain.weights import read_weights, save_backbone
+from dinotrain.weights.convert import save_backbone
+from dinotrain.weights.resolve import read_weights
 from dinotrain.weights.full import FULL_FORMAT, FullExport, backbone_of_full, is_full_export, read_full, write_full
 from dinotrain.weights.state_dict import WeightsError
 from trainruns import FAST
@@ -188,7 +189,7 @@ def _checkpoint(run_dir, overrides=(), seed=0, iteration=3, shift=0.5):
             p.add_(shift)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # one process, no group
-        ckpt = Checkpointer(run_dir).save(iteration, model, None, {"config": OmegaConf.to_container(cfg)})
+        ckpt = Checkpointer(run_dir).save_parts(iteration, {"": (model, None)}, {"config": OmegaConf.to_container(cfg)})
     return model, OmegaConf.to_container(cfg), ckpt
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from transformers import AutoModel, Dinov2Model, Dinov2WithRegistersModel, ViTModel
 
 from dinotrain.models import PRESETS, build_preset
-from dinotrain.weights import load_backbone, save_backbone
+from dinotrain.weights.convert import load_backbone, save_backbone
 from dinotrain.weights.hf import from_hf_state_dict, hf_config, to_hf_state_dict
 from dinotrain.weights.state_dict import WeightsError
 

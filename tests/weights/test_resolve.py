@@ -18,9 +18,10 @@ from dinotrain.models import build_preset
 from dinotrain.train.rundir import RunDir
 from dinotrain.train.ssl import SSLMetaArch
 from dinotrain.train.teacher import read_teacher
-from dinotrain.weights import open_weights, resolve, save_backbone, write_weights
+from dinotrain.weights.convert import save_backbone, write_weights
 from dinotrain.weights.full import FullExport, config_of_full, write_full
 from dinotrain.weights.hf import WEIGHTS_NAME
+from dinotrain.weights.resolve import open_weights, resolve
 from trainruns import FAST
 
 
@@ -42,7 +43,7 @@ def _save(run_dir, iteration, overrides=(), seed=0):
             p.add_(0.5)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        Checkpointer(run_dir).save(iteration, model, None, {"config": OmegaConf.to_container(cfg)})
+        Checkpointer(run_dir).save_parts(iteration, {"": (model, None)}, {"config": OmegaConf.to_container(cfg)})
     return model, OmegaConf.to_container(cfg)
 
 

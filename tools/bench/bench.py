@@ -140,7 +140,7 @@ def case_step(size: str, args, device) -> list[dict]:
 
     dtype = DTYPES[args.dtype]
     model, optimizer, cfg, batch = _our_step(size, args, device)
-    runners = {"dinotrain": lambda: step(model, optimizer, cfg, batch)}  # the work of Trainer._step
+    runners = {"dinotrain": lambda: step(model, optimizer, cfg, batch)}  # the work of train.loop.train_step
     if not args.no_peer:
         h = HEADS[size]
         peer = build_peer(ARCHS[size], 14, 224, n_prototypes=h["n_prototypes"], bottleneck=h["bottleneck"],
@@ -149,23 +149,6 @@ def case_step(size: str, args, device) -> list[dict]:
         crops = peer_inputs(batch, device)
         runners["lightly+timm"] = lambda: peer_step(peer, *crops)
     return measure(f"step-{size}", runners, args, device, images=args.batch)
-
-
-def case_fast_path(attr: str, case: str, now: str, before: str):
-    """Our ViT-S/14 step with one fast path of `SSLMetaArch` on (now) vs off (before), same model and batch."""
-    def run_case(args, device) -> list[dict]:
-        from train_step import step
-
-        model, optimizer, cfg, batch = _our_step("S", args, device)
-
-        def run(on: bool):
-            def call():
-                setattr(model, attr, on)
-                step(model, optimizer, cfg, batch)
-            return call
-
-        return measure(case, {now: run(True), before: run(False)}, args, device, images=args.batch)
-    return run_case
 
 
 def case_previous(patch: str, case: str, now: str, before: str):
@@ -262,19 +245,22 @@ def case_masks(args, device) -> list[dict]:
     now draws the whole batch's plan but only its own 64 masks; before, every rank drew all 2,048."""
     import random
 
-    from dinotrain.data.collate import draw_masks
+    from dinotrain.data.collate import GlobalMaskCollator, mask_counts
     from dinotrain.data.masking import MaskingGenerator
-    from dinotrain.train.batches import GlobalMaskCollator
 
     global_batch, world, grid = 1024, 32, 16
     collator = GlobalMaskCollator(global_batch, grid * grid, grid, (0.1, 0.5), 0.5, seed=0)
     sample = ({"global_crops": [torch.zeros(3, 2, 2)] * 2, "local_crops": []}, 0)
     items = [(p, sample, 0) for p in range(3, global_batch, world)]  # rank 3's 32 images
     generator = MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid)
+
+    def whole_batch_masks(rng):  # before: every rank drew the block masks of all 2 x global_batch crops
+        counts = mask_counts(2 * global_batch, (0.1, 0.5), 0.5, grid * grid, rng)
+        return torch.stack([torch.from_numpy(generator(c, rng=rng)).flatten() for c in counts])
+
     runners = {
         "per-rank masks (now)": lambda: collator(items),
-        "whole-batch masks (before)": lambda: draw_masks(2 * global_batch, (0.1, 0.5), 0.5, grid * grid, generator,
-                                                         random.Random(0)),
+        "whole-batch masks (before)": lambda: whole_batch_masks(random.Random(0)),
     }
     return measure("masks (1 rank of 32, batch 1024)", runners, argparse.Namespace(**{**vars(args), "flops": False}),
                    torch.device("cpu"), images=global_batch // world)
@@ -390,9 +376,8 @@ def case_head_ce(args, device) -> list[dict]:
 
 CASES = {
     **{f"step-{s}": (lambda s: lambda a, d: case_step(s, a, d))(s) for s in ARCHS},
-    "last-block": case_fast_path("last_block_rows_only", "step-S, last block", "rows read (now)", "every token (before)"),
-    "one-ce": case_fast_path("one_cross_entropy", "step-S, head cross-entropies", "one call, one gradient (now)",
-                             "split logits (before)"),
+    "fast-paths": case_previous("every_token_and_split_logits", "step-S, last block + head cross-entropies",
+                                "rows read, one call (now)", "every token, split logits (before)"),
     "head-ops": case_previous("separate_op_weight_norm_and_logsumexp", "step-S, head ops",
                               "fused weight norm, in-place lse (now)", "separate ops (before)"),
     "alone-plain": case_alone_plain,

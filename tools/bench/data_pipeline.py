@@ -97,7 +97,8 @@ def official_style(global_size: int = 224, local_size: int = 98, n_local: int = 
 def dinotrain_pipeline(folder: Path, batch: int):
     """(dataset, collate) exactly as the training loader builds them for the official ViT-L/14 crops."""
     from dinotrain.config import load_config
-    from dinotrain.train.batches import GlobalMaskCollator, SeededSamples, build_train_dataset
+    from dinotrain.data.collate import GlobalMaskCollator
+    from dinotrain.data.loader import SeededSamples, build_train_dataset
 
     cfg = load_config("train/vitl14", [f"train.dataset_path={folder}", f"train.batch_size_per_gpu={batch}"])
     dataset = SeededSamples(build_train_dataset(cfg), cfg.train.seed)
@@ -114,7 +115,7 @@ def compare_pipelines(batch: int = 32, batches: int = 4) -> list[dict]:
     try:
         folder = jpeg_folder()
         paths = sorted(folder.glob("*.jpg"))
-        from dinotrain.train.batches import to_device
+        from dinotrain.data.loader import to_device
 
         transform, official_collate = official_style()
         dataset, ours_collate = dinotrain_pipeline(folder, batch)

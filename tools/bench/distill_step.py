@@ -2,7 +2,7 @@
 
 One step = the frozen teacher's forward on the global crops (+ centering), then for each student its
 forward on global + local crops, DINO/iBOT/KoLeo losses, backward, clipping, AdamW and EMA: the work of
-`Distiller._step`. Data loading is excluded (synthetic crops through the real collator). Reports, in one
+`train.loop.train_step` with the distillation objective. Data loading is excluded (synthetic crops through the real collator). Reports, in one
 run, the step time of each student alone and of all students together, and the ratio of the latter to
 the sum of the former (below 1: the shared teacher forward is saved), plus images/s and, on CUDA, the
 peak memory. Teacher weights are random (the cost does not depend on them).

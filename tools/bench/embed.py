@@ -28,9 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 from dinotrain.data.tiny import ensure_tiny_dataset  # noqa: E402
 from dinotrain.embed import EmbedSettings, embed_to_directory, list_images  # noqa: E402
-from dinotrain.weights import save_backbone  # noqa: E402
-from dinotrain.weights.convert import load_backbone  # noqa: E402
 from dinotrain.models import build_preset  # noqa: E402
+from dinotrain.weights.convert import load_backbone, save_backbone  # noqa: E402
 
 
 def make_jpegs(folder: Path, n: int) -> list[Path]:

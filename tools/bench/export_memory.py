@@ -1,13 +1,14 @@
 """Peak memory of `dinotrain export` on a sharded training checkpoint: full consolidation vs backbone only.
 
-Builds a checkpoint with the structure `Checkpointer.save` writes (`{"model": ..., "optim": ...}` through
+Builds a checkpoint with the structure `Checkpointer.save_parts` writes (`{"model": ..., "optim": ...}` through
 DCP, one process): the SSL meta-architecture of a recipe (student + EMA teacher, each a backbone, a DINO
 head and an iBOT head, plus the loss centers) and AdamW state (step, exp_avg, exp_avg_sq for every student
 parameter, faked: zeros of the right sizes). Then, each in a fresh subprocess, measures the peak RSS
 during the call (VmHWM reset before it; `ru_maxrss` of the process is reported too) and the time of
   old: `dcp_to_torch_save` of the whole checkpoint to a temporary file, `torch.load`, keep the teacher
        backbone (what `consolidate_teacher_backbone` did);
-  new: `checkpoint_files.read_teacher_backbone`: only the teacher backbone's byte ranges are read.
+  new: `checkpoint_files.read_tensors` of the teacher backbone (formerly `read_teacher_backbone`): only its
+       byte ranges are read.
 
     python tools/bench/export_memory.py                         # ViT-L/14 recipe (~7 GB on disk, ~8 GB RAM)
     python tools/bench/export_memory.py --config smoke/cpu_tiny # seconds
@@ -190,7 +191,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         name = ("old: dcp_to_torch_save + torch.load" if r["which"] == "old"
-                else "new: read_teacher_backbone (byte ranges)")
+                else "new: read_tensors of the backbone (byte ranges)")
         print(f"| {name} | {r['tensors']} | {r['exported_bytes'] / gib:.2f} GiB | {r['peak_rss_kib'] / 1024**2:.2f} GiB "
               f"| {r['rss_before_kib'] / 1024**2:.2f} GiB | {(r['peak_rss_kib'] - r['rss_before_kib']) / 1024**2:.2f} GiB "
               f"| {r['ru_maxrss_kib'] / 1024**2:.2f} GiB | {r['temp_file_bytes'] / gib:.2f} GiB | {r['seconds']:.1f} s |")

@@ -183,7 +183,7 @@ def _peer_losses(peer: Peer, global_crops: Tensor, local_crops: Tensor, masks: T
 
 def _smoke() -> None:
     """ViT-S/14 at toy size on CPU: two steps on a batch made by dinotrain's own collator; finite losses."""
-    from dinotrain.train.batches import GlobalMaskCollator
+    from dinotrain.data.collate import GlobalMaskCollator
 
     torch.manual_seed(0)
     g, lsz, patch, b, n_local = 56, 28, 14, 2, 8

@@ -8,6 +8,8 @@ current ones against independent references).
 from __future__ import annotations
 
 import contextlib
+import sys
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -42,3 +44,14 @@ def cross_entropy_gradient_in_a_new_tensor():
     from dinotrain.losses import cross_entropy
 
     return mock.patch.object(cross_entropy, "_gradient_buffer", lambda logits, reuse: torch.empty_like(logits))
+
+
+def every_token_and_split_logits():
+    """The SSL step before its two fast paths: every token through the last block, each head's output split into
+    its parts, one cross-entropy per loss: the tests' reference step (tests/reference_ssl_step.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+    from reference_ssl_step import reference_compute_losses
+
+    from dinotrain.train.ssl import SSLMetaArch
+
+    return mock.patch.object(SSLMetaArch, "compute_losses", reference_compute_losses)

@@ -32,9 +32,8 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 from dinotrain.data.augmentations import make_eval_transform  # noqa: E402
 from dinotrain.data.datasets import load_rgb  # noqa: E402
 from dinotrain.data.tiny import ensure_tiny_dataset  # noqa: E402
-from dinotrain.weights import save_backbone  # noqa: E402
-from dinotrain.weights.convert import load_backbone  # noqa: E402
 from dinotrain.models import build_preset  # noqa: E402
+from dinotrain.weights.convert import load_backbone, save_backbone  # noqa: E402
 
 
 def make_images(n: int) -> list[bytes]:

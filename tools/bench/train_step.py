@@ -1,7 +1,7 @@
 """Benchmark one full SSL training step at ViT-S/14 scale (2 global 224 + 8 local 98 crops), fp32.
 
 Student on all crops, teacher on the global crops, DINO + iBOT heads (65,536 prototypes), the three
-losses, backward, gradient clipping, AdamW step and EMA update: the work of `Trainer._step`. Data
+losses, backward, gradient clipping, AdamW step and EMA update: the work of `train.loop.train_step`. Data
 loading is excluded (synthetic crops through the real collator). Reports seconds/step, images/s and
 the achieved FLOP/s as a fraction of this machine's fp32 matmul rate measured in the same run
 (FLOPs counted by torch's FlopCounterMode under the math attention backend).
@@ -28,7 +28,7 @@ from dinotrain.config import load_config
 from dinotrain.models import layers
 from dinotrain.distributed.env import destroy_distributed, init_distributed
 from dinotrain.distributed.fsdp import clip_grad_norm
-from dinotrain.train.batches import GlobalMaskCollator
+from dinotrain.data.collate import GlobalMaskCollator
 from dinotrain.train.optim import apply_schedules, build_optimizer
 from dinotrain.train.ssl import SSLMetaArch
 

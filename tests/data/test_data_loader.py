@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dinotrain.config import load_config
-from dinotrain.train.batches import build_train_loader
+from dinotrain.data.loader import build_train_loader
 
 OVERRIDES = ["train.dataset_path=tiny", "student.patch_size=4", "crops.global_crops_size=16", "crops.local_crops_size=8",
              "crops.local_crops_number=2", "crops.blur_kernel_size=3", "train.num_workers=0"]
@@ -59,7 +59,7 @@ def _items(positions, size=8):
 
 
 def test_each_rank_draws_only_its_own_masks_and_they_are_the_one_rank_masks(monkeypatch):
-    from dinotrain.train.batches import GlobalMaskCollator
+    from dinotrain.data.collate import GlobalMaskCollator
 
     def collator():
         return GlobalMaskCollator(32, 16 * 16, 16, (0.1, 0.5), 0.5, seed=3, origin=0)

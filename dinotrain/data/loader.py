@@ -1,4 +1,4 @@
-"""Training batches that are a pure function of (seed, global sample position).
+"""The training data loader: batches that are a pure function of (seed, global sample position).
 
 Each sample's augmentations are seeded by its position in the global sample stream, and each
 global batch's iBOT masks by the batch index, so a batch does not depend on the number of
@@ -12,31 +12,17 @@ import random
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dinotrain.data.augmentations import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO
-from dinotrain.data.collate import mask_counts, mask_targets, stack_views
+from dinotrain.data.collate import GlobalMaskCollator
 from dinotrain.data.datasets import ImageFolderDataset
-from dinotrain.data.masking import MaskingGenerator
 from dinotrain.data.photometric import normalize_pixels
 from dinotrain.data.samplers import InfiniteShardedSampler
+from dinotrain.data.seeds import mix_seed
 from dinotrain.data.tiny import ensure_tiny_dataset
-
-
-def _mix(*values: int) -> int:
-    """A 63-bit seed from integers (stable across processes and Python runs, unlike hash())."""
-    x = 0x9E3779B97F4A7C15
-    for v in values:
-        x = (x ^ (int(v) + 0x9E3779B97F4A7C15 + (x << 6) + (x >> 2))) & 0xFFFFFFFFFFFFFFFF
-    return x & 0x7FFFFFFFFFFFFFFF
-
-
-def seed_step(seed: int, iteration: int, rank: int) -> None:
-    """Reseed torch (drop path etc.) for one training step; needs no RNG state in checkpoints."""
-    torch.manual_seed(_mix(seed, iteration, rank, 1))
 
 
 class PositionedSampler(Sampler):
@@ -74,61 +60,17 @@ class SeededSamples(Dataset):
         position, index = key
         for attempt in range(self.max_attempts):
             if attempt:
-                index = _mix(self.seed, position, 5, attempt) % len(self)
+                index = mix_seed(self.seed, position, 5, attempt) % len(self)
             salt = (attempt,) if attempt else ()  # attempt 0 keeps the stream of a dataset without bad files
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_mix(self.seed, position, 2, *salt))
-                random.seed(_mix(self.seed, position, 3, *salt))
+                torch.manual_seed(mix_seed(self.seed, position, 2, *salt))
+                random.seed(mix_seed(self.seed, position, 3, *salt))
                 sample = self.dataset[index]
             if sample is not None:
                 return position, sample, attempt
         raise UnreadableDatasetError(
             f"{self.max_attempts} images in a row could not be decoded (the log names each file and why); "
             "is train.dataset_path a folder of images this machine can read?")
-
-
-class GlobalMaskCollator:
-    """Collate this rank's samples with iBOT masks that are a slice of the global batch's.
-
-    The global batch (all ranks, `global_batch` images, 2 global crops each) gets masks as the official
-    per-batch recipe: half of the 2 x global_batch crops (mask_sample_probability) get ratios spread evenly
-    over `mask_ratio_tuple`, the others none, in a random order. That plan (one patch count per crop) is
-    cheap and drawn whole from the batch's seed; the block masks themselves, the costly part, are drawn
-    only for this rank's crops, each from its own seed (batch, crop), so crop (view v, image j) gets the
-    same mask on any number of ranks while each rank does 1/world_size of the work.
-    """
-
-    def __init__(self, global_batch: int, n_tokens: int, grid: int, mask_ratio_tuple, mask_probability: float,
-                 seed: int, origin: int = 0):
-        self.global_batch, self.n_tokens, self.seed, self.origin = global_batch, n_tokens, seed, origin
-        self.mask_ratio_tuple, self.mask_probability = tuple(mask_ratio_tuple), mask_probability
-        self.mask_generator = MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid)  # as official train.py
-
-    def _mask(self, batch_start: int, crop: int, count: int) -> torch.Tensor:
-        rng = random.Random(_mix(self.seed, batch_start, 6, crop))
-        return torch.from_numpy(np.asarray(self.mask_generator(count, rng=rng), dtype=bool)).flatten()
-
-    def __call__(self, items: list) -> dict:
-        offsets = [p - self.origin for p, _, _ in items]
-        step = offsets[0] // self.global_batch
-        assert all(o // self.global_batch == step for o in offsets), "a batch must not straddle global batches"
-        batch_start = self.origin + step * self.global_batch  # a global batch is named by its first sample
-        counts = mask_counts(2 * self.global_batch, self.mask_ratio_tuple, self.mask_probability, self.n_tokens,
-                             random.Random(_mix(self.seed, batch_start, 4)))
-        slots = [(p - self.origin) % self.global_batch for p, _, _ in items]
-        samples = [s for _, s, _ in items]
-        crops = [v * self.global_batch + j for v in range(2) for j in slots]
-        masks = torch.stack([self._mask(batch_start, c, counts[c]) for c in crops])
-        mask_indices, masks_weight = mask_targets(masks)
-        return {
-            "collated_global_crops": stack_views(samples, "global_crops"),
-            "collated_local_crops": stack_views(samples, "local_crops"),
-            "collated_masks": masks,
-            "mask_indices_list": mask_indices,
-            "masks_weight": masks_weight,
-            "labels": torch.tensor([s[1] for s in samples], dtype=torch.long),
-            "n_skipped": sum(n for _, _, n in items),
-        }
 
 
 def resolve_dataset_root(cfg: DictConfig) -> Path:

@@ -1,0 +1,66 @@
+"""`dinotrain train`: DINOv2 self-supervised pretraining as an objective of the one loop.
+
+One learner: the student and its EMA teacher (`train/ssl.py`), from scratch or from pretrained weights
+(`student.pretrained_weights`; backbone-only weights get their heads from the head warm-up first). A
+checkpoint holds the meta-architecture, the optimizer and the grad scaler; the run leaves the teacher
+backbone in the official hub layout (`RunDir.teacher_backbone`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from dinotrain.distributed.checkpoint import Parts
+from dinotrain.distributed.env import DistEnv
+from dinotrain.train.learner import build_learner
+from dinotrain.train.rundir import RunDir
+from dinotrain.train.schedules import build_schedules, scaled_lr
+from dinotrain.train.ssl import SSLMetaArch, ssl_log_line, ssl_losses
+
+log = logging.getLogger("dinotrain.train")
+
+
+class Pretraining:
+    """The student + EMA teacher of self-supervised pretraining."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, env: DistEnv, newest_extra: dict | None,
+                 allow_config_change: bool = False):
+        self.cfg, self.run_dir, self.env = cfg, run_dir, env
+
+    def build(self, dataset, dtype: torch.dtype, global_batch: int, resuming: bool) -> None:
+        """The networks (from pretrained weights with heads, unless resuming: the checkpoint has everything)."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)  # same init on every rank
+        model = SSLMetaArch(cfg)
+        if cfg.student.pretrained_weights and not resuming:
+            from dinotrain.train.head_warmup import pretrained_with_heads
+
+            model.load_student_backbone(pretrained_with_heads(cfg, self.run_dir, self.env, dataset))
+        schedules = build_schedules(cfg, scaled_lr(cfg, global_batch))
+        self.learners = [build_learner(model, cfg, schedules, dtype, self.env.device)]
+
+    def losses(self, batch: dict, it: int, micro: int):
+        return ssl_losses(self.learners[0], batch)
+
+    def parts(self) -> Parts:
+        return {"": (self.learners[0].model, self.learners[0].optimizer)}
+
+    def state(self) -> dict:
+        scaler = self.learners[0].scaler
+        return {"grad_scaler": scaler.state_dict() if scaler.is_enabled() else None}
+
+    def load_state(self, extra: dict) -> None:
+        scaler = self.learners[0].scaler
+        if scaler.is_enabled() and extra.get("grad_scaler"):
+            scaler.load_state_dict(extra["grad_scaler"])
+
+    def log_line(self, last: dict) -> str:
+        return ssl_log_line(last)
+
+    def finish(self) -> None:
+        self.learners[0].write_ema_backbone(RunDir(self.run_dir).teacher_backbone, "teacher backbone",
+                                            self.env.is_main)

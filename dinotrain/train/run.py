@@ -1,0 +1,116 @@
+"""A training run from its config: checks, the objective, resume, the data loader, then the one loop.
+
+The same for every objective (`OBJECTIVES`: `dinotrain train` pretrains, `dinotrain distill` distils),
+for the CLI and for SLURM jobs. Everything a user can get wrong is checked, on every rank, before any
+model is built.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from dinotrain.config import save_config
+from dinotrain.distributed.checkpoint import Checkpointer, CheckpointError, complete_checkpoints, read_extra
+from dinotrain.distributed.env import DistEnv, all_ranks, init_distributed, main_first
+from dinotrain.distributed.fsdp import compute_dtype, use_tf32
+from dinotrain.data.loader import build_train_dataset, build_train_loader, first_sample
+from dinotrain.train.distill import Distillation
+from dinotrain.train.loop import Phase, run_loop, total_iterations
+from dinotrain.train.pretrain import Pretraining
+from dinotrain.train.resume import check_resume, config_changes, log_changes, record_history
+from dinotrain.train.rundir import RunDir, move_aside, prepare_run_dir, rewind_metrics, setup_logging
+from dinotrain.train.schedules import scaled_lr
+
+log = logging.getLogger("dinotrain.train")
+
+# The command that runs each objective, for the CLI and SLURM jobs alike.
+OBJECTIVES = {"train": Pretraining, "distill": Distillation}
+
+
+class TrainingRun:
+    """Everything a run needs, built from the config; `run()` trains until the last iteration."""
+
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, command: str = "train", resume: bool = True,
+                 env: DistEnv | None = None, allow_config_change: bool = False):
+        self.env = env or init_distributed()
+        self.run_dir = Path(run_dir)
+        self.cfg = cfg
+        prepare_run_dir(self.run_dir)
+        setup_logging(self.run_dir, self.env.is_main)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last)
+        candidates = complete_checkpoints(self.run_dir) if resume else []
+        newest = _newest_readable(candidates)
+        if newest is not None:
+            check_resume(newest[1].get("config", {}), cfg, newest[0], allow_config_change)
+        self.objective = OBJECTIVES[command](cfg, self.run_dir, self.env, newest[1] if newest else None,
+                                             allow_config_change)
+        self.dataset = main_first(lambda: build_train_dataset(cfg, index_cache_dir=self.run_dir), self.env)
+        position = newest[1].get("sample_position", 0) if newest else 0
+        all_ranks(lambda: first_sample(cfg, self.dataset, self.env.rank, self.env.world_size, position), self.env)
+        if self.env.is_main:
+            if not resume:
+                move_aside(self.run_dir)  # starting over never deletes the previous run
+            save_config(cfg, RunDir(self.run_dir).config)
+        if dist.is_initialized():
+            dist.barrier()
+
+        accum = cfg.train.grad_accum_steps
+        global_batch = cfg.train.batch_size_per_gpu * self.env.world_size * accum
+        self.max_iter = total_iterations(cfg)
+        dtype = compute_dtype(cfg.compute_precision.dtype, self.env.device)
+        use_tf32(dtype, self.env.device, cfg.compute_precision.tf32)
+        self.objective.build(self.dataset, dtype, global_batch, resuming=bool(candidates))
+
+        # Resume: the newest checkpoint that loads; if there are checkpoints and none loads, stop.
+        self.start_iter, position, skipped = 0, 0, 0
+        extra = self.checkpointer.load_latest_parts(self.objective.parts(), candidates) if resume else None
+        if extra is not None:
+            self.start_iter, position = extra["iteration"], extra["sample_position"]
+            skipped = int(extra.get("skipped_images", 0)) if self.env.is_main else 0
+            self.objective.load_state(extra)
+            if position != self.start_iter * global_batch:
+                log.info("global batch changed since the checkpoint: the sample stream continues at %d", position)
+            if self.env.is_main:
+                changes = config_changes(extra.get("config", {}), cfg)
+                log_changes(changes, self.start_iter)
+                ckpt = RunDir(self.run_dir).checkpoint(self.start_iter)
+                record_history(self.run_dir, ckpt, self.start_iter, self.env.world_size, changes)
+        if self.env.is_main:
+            rewind_metrics(RunDir(self.run_dir).metrics, self.start_iter)
+        self.loader, n_images = build_train_loader(cfg, self.env.rank, self.env.world_size, position,
+                                                   dataset=self.dataset)
+        period = cfg.checkpoint.period_iterations or cfg.train.saveckp_freq * cfg.train.OFFICIAL_EPOCH_LENGTH
+        self.phase = Phase(
+            start=self.start_iter, end=self.max_iter, accum=accum, global_batch=global_batch, seed=cfg.train.seed,
+            log_every=cfg.train.log_every, metrics=RunDir(self.run_dir).metrics, nan_tolerance=cfg.train.nan_tolerance,
+            diverged_hint=f"train.nan_tolerance={cfg.train.nan_tolerance}: lower optim.base_lr, raise teacher warmup, "
+                          "or resume from the last checkpoint with changes.",
+            checkpointer=self.checkpointer, checkpoint_period=period,
+            config=OmegaConf.to_container(cfg, resolve=True), sample_position=position, skipped_before=skipped)
+        log.info("world size %d, device %s, compute dtype %s; %d training images; global batch %d; lr %.3g; "
+                 "%d iterations (from %d); checkpoint every %d iterations", self.env.world_size, self.env.device,
+                 dtype, n_images, global_batch, scaled_lr(cfg, global_batch), self.max_iter, self.start_iter, period)
+
+    def run(self, stop=None) -> dict[str, float]:
+        """Train to the last iteration; returns the last logged metrics. With `stop` (a SLURM job's
+        `launch.job.StopRequest`), `stopped_at` is the iteration a stop signal ended it at (else None)."""
+        if stop is None:
+            last, self.stopped_at = run_loop(self.objective, self.loader, self.phase, self.env)
+            return last
+        with stop.armed():
+            last, self.stopped_at = run_loop(self.objective, self.loader, self.phase, self.env, stop)
+        return last
+
+
+def _newest_readable(candidates: list[Path]) -> tuple[Path, dict] | None:
+    """(checkpoint, its extra.json) of the newest checkpoint whose extra.json reads; the config check uses it."""
+    for ckpt in reversed(candidates):
+        try:
+            return ckpt, read_extra(ckpt)
+        except CheckpointError:
+            continue  # reported by load_latest_parts, which skips it the same way
+    return None
