@@ -6,8 +6,9 @@ per-parameter state (keyed by parameter name; param groups come from the config)
 (iteration, sample-stream position, grad-scaler state, world size, skipped-image count, config): the
 inside of a checkpoint is this module's format. A distillation checkpoint has one such part per student
 (`RunDir.student_part(name)`) and the frozen teacher's centering state at the top (see `Parts`).
-Loading validates first (see `checkpoint_files.py`) and never leaves a half-loaded model. It is written as `.tmp-<iteration>` and renamed only when every rank
-has finished, so an interrupted save never looks complete. RNG states need no saving: every step
+Loading validates first (see `checkpoint_files.py`) and never leaves a half-loaded model. It is written
+as `.tmp-<iteration>` and renamed only when every rank has finished, so an interrupted save never looks
+complete. RNG states need no saving: every step
 reseeds from (seed, iteration, rank) and every sample from its stream position.
 """
 

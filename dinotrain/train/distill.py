@@ -7,10 +7,11 @@ once, in eval mode, on the global crops (its targets centered by Sinkhorn-Knopp 
 then every student sees the global crops unmasked and the local crops, and learns DINO (cross-view,
 local -> global), iBOT at the sampled mask positions (as dinov3's distillation) and KoLeo. Each student
 has its own optimizer, schedules, fp16 scaler, EMA (what is exported), metrics prefix and checkpoint
-part (`checkpoints/<it>/students/<name>/`, the training layout: `dinotrain export` reads it).
+part (`RunDir.student_part(name)` of each checkpoint, the training layout: `dinotrain export` reads it).
 
 Students share the processes, each sharded over all ranks. The teacher is never stored in checkpoints:
-`extra.json` records its resolved source and a fingerprint, and a resume with other weights is refused.
+the checkpoint's extra state records its resolved source and a fingerprint, and a resume with other weights is
+refused.
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ class Distillation:
                          f"lr {last[f'{name}/lr']:.2e}" for name in self.names)
 
     def finish(self) -> None:
-        """Each student's EMA backbone as an official hub state dict: `<run>/students/<name>.pth`."""
+        """Each student's EMA backbone as an official hub state dict: `RunDir.student(name)`."""
         for name, learner in zip(self.names, self.learners):
             learner.write_ema_backbone(RunDir(self.run_dir).student(name), f"student {name} (EMA backbone)",
                                        self.env.is_main)

@@ -107,7 +107,7 @@ class TrainingRun:
 
 
 def _newest_readable(candidates: list[Path]) -> tuple[Path, dict] | None:
-    """(checkpoint, its extra.json) of the newest checkpoint whose extra.json reads; the config check uses it."""
+    """(checkpoint, its extra state) of the newest checkpoint whose extra state reads; the config check uses it."""
     for ckpt in reversed(candidates):
         try:
             return ckpt, read_extra(ckpt)

@@ -5,8 +5,8 @@ Layout: `config.yaml` (the resolved config), `metrics.jsonl` (one JSON object pe
 `resume_history.jsonl`, `checkpoints/<iteration:08d>/` (sharded; a distillation checkpoint holds one part per
 student in `students/<name>/`), at the end `teacher_backbone.pth` (pretraining) or `students/<name>.pth`
 (distillation, one per student), `head_warmup/` (the head warm-up's full export and metrics), `slurm/`
-(the job logs of `dinotrain submit`) and `plots/` (`dinotrain plot`). What one checkpoint holds inside (DCP shards, `extra.json`) is the
-checkpoint's own format: `distributed/checkpoint.py`.
+(the job logs of `dinotrain submit`) and `plots/` (`dinotrain plot`). What one checkpoint holds inside
+(DCP shards, `extra.json`) is the checkpoint's own format: `distributed/checkpoint.py`.
 
 Every rank runs the checks (same shared filesystem, same answer), so a bad output directory stops
 all ranks with one clear line instead of leaving some waiting in a collective.

@@ -78,7 +78,7 @@ CURVES = {
 
 
 def save_curves(metrics_path: Path, out_dir: Path) -> list[Path]:
-    """losses.png, schedules.png, throughput.png from a run's metrics.jsonl (distillation: one line per student)."""
+    """losses.png, schedules.png, throughput.png from a run's metrics file (distillation: one line per student)."""
     plt = _pyplot()
     records, _ = read_metrics(metrics_path)  # a half-written last line of a killed run is skipped
     if not records:

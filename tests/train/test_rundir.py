@@ -14,9 +14,10 @@ from dinotrain.train.rundir import RunDir, RunDirError, move_aside, prepare_run_
 
 def test_the_layout(tmp_path):
     run = RunDir(tmp_path)
-    names = {p.relative_to(tmp_path).as_posix() for p in (
-        run.config, run.metrics, run.log, run.resume_history, run.checkpoints, run.checkpoint(12), run.teacher_backbone,
-        run.students, run.student("vits14"), run.head_warmup, run.warmup_full, run.warmup_metrics, run.slurm, run.plots)}
+    paths = (run.config, run.metrics, run.log, run.resume_history, run.checkpoints, run.checkpoint(12),
+             run.teacher_backbone, run.students, run.student("vits14"), run.head_warmup, run.warmup_full,
+             run.warmup_metrics, run.slurm, run.plots)
+    names = {p.relative_to(tmp_path).as_posix() for p in paths}
     assert names == {"config.yaml", "metrics.jsonl", "log.txt", "resume_history.jsonl", "checkpoints",
                      "checkpoints/00000012", "teacher_backbone.pth", "students", "students/vits14.pth", "head_warmup",
                      "head_warmup/teacher_full.safetensors", "head_warmup/metrics.jsonl", "slurm", "plots"}
