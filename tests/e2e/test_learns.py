@@ -1,14 +1,15 @@
-"""It learns: the README's smoke pretraining beats a random init on k-NN by a wide margin and the DINO loss goes
-down; a half-depth student distilled from it keeps >= 80 % of its k-NN through the teacher's own heads and
->= 90 % through heads warmed up on its backbone alone; continued pretraining from its backbone with warmed-up
-heads keeps >= 85 % of it. Measured here: 95 %, 112 % and 100 % (before the fast data workers, whose blur and hue
-round differently: 86 %, 99 % and 91 %; such changes, and floating-point rounding on another CPU, move these short
-runs by a few points, hence the margins).
+"""It learns: a short smoke pretraining beats a random init on k-NN by a wide margin and the DINO loss goes
+down; a half-depth student distilled from it keeps >= 80 % of its k-NN, through the teacher's own heads and
+through heads warmed up on its backbone alone; continued pretraining from its backbone with warmed-up heads keeps
+>= 85 % of it. The exact objective is pinned by tests/train/test_golden_losses.py; these runs show that it learns.
 
-Raw pixels of the same view are reported beside it (they are still ahead on this data: docs/recipes.md).
-
-One smoke pretraining (~7-9 minutes on 2 cores) is shared by every test of this module; the three runs that start
-from it go side by side.
+The smoke recipe (`smoke/cpu_tiny`) at 12 "epochs" of 10 iterations (120, not the README's 300: the same schedule
+shapes in 40 % of the time), one run shared by every test of this module; the three runs that start from it go side
+by side, 80 distillation iterations each, 40 + 40 for the continued pretraining. Measured on an AMD EPYC
+(2026-12-06), k-NN at k=20: teacher 32.6 % vs 12.5 % at random init (raw pixels 78.0 %: still ahead on this data,
+docs/recipes.md); students 33.2 % (teacher's heads) and 32.9 % (warmed-up heads) vs 14.2 % at random init, i.e. 102 %
+and 101 % of the teacher; continued pretraining 38.4 % (118 %). Floating-point rounding on another CPU moves such
+short runs by a few points, hence the margins.
 """
 
 import json
@@ -21,8 +22,11 @@ import pytest
 from trainruns import REPO, env, metrics
 
 pytestmark = pytest.mark.slow
-# Continued pretraining: 100 iterations of the smoke recipe after a 100-iteration head warm-up.
-CONTINUE = ["train.max_iterations=100"]
+SHORT = ["train.OFFICIAL_EPOCH_LENGTH=10"]  # 12 "epochs" of 10 iterations (the recipe's schedules, compressed)
+# Distillation: 8 "epochs" of 10 iterations; continued pretraining: 40 iterations after a 40-iteration head warm-up.
+DISTILL = [*SHORT, "optim.epochs=8"]
+CONTINUE = [*SHORT, "train.max_iterations=40"]
+WARMUP = "train.head_warmup_iterations=40"
 
 
 def _run(args):
@@ -40,9 +44,9 @@ def _knn(weights, out, baseline=False) -> dict:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """The README's smoke pretraining and the k-NN of its teacher (and of a random init)."""
+    """The short smoke pretraining and the k-NN of its teacher (and of a random init)."""
     run = tmp_path_factory.mktemp("smoke") / "smoke"
-    _run(["train", "--config", "smoke/cpu_tiny", "--output-dir", str(run)])
+    _run(["train", "--config", "smoke/cpu_tiny", "--output-dir", str(run), *SHORT])
     return run, _knn(run, run / "knn.json", baseline=True)
 
 
@@ -50,11 +54,13 @@ def test_smoke_pretraining_learns(smoke):
     run, accs = smoke
     trained, random_init, pixels = accs["model"]["20"], accs["random_init"]["20"], accs["raw_pixels"]["20"]
     print(f"k-NN k=20: trained {trained:.2f}%, random init {random_init:.2f}%, raw pixels {pixels:.2f}%")
-    assert trained >= random_init + 25.0  # the recipe's 42.9 % vs 12.5 % (the recipe before grey crops: 36.8 %)
+    assert trained >= random_init + 12.0  # 32.6 % vs 12.5 % measured (the full 300-iteration recipe: 42.9 %)
 
     records = metrics(run)
     dino = [r["dino_global_crops_loss"] + r["dino_local_crops_loss"] for r in records]
-    assert statistics.mean(dino[-4:]) < 0.98 * statistics.mean(dino[:4]), "the DINO loss did not go down"
+    # the last 4 logged values 1.1 % below the first 4 measured (2.4 % over the full 300-iteration recipe): with
+    # Sinkhorn-Knopp targets over 128 prototypes the loss sits near their entropy, log(128) = 4.85, and moves little
+    assert statistics.mean(dino[-4:]) < 0.995 * statistics.mean(dino[:4]), "the DINO loss did not go down"
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +71,12 @@ def downstream(smoke, tmp_path_factory):
     base = tmp_path_factory.mktemp("downstream")
     outs = {name: base / name for name in ("run", "backbone", "continued")}
     jobs = {
-        "run": ["distill", "--config", "smoke/distill_cpu_tiny", "--output-dir", str(outs["run"]),
+        "run": ["distill", "--config", "smoke/distill_cpu_tiny", "--output-dir", str(outs["run"]), *DISTILL,
                 f"distillation.teacher={run}"],
-        "backbone": ["distill", "--config", "smoke/distill_cpu_tiny", "--output-dir", str(outs["backbone"]),
-                     f"distillation.teacher={run / 'teacher_backbone.pth'}"],
+        "backbone": ["distill", "--config", "smoke/distill_cpu_tiny", "--output-dir", str(outs["backbone"]), *DISTILL,
+                     f"distillation.teacher={run / 'teacher_backbone.pth'}", WARMUP],
         "continued": ["train", "--config", "smoke/cpu_tiny", "--output-dir", str(outs["continued"]), *CONTINUE,
-                      f"student.pretrained_weights={run / 'teacher_backbone.pth'}", "train.head_warmup_iterations=100"],
+                      f"student.pretrained_weights={run / 'teacher_backbone.pth'}", WARMUP],
     }
     procs = {}
     for name, args in jobs.items():
@@ -97,16 +103,14 @@ def test_distilled_student_keeps_the_teachers_knn(smoke, downstream, source):
     got, teacher_acc, random_init = student["model"]["20"], accs["model"]["20"], student["random_init"]["20"]
     print(f"k-NN k=20 ({source}): student {got:.2f}%, teacher {teacher_acc:.2f}%, student at random init "
           f"{random_init:.2f}%")
-    # The smoke teacher's own DINO head scores its 128 prototypes almost alike (docs/recipes.md: logits within
-    # ~0.03), so its targets carry less than heads warmed up afresh on its backbone: 40.7 % vs 48.2 % measured
-    # (teacher 42.9 %); the half-depth ViT trained by itself for that time reaches ~40 % (docs/recipes.md).
-    assert got >= (0.8 if source == "run" else 0.9) * teacher_acc
+    # 102 % and 101 % of the teacher measured, both 18-19 points above the random init
+    assert got >= 0.8 * teacher_acc
     assert got >= random_init + 10.0
 
 
 def test_continued_pretraining_from_a_backbone_with_warmed_up_heads_keeps_its_features(smoke, downstream):
     """dinov2 #204: continuing from released backbone weights with random heads wrecks the features; with
-    the head warm-up the k-NN stays >= 85 % of the starting backbone's (100 % measured; 91 % before)."""
+    the head warm-up the k-NN stays >= 85 % of the starting backbone's (118 % measured)."""
     run, accs = smoke
     out = downstream["continued"]
     assert (out / "head_warmup" / "teacher_full.safetensors").is_file()
