@@ -55,7 +55,8 @@ def reference_compute_losses(model, batch: dict, teacher_temp: float):
     if model.do_ibot:
         head = model.student["ibot_head"] if model.ibot_separate_head else model.student["dino_head"]
         patch_logits = at_least_fp32(head(_masked_patches(outs[0], batch["mask_indices_list"])))
-        ibot = model.ibot_patch_loss.forward_masked(patch_logits, teacher_patch, student_masks_flat=batch["collated_masks"],
+        ibot = model.ibot_patch_loss.forward_masked(patch_logits, teacher_patch,
+                                                    student_masks_flat=batch["collated_masks"],
                                                     masks_weight=batch["masks_weight"])
         terms["ibot_term"] = model.cfg.ibot.loss_weight * ibot
         logged["ibot_loss"] = ibot / 2

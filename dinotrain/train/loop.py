@@ -146,7 +146,8 @@ def run_loop(objective: Objective, loader, phase: Phase, env: DistEnv, stop=None
             reduced = all_reduce_mean({**out, "skipped_images": float(skipped)}, env.device,
                                       sum_keys=("skipped_images",))
             reduced["skipped_images"] = int(round(reduced["skipped_images"]))
-            last = {"iteration": done, **reduced, "images_per_s": (done - it_log) * phase.global_batch / max(now - t_log, 1e-9)}
+            imgs_per_s = (done - it_log) * phase.global_batch / max(now - t_log, 1e-9)
+            last = {"iteration": done, **reduced, "images_per_s": imgs_per_s}
             if env.is_main:
                 with phase.metrics.open("a") as f:
                     f.write(json.dumps(last) + "\n")

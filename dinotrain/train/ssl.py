@@ -212,7 +212,8 @@ class SSLMetaArch(nn.Module):
             if self.ibot_separate_head:  # its own head's output, read by this loss alone (as the shared head's above)
                 patch_ce = self.ibot_patch_loss.head_rows_ce(at_least_fp32(self.student["ibot_head"](g_patch)),
                                                              teacher_patch)
-            ibot = self.ibot_patch_loss.weighted_sum(patch_ce, batch["collated_masks"], masks_weight=batch["masks_weight"])
+            ibot = self.ibot_patch_loss.weighted_sum(patch_ce, batch["collated_masks"],
+                                                     masks_weight=batch["masks_weight"])
             terms["ibot_term"] = self.cfg.ibot.loss_weight * ibot
             logged["ibot_loss"] = ibot / 2
         total = sum(terms.values())

@@ -62,11 +62,13 @@ def golden_runs(base: Path, extra_args=(), extra_env=None) -> dict[str, list[dic
 
 
 def largest_deviation(got: dict, want: dict) -> float:
-    """The largest |got - want| / (GOLDEN_ATOL / GOLDEN_RTOL + |want|) over every phase, iteration and term: <= GOLDEN_RTOL passes."""
+    """The largest |got - want| / (GOLDEN_ATOL / GOLDEN_RTOL + |want|) over every phase, iteration and term
+    (<= GOLDEN_RTOL passes)."""
     assert got.keys() == want.keys()
     worst = 0.0
     for phase in want:
-        assert len(got[phase]) == len(want[phase]), f"{phase}: {len(got[phase])} logged iterations, golden {len(want[phase])}"
+        assert len(got[phase]) == len(want[phase]), \
+            f"{phase}: {len(got[phase])} logged iterations, golden {len(want[phase])}"
         for i, (g, w) in enumerate(zip(got[phase], want[phase])):
             assert g.keys() == w.keys(), f"{phase} iteration {i + 1}: logged terms {sorted(g)} vs golden {sorted(w)}"
             for k in w:
