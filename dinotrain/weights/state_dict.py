@@ -217,11 +217,3 @@ def load_backbone_weights(model: DinoVisionTransformer, state_dict: dict[str, Te
     state_dict = fit_pos_embed(strip_to_backbone(state_dict), model.spec, strict=strict_pos_embed)
     model.load_state_dict(state_dict, strict=True)
     return model
-
-
-def backbone_from_state_dict(state_dict: dict[str, Tensor], **kwargs) -> DinoVisionTransformer:
-    """A backbone of the architecture the weights describe, with the weights loaded."""
-    state_dict = strip_to_backbone(state_dict)
-    model = vit_from_spec(infer_spec(state_dict), **kwargs)
-    model.load_state_dict(state_dict, strict=True)
-    return model

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from dinotrain.models import PRESETS, DinoVisionTransformer, build_preset
+from dinotrain.weights.convert import load_backbone
 from dinotrain.weights.state_dict import (
     WeightsError,
-    backbone_from_state_dict,
     check_compatible,
     infer_spec,
     load_backbone_weights,
@@ -58,7 +58,7 @@ def test_strip_to_backbone_handles_wrappers_and_block_chunks():
 def test_read_state_dict_unwraps_training_checkpoints(tmp_path):
     sd = small_vit().state_dict()
     torch.save({"teacher": {"backbone." + k: v for k, v in sd.items()}, "iteration": 3}, tmp_path / "ckpt.pth")
-    model = backbone_from_state_dict(read_state_dict(tmp_path / "ckpt.pth"))
+    model = load_backbone(tmp_path / "ckpt.pth")
     assert all(torch.equal(model.state_dict()[k], sd[k]) for k in sd)
 
 
@@ -74,7 +74,7 @@ def test_wrong_architecture_names_the_mismatch():
 def test_non_vit_state_dict_is_refused(tmp_path):
     torch.save(torch.nn.Linear(4, 2).state_dict(), tmp_path / "linear.pth")
     with pytest.raises(WeightsError, match="not a ViT backbone state dict.*weight"):
-        backbone_from_state_dict(read_state_dict(tmp_path / "linear.pth"))
+        load_backbone(tmp_path / "linear.pth")
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
