@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from dinotrain.eval.features import eval_sizes, pick_eval_device, shared_label_space
 
 log = logging.getLogger("dinotrain.eval")
 
@@ -29,6 +28,8 @@ class EvalData:
 def eval_data(train: str | None, val: str | None, tiny: str | bool | None, image_size: int | None,
               device: str = "auto", threads: int | None = None) -> EvalData:
     """The train / val folders (or a built-in tiny dataset's split), checked before any work."""
+    from dinotrain.eval.features import eval_sizes, pick_eval_device, shared_label_space
+
     resize, crop = eval_sizes(image_size, tiny=bool(tiny))
     where = pick_eval_device(device)
     train_root, val_root = train, val
