@@ -264,3 +264,65 @@ def _finish(out: Path, partial: Path, paths: Sequence[Path], n_chunks: int, sett
     _save_atomic(out / "info.json", lambda t: t.write_text(json.dumps(info, indent=1)))
     shutil.rmtree(partial)
     return info
+
+
+def embed_command(images: Sequence[str], weights: str | None, model: str | None, *, image_size: int | None,
+                  output: str | None, batch_size: int, workers: int | None, normalize: bool, patch_mean: bool,
+                  patch_tokens: bool, chunk_size: int, force: bool, progress: bool, device: str = "auto") -> None:
+    """`dinotrain embed`: into an output directory (resumable, `.npy`), a JSON file of rows, or printed.
+
+    Every check (sizes, paths, outputs) comes before the backbone is built."""
+    from dinotrain.eval.features import eval_sizes, pick_eval_device
+    from dinotrain.outputs import refuse_existing
+    from dinotrain.weights.backbone import open_backbone
+
+    resize, crop = eval_sizes(image_size)  # checked before any work
+    where = pick_eval_device(device)
+    paths = list_images(images)
+    to_dir = output is not None and not output.endswith(".json")
+    if not to_dir and any(Path(p).is_dir() for p in images):
+        raise ValueError("embedding a folder writes files: give --output DIR (embeddings.npy + paths.txt)")
+    if output and not to_dir:
+        refuse_existing(output, force)
+    workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+    settings = EmbedSettings(weights=str(weights or model), resize=resize, crop=crop, normalize=normalize,
+                             patch_mean=patch_mean, patch_tokens=patch_tokens, chunk_size=chunk_size,
+                             batch_size=batch_size)
+    if settings.chunk_size < 1 or settings.batch_size < 1:
+        raise ValueError("--chunk-size and --batch-size must be positive")
+    backbone = open_backbone(weights, model).eval().to(where)
+    if to_dir:
+        info = embed_to_directory(backbone, paths, Path(output), settings, where, workers, force=force,
+                                  progress=progress)
+        print(f"{info['count']} embeddings of dimension {info['dim']} -> {Path(output) / 'embeddings.npy'} "
+              f"(rows: paths.txt; {info['skipped']} unreadable skipped, see skipped.txt; "
+              f"{info['images_per_s_this_run']} img/s on {where})")
+        return
+    rows, n_skipped = embed_rows(backbone, paths, settings, where)
+    if output:
+        Path(output).write_text(json.dumps(rows))
+        print(f"written to {output}" + (f" ({n_skipped} unreadable skipped)" if n_skipped else ""))
+
+
+def embed_rows(model, paths: Sequence[Path], settings: EmbedSettings, device: torch.device) -> tuple[list[dict], int]:
+    """A few images in this process: one JSON row per readable image (`image`, `image_features`, and
+    `patch_mean` / `patch_tokens` when asked), each printed as one line; unreadable ones reported on stderr.
+    Returns (rows, number skipped)."""
+    rows_out, n_skipped = [], 0
+    for rows, feats, bad in embed_batches(model, paths, settings, device, workers=0):
+        for i, why in bad:
+            print(f"skipped unreadable {paths[i]}: {why}", file=sys.stderr)
+            n_skipped += 1
+        for j, i in enumerate(rows):
+            cls = feats["cls"][j]
+            row = {"image": str(paths[i]), "image_features": cls.tolist()}
+            if "patch_mean" in feats:
+                row["patch_mean"] = feats["patch_mean"][j].tolist()
+            if "patch_tokens" in feats:
+                row["patch_tokens"] = feats["patch_tokens"][j].tolist()
+            rows_out.append(row)
+            print(f"{paths[i]}: {cls.numel()}-dim embedding, norm {cls.norm():.3f}, first values "
+                  + " ".join(f"{v:.4f}" for v in cls[:4].tolist()))
+    if not rows_out:
+        raise ValueError(f"none of the {len(paths)} images could be read")
+    return rows_out, n_skipped

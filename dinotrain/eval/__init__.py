@@ -1,1 +1,1 @@
-"""Evaluation of backbones: feature extraction and weighted k-NN."""
+"""Evaluation of backbones: feature extraction, weighted k-NN, linear probes; `run.py`: the `dinotrain eval` flows."""

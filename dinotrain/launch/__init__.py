@@ -1,1 +1,2 @@
-"""Launching runs on clusters: `dinotrain submit` (slurm.py, profiles.py, watch.py) and what runs inside a job (job.py)."""
+"""Launching runs on clusters: `dinotrain submit` (submit.py: the flow; slurm.py, profiles.py, watch.py) and what runs
+inside a job (job.py)."""

@@ -1,7 +1,7 @@
 """A training run from its config: checks, the objective, resume, the data loader, then the one loop.
 
-The same for every objective (`OBJECTIVES`: `dinotrain train` pretrains, `dinotrain distill` distils),
-for the CLI and for SLURM jobs. Everything a user can get wrong is checked, on every rank, before any
+The same for every objective (`train.objectives.OBJECTIVES`: `dinotrain train` pretrains, `dinotrain distill`
+distils), for the CLI and for SLURM jobs. Everything a user can get wrong is checked, on every rank, before any
 model is built.
 """
 
@@ -13,22 +13,18 @@ from pathlib import Path
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from dinotrain.config import save_config
+from dinotrain.config import load_config, save_config
 from dinotrain.distributed.checkpoint import Checkpointer, CheckpointError, complete_checkpoints, read_extra
-from dinotrain.distributed.env import DistEnv, all_ranks, init_distributed, main_first
+from dinotrain.distributed.env import DistEnv, all_ranks, destroy_distributed, init_distributed, main_first
 from dinotrain.distributed.fsdp import compute_dtype, use_tf32
 from dinotrain.data.loader import build_train_dataset, build_train_loader, first_sample
-from dinotrain.train.distill import Distillation
 from dinotrain.train.loop import Phase, run_loop, total_iterations
-from dinotrain.train.pretrain import Pretraining
+from dinotrain.train.objectives import objective_class
 from dinotrain.train.resume import check_resume, config_changes, log_changes, record_history
 from dinotrain.train.rundir import RunDir, move_aside, prepare_run_dir, rewind_metrics, setup_logging
 from dinotrain.train.schedules import scaled_lr
 
 log = logging.getLogger("dinotrain.train")
-
-# The command that runs each objective, for the CLI and SLURM jobs alike.
-OBJECTIVES = {"train": Pretraining, "distill": Distillation}
 
 
 class TrainingRun:
@@ -46,8 +42,8 @@ class TrainingRun:
         newest = _newest_readable(candidates)
         if newest is not None:
             check_resume(newest[1].get("config", {}), cfg, newest[0], allow_config_change)
-        self.objective = OBJECTIVES[command](cfg, self.run_dir, self.env, newest[1] if newest else None,
-                                             allow_config_change)
+        self.objective = objective_class(command)(cfg, self.run_dir, self.env, newest[1] if newest else None,
+                                                      allow_config_change)
         self.dataset = main_first(lambda: build_train_dataset(cfg, index_cache_dir=self.run_dir), self.env)
         position = newest[1].get("sample_position", 0) if newest else 0
         all_ranks(lambda: first_sample(cfg, self.dataset, self.env.rank, self.env.world_size, position), self.env)
@@ -104,6 +100,21 @@ class TrainingRun:
         with stop.armed():
             last, self.stopped_at = run_loop(self.objective, self.loader, self.phase, self.env, stop)
         return last
+
+
+def run_command(command: str, config: str | None, overrides: list[str], output_dir: str | None = None,
+                resume: bool = True, allow_config_change: bool = False) -> None:
+    """`dinotrain train|distill` in this process (or each torchrun process): the config file plus `key=value`
+    overrides (`output_dir` as `train.output_dir`), run to the end; the process group is closed after."""
+    overrides = list(overrides)
+    if output_dir:
+        overrides.append(f"train.output_dir={output_dir}")
+    cfg = load_config(config, overrides)
+    try:
+        TrainingRun(cfg, cfg.train.output_dir, command=command, resume=resume,
+                    allow_config_change=allow_config_change).run()
+    finally:
+        destroy_distributed()
 
 
 def _newest_readable(candidates: list[Path]) -> tuple[Path, dict] | None:

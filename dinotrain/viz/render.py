@@ -109,3 +109,20 @@ def save_curves(metrics_path: Path, out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def plot_run(run: str | Path, output: str | Path | None = None) -> list[Path]:
+    """`dinotrain plot`: the curves of a run directory (or its metrics file) into `output` (default the run's
+    plots folder); prints and returns the files written."""
+    from dinotrain.train.rundir import RunDir
+
+    run = Path(run)
+    metrics = RunDir(run).metrics if run.is_dir() else run
+    if not metrics.is_file():
+        name = RunDir(run).metrics.name
+        raise FileNotFoundError(f"no {name} in {run} (give a run directory or a {name} file)")
+    out = Path(output) if output else RunDir(metrics.parent).plots
+    written = save_curves(metrics, out)
+    for path in written:
+        print(f"written {path}")
+    return written

@@ -6,6 +6,7 @@
 - `convert.py`: the hub / safetensors / hf formats out, and a backbone built from any weights.
 - `hf.py`: Hugging Face `transformers` directories <-> official names. `full.py`: backbone + heads + config in one
   file. `checkpoint.py`: a backbone (and heads) read from a sharded checkpoint.
+- `backbone.py`: the backbone of `--weights PATH` or `--model NAME`. `export.py`: `dinotrain export`.
 """
 
 # Nothing is imported here: modules below `distributed/` and `models/` import `weights.state_dict`, and a package

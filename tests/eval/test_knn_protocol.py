@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 
 from dinotrain import cli
+from dinotrain.cli import eval as cli_eval
+from dinotrain.weights import backbone
 from dinotrain.data.augmentations import IMAGENET_MEAN, IMAGENET_STD, make_eval_transform
 from dinotrain.eval import features
 from dinotrain.eval.features import eval_sizes, extract_features, pick_eval_device, protocol_resize
@@ -113,7 +115,7 @@ def test_cmd_eval_knn_sizes_and_device(monkeypatch, tmp_path, cuda, tiny, image_
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(features, "extract_features", fake_extract)
     monkeypatch.setattr(features, "shared_label_space", lambda train, val: ["a", "b"])
-    monkeypatch.setattr(cli, "_backbone_from_args", lambda weights, model, seed=0: net)
+    monkeypatch.setattr(backbone, "open_backbone", lambda weights, model, seed=0: net)
     if tiny:
         import dinotrain.data.tiny as tiny_mod
 
@@ -121,7 +123,7 @@ def test_cmd_eval_knn_sizes_and_device(monkeypatch, tmp_path, cuda, tiny, image_
     args = cli.build_parser().parse_args(
         ["eval", "knn", "--model", "x", "--k", "1", *(["--tiny"] if tiny else ["--train", "t", "--val", "v"]),
          *(["--image-size", str(image_size)] if image_size else [])])
-    assert cli.cmd_eval_knn(args) == 0
+    assert cli_eval.knn(args) == 0
     device = torch.device("cuda" if cuda else "cpu")
     assert calls == [(device, *expected)] * 2
 
@@ -130,7 +132,7 @@ def test_cmd_embed_protocol_and_device(monkeypatch, tmp_path, capsys):
     img = _photo(300, 200, seed=2)
     img.save(tmp_path / "x.png")
     rec = _Recorder()
-    monkeypatch.setattr(cli, "_backbone_from_args", lambda weights, model, seed=0: rec)
+    monkeypatch.setattr(backbone, "open_backbone", lambda weights, model, seed=0: rec)
     out = tmp_path / "emb.json"
     assert cli.main(["embed", str(tmp_path / "x.png"), "--model", "x", "--image-size", "56", "--output", str(out)]) == 0
     import json
@@ -146,7 +148,7 @@ def test_cmd_embed_protocol_and_device(monkeypatch, tmp_path, capsys):
 @pytest.mark.parametrize("size", ["0", "-5"])
 def test_non_positive_image_size_is_one_line_exit_2(command, size, capsys, monkeypatch):
     called = []
-    monkeypatch.setattr(cli, "_backbone_from_args", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(backbone, "open_backbone", lambda *a, **k: called.append(1))
     assert cli.main([*command, "--image-size", size]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"dinotrain {command[0]}: error:") and "--image-size" in err[0], err

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dinotrain import cli
+from dinotrain.cli import eval as cli_eval
+from dinotrain.weights import backbone
 from dinotrain.data.augmentations import make_eval_transform
 from dinotrain.eval.pixels import PixelFeatures
 
@@ -67,12 +68,12 @@ def _halves(root, per_class=4):
 
 def test_eval_knn_reports_raw_pixels_beside_the_model(tmp_path, monkeypatch, capsys):
     train, val = _halves(tmp_path / "train"), _halves(tmp_path / "val")
-    monkeypatch.setattr(cli, "_backbone_from_args", lambda weights, model, seed=0: _Blind())
+    monkeypatch.setattr(backbone, "open_backbone", lambda weights, model, seed=0: _Blind())
     out = tmp_path / "knn.json"
     args = argparse.Namespace(train=str(train), val=str(val), tiny=False, threads=None, weights=None, model="x",
                               image_size=16, baseline_random=False, baseline_pixels=True, seed=0, batch_size=4,
                               k=[1, 3], temperature=0.07, output=str(out))
-    assert cli.cmd_eval_knn(args) == 0
+    assert cli_eval.knn(args) == 0
     results = json.loads(out.read_text())
     assert set(results) == {"model", "raw_pixels", "raw_pixels_centered"}
     assert results["raw_pixels"] == {"1": 100.0, "3": 100.0} == results["raw_pixels_centered"]

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 import dinotrain.cli as cli
+from dinotrain.cli import eval as cli_eval
+from dinotrain.weights import backbone
 from dinotrain.eval.features import UnknownClassError, extract_features, shared_label_space
 from dinotrain.eval.knn import knn_accuracy
 
@@ -56,12 +58,12 @@ def test_val_missing_a_train_class_is_labelled_by_name(folders):
 
 def test_cli_eval_knn_scores_100_percent(folders, monkeypatch, tmp_path):
     train, val = folders
-    monkeypatch.setattr(cli, "_backbone_from_args", lambda weights, model, seed=0: MeanColour())
+    monkeypatch.setattr(backbone, "open_backbone", lambda weights, model, seed=0: MeanColour())
     out = tmp_path / "knn.json"
     args = argparse.Namespace(train=str(train), val=str(val), tiny=False, threads=None, weights=None, model="x",
                               image_size=16, baseline_random=False, baseline_pixels=False, seed=0, batch_size=4, k=[1, 3],
                               temperature=0.07, output=str(out))
-    assert cli.cmd_eval_knn(args) == 0
+    assert cli_eval.knn(args) == 0
     assert out.read_text().count("100.0") == 2
 
 
@@ -79,7 +81,7 @@ def test_eval_linear_refuses_a_val_class_unknown_to_train_in_one_line(folders, t
     train, _ = folders
     val = _folder(tmp_path / "val2", "bd")
     called = []
-    monkeypatch.setattr(cli, "_backbone_from_args", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(backbone, "open_backbone", lambda *a, **k: called.append(1))
     assert cli.main(["eval", "linear", "--model", "x", "--train", str(train), "--val", str(val)]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("dinotrain eval:")]
     assert len(err) == 1 and err[0].startswith("dinotrain eval: error:") and "'d'" in err[0], err

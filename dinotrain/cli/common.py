@@ -1,0 +1,25 @@
+"""Arguments several commands share: a run's (config, run directory, resume, overrides) and a backbone's."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, config_help: str, output_help: str) -> None:
+    """What `train`, `distill` and `submit train|distill` share: config, run directory, resume, overrides."""
+    parser.add_argument("--config", help=config_help)
+    parser.add_argument("--output-dir", help=output_help)
+    parser.add_argument("--no-resume", action="store_true",
+                        help="start over: existing checkpoints and metrics of the run directory are moved aside")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume even though train.dataset_path or train.centering differ from the checkpoint's")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.base_lr=1e-3")
+
+
+def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
+    """--weights / --model / --device of every command that runs a backbone."""
+    parser.add_argument("--weights", help="backbone weights: hub .pth, .safetensors, Hugging Face directory, full "
+                                          "export, or a run / checkpoint directory (finished or not)")
+    parser.add_argument("--model", help="a named backbone at random init when no --weights, e.g. dinov2_vits14")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the backbone runs (default: the GPU when torch sees one, else the CPU)")

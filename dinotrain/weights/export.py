@@ -1,0 +1,27 @@
+"""`dinotrain export`: a backbone (teacher by default) of a run or checkpoint, consolidated in this one process
+(no GPU), written as hub `.pth`, Hugging Face, safetensors, or `full` (backbone + DINO/iBOT heads + config)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dinotrain.outputs import refuse_existing
+from dinotrain.weights.convert import write_weights
+from dinotrain.weights.full import FullExport, write_full
+from dinotrain.weights.resolve import open_weights
+
+
+def export_run(src: str | Path, dst: str | Path, to: str, which: str | None = None, force: bool = False) -> Path:
+    """Write the `which` backbone of `src` to `dst` in format `to`; prints what went where, returns the output."""
+    refuse_existing(dst, force)
+    found = open_weights(src, which, heads=to == "full", checkpoint=True)
+    if to == "full":
+        heads = found.heads or {}
+        out = write_full(dst, FullExport(found.backbone, found.spec, heads, found.config))
+        what = f"{found.label} backbone + {' + '.join(heads)} + config".strip()
+    else:
+        out = write_weights(found.backbone, found.spec, dst, to)
+        what = f"{found.label} backbone".strip()
+    at = "" if found.iteration is None else f" (iteration {found.iteration})"
+    print(f"{what} of {found.source}{at} -> {out} ({to})")
+    return out
