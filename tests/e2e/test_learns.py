@@ -1,21 +1,24 @@
 """It learns: a short smoke pretraining beats a random init on k-NN by a wide margin and the DINO loss goes
-down; a half-depth student distilled from it keeps >= 80 % of its k-NN, through the teacher's own heads and
-through heads warmed up on its backbone alone; continued pretraining from its backbone with warmed-up heads keeps
->= 85 % of it. The exact objective is pinned by tests/train/test_golden_losses.py; these runs show that it learns.
+down; a half-depth student distilled from it reaches >= 60 % of its k-NN and 5 points above its own random init,
+through the teacher's own heads and through heads warmed up on its backbone alone; continued pretraining from its
+backbone with warmed-up heads keeps >= 85 % of it. The exact objective is pinned by tests/train/test_golden_losses.py; these runs show that it learns.
 
 The smoke recipe (`smoke/cpu_tiny`) at 12 "epochs" of 10 iterations (120, not the README's 300: the same schedule
 shapes in 40 % of the time), one run shared by every test of this module; the three runs that start from it go side
-by side, 80 distillation iterations each, 40 + 40 for the continued pretraining. Measured on an AMD EPYC
-(2026-12-06), k-NN at k=20: teacher 32.6 % vs 12.5 % at random init (raw pixels 78.0 %: still ahead on this data,
-docs/recipes.md); students 33.2 % (teacher's heads) and 32.9 % (warmed-up heads) vs 14.2 % at random init, i.e. 102 %
-and 101 % of the teacher; continued pretraining 38.4 % (118 %). Floating-point rounding on another CPU moves such
-short runs by a few points, hence the margins.
+by side, 50 distillation iterations each (after a 25-iteration head warm-up for the backbone alone), 25 + 25 for the
+continued pretraining. Measured on an AMD EPYC (2026-12-06), k-NN at k=20: teacher 32.6 % vs 12.5 % at random init
+(raw pixels 78.0 %: still ahead on this data, docs/recipes.md); students 29.0 % (teacher's heads) and 25.9 %
+(warmed-up heads) vs 14.2 % at random init, i.e. 89 % and 80 % of the teacher (at 80 iterations after a 40-iteration
+warm-up: 102 % and 101 %); continued pretraining 36.8 % (113 %). Floating-point rounding on another CPU moves such
+short runs by a few points, hence the margins; the exact objective is what the golden-loss test pins.
 """
 
 import json
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -23,10 +26,10 @@ from trainruns import REPO, env, metrics
 
 pytestmark = pytest.mark.slow
 SHORT = ["train.OFFICIAL_EPOCH_LENGTH=10"]  # 12 "epochs" of 10 iterations (the recipe's schedules, compressed)
-# Distillation: 8 "epochs" of 10 iterations; continued pretraining: 40 iterations after a 40-iteration head warm-up.
-DISTILL = [*SHORT, "optim.epochs=8"]
-CONTINUE = [*SHORT, "train.max_iterations=40"]
-WARMUP = "train.head_warmup_iterations=40"
+# Distillation: 5 "epochs" of 10 iterations; continued pretraining: 25 iterations after a 25-iteration head warm-up.
+DISTILL = [*SHORT, "optim.epochs=5"]
+CONTINUE = [*SHORT, "train.max_iterations=25"]
+WARMUP = "train.head_warmup_iterations=25"
 
 
 def _run(args):
@@ -63,57 +66,60 @@ def test_smoke_pretraining_learns(smoke):
     assert statistics.mean(dino[-4:]) < 0.995 * statistics.mean(dino[:4]), "the DINO loss did not go down"
 
 
+def _job(args: list[str], out, knn_flags: list[str], log) -> dict:
+    """One downstream run with one thread, then the k-NN of what it leaves (`out`): its k-NN results."""
+    for cmd in (args, ["eval", "knn", "--weights", str(out), "--tiny", "--output", str(out / "knn.json"), *knn_flags]):
+        code = subprocess.run([sys.executable, "-m", "dinotrain", *cmd], env=dict(env(), OMP_NUM_THREADS="1"), cwd=REPO,
+                              stdout=log, stderr=subprocess.STDOUT, timeout=1800).returncode
+        assert code == 0, f"{cmd[0]} of {out.name} failed:\n" + Path(log.name).read_text()[-4000:]
+    return json.loads((out / "knn.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def downstream(smoke, tmp_path_factory):
-    """The three runs that start from the smoke teacher (two distillations, one continued pretraining), side by
-    side with one thread each: two 1-thread runs on 2 cores do 1.3x the work of one 2-thread run (measured)."""
+    """The three runs that start from the smoke teacher (two distillations, one continued pretraining) and their
+    k-NN, side by side with one thread each: two 1-thread runs on 2 cores do 1.3x the work of one 2-thread run
+    (measured). name -> (run directory, its k-NN results)."""
     run, _ = smoke
     base = tmp_path_factory.mktemp("downstream")
     outs = {name: base / name for name in ("run", "backbone", "continued")}
     jobs = {
-        "run": ["distill", "--config", "smoke/distill_cpu_tiny", "--output-dir", str(outs["run"]), *DISTILL,
-                f"distillation.teacher={run}"],
-        "backbone": ["distill", "--config", "smoke/distill_cpu_tiny", "--output-dir", str(outs["backbone"]), *DISTILL,
-                     f"distillation.teacher={run / 'teacher_backbone.pth'}", WARMUP],
-        "continued": ["train", "--config", "smoke/cpu_tiny", "--output-dir", str(outs["continued"]), *CONTINUE,
-                      f"student.pretrained_weights={run / 'teacher_backbone.pth'}", WARMUP],
+        "run": (["distill", "--config", "smoke/distill_cpu_tiny", "--output-dir", str(outs["run"]), *DISTILL,
+                 f"distillation.teacher={run}"], ["--baseline-random"]),
+        "backbone": (["distill", "--config", "smoke/distill_cpu_tiny", "--output-dir", str(outs["backbone"]), *DISTILL,
+                      f"distillation.teacher={run / 'teacher_backbone.pth'}", WARMUP], ["--baseline-random"]),
+        "continued": (["train", "--config", "smoke/cpu_tiny", "--output-dir", str(outs["continued"]), *CONTINUE,
+                       f"student.pretrained_weights={run / 'teacher_backbone.pth'}", WARMUP], []),
     }
-    procs = {}
-    for name, args in jobs.items():
-        log = open(base / f"{name}.log", "w")
-        procs[name] = (subprocess.Popen([sys.executable, "-m", "dinotrain", *args], env=dict(env(), OMP_NUM_THREADS="1"),
-                                        cwd=REPO, stdout=log, stderr=subprocess.STDOUT), log)
-    try:
-        for name, (proc, log) in procs.items():
-            code = proc.wait(timeout=2700)
-            log.close()
-            assert code == 0, f"{name} failed:\n" + (base / f"{name}.log").read_text()[-4000:]
-    finally:
-        for proc, _ in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-    return outs
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        logs = {name: open(base / f"{name}.log", "w") for name in jobs}
+        futures = {name: pool.submit(_job, args, outs[name], flags, logs[name]) for name, (args, flags) in jobs.items()}
+        try:
+            return {name: (outs[name], future.result()) for name, future in futures.items()}
+        finally:
+            for log in logs.values():
+                log.close()
 
 
 @pytest.mark.parametrize("source", ["run", "backbone"], ids=["teacher-with-heads", "backbone-only-warmed-up-heads"])
 def test_distilled_student_keeps_the_teachers_knn(smoke, downstream, source):
     run, accs = smoke
-    out = downstream[source]
-    student = _knn(out, out / "knn.json", baseline=True)
+    _, student = downstream[source]
     got, teacher_acc, random_init = student["model"]["20"], accs["model"]["20"], student["random_init"]["20"]
     print(f"k-NN k=20 ({source}): student {got:.2f}%, teacher {teacher_acc:.2f}%, student at random init "
           f"{random_init:.2f}%")
-    # 102 % and 101 % of the teacher measured, both 18-19 points above the random init
-    assert got >= 0.8 * teacher_acc
-    assert got >= random_init + 10.0
+    # measured 89 % (teacher's heads) and 80 % (warmed-up heads) of the teacher, 14.8 and 11.7 points above the
+    # random init; a student that learns nothing stays at its random init (14.2 %), below both bounds
+    assert got >= 0.6 * teacher_acc
+    assert got >= random_init + 5.0
 
 
 def test_continued_pretraining_from_a_backbone_with_warmed_up_heads_keeps_its_features(smoke, downstream):
     """dinov2 #204: continuing from released backbone weights with random heads wrecks the features; with
-    the head warm-up the k-NN stays >= 85 % of the starting backbone's (118 % measured)."""
+    the head warm-up the k-NN stays >= 85 % of the starting backbone's (113 % measured)."""
     run, accs = smoke
-    out = downstream["continued"]
+    out, knn = downstream["continued"]
     assert (out / "head_warmup" / "teacher_full.safetensors").is_file()
-    got, start = _knn(out, out / "knn.json")["model"]["20"], accs["model"]["20"]
+    got, start = knn["model"]["20"], accs["model"]["20"]
     print(f"k-NN k=20 after continued pretraining with head warm-up: {got:.2f}% (start {start:.2f}%)")
     assert got >= 0.85 * start
