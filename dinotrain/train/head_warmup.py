@@ -108,7 +108,7 @@ def warm_up_heads(cfg: DictConfig, backbone: dict, spec: ViTSpec, run: RunDir, e
     `run.warmup_full` (returned).
 
     The model has the backbone's shapes (`spec`, e.g. a distillation teacher), or with `build_student_arch`
-    the config's student (continued pretraining; the weights must fit it). Reuses `out` when it was made
+    the config's student (continued pretraining; the weights must fit it). Reuses that file when it was made
     from the same weights and length. It runs in the one training loop, as a phase of its own.
     """
     from dinotrain.train.teacher import fingerprint

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from dinotrain.models.layers import swiglu_hidden_features
-from dinotrain.models.vision_transformer import DinoVisionTransformer, ViTSpec, resample_positions, vit_from_spec
+from dinotrain.models.vision_transformer import DinoVisionTransformer, ViTSpec, resample_positions
 
 # Prefixes under which backbones sit in training checkpoints (official DINOv2, DDP, ours).
 _PREFIXES = ("teacher.backbone.", "student.backbone.", "model.backbone.", "backbone.", "module.", "model.")
