@@ -26,7 +26,10 @@ class ConfigError(ValueError):
 
 
 def configs_dir() -> Path:
-    """Directory of the shipped configs (installed package data, or the repo's `configs/`)."""
+    """Directory of the shipped configs: the `configs/` beside this code in a source checkout, else the installed
+    package data. (The checkout's own first: an editable install elsewhere maps `dinotrain.configs` to ITS tree.)"""
+    if (_REPO_CONFIGS / "default.yaml").is_file():
+        return _REPO_CONFIGS
     try:
         packaged = Path(str(resources.files("dinotrain.configs")))
         if (packaged / "default.yaml").is_file():

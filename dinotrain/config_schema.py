@@ -220,6 +220,7 @@ class Fsdp:
 class Checkpoint:
     period_iterations: Optional[int] = key(POSITIVE)
     keep_last: int = key(POSITIVE)
+    stop_grace_s: Optional[float] = key(POSITIVE)
 
 
 @dataclass

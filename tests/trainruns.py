@@ -21,6 +21,10 @@ FAST = [
 ]
 
 
+# 32 iterations with a checkpoint every 5: long enough to be disturbed mid-way (a signal, a killed worker or rank).
+LONG = ["optim.epochs=8", "checkpoint.period_iterations=5"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -102,7 +106,7 @@ def train_args(run_dir: Path, overrides=(), extra=()) -> list[str]:
     return ["train", "--config", "smoke/cpu_tiny", "--output-dir", str(run_dir), *extra, *FAST, *overrides]
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -120,7 +124,7 @@ def kill_tree(pid: int) -> None:
     while todo:
         p = todo.pop()
         seen.append(p)
-        todo.extend(_children(p))
+        todo.extend(children(p))
     for p in seen:
         try:
             os.kill(p, 9)
@@ -136,4 +140,20 @@ def wait_for(path: Path, proc, timeout: int = 120) -> None:
     while not path.exists():
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def wait_for_iteration(run_dir: Path, iteration: int, proc, timeout: int = 120) -> int:
+    """Wait until `run_dir`'s metrics reach `iteration` while `proc` runs; returns the iteration reached."""
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        path = run_dir / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        done = json.loads(lines[-1])["iteration"] if lines and lines[-1].endswith("}") else 0
+        if done >= iteration:
+            return done
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before iteration {iteration}"
+        assert time.time() < deadline, f"iteration {iteration} not reached in {timeout} s"
         time.sleep(0.02)

@@ -25,9 +25,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from dinotrain.distributed.env import PeerFailed
     from dinotrain.train.loop import TrainingDiverged
     from dinotrain.launch.slurm import SubmitError
+    from dinotrain.data.loader import DataWorkersDied
 
-    return (ConfigError, WeightsError, CheckpointError, TrainingDiverged, PeerFailed, SubmitError, FileNotFoundError,
-            FileExistsError, ValueError)
+    return (ConfigError, WeightsError, CheckpointError, TrainingDiverged, PeerFailed, SubmitError, DataWorkersDied,
+            FileNotFoundError, FileExistsError, ValueError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     _enable_faulthandler()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from dinotrain.train.stop import Stopped
+
     try:
         return args.func(args)
     except _user_errors() as exc:
@@ -63,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Stopped as exc:  # a stop signal: checkpoint saved, say where the run resumes (once, from rank 0)
+        if exc.is_main:
+            print(f"dinotrain {args.command}: {exc}", file=sys.stderr, flush=True)
+        return exc.code
     except Exception as exc:
         from dinotrain.launch.watch import JobFailed
 

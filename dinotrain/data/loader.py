@@ -8,9 +8,13 @@ also onto another world size, and a 2-process run take the same steps as a 1-pro
 
 from __future__ import annotations
 
+import logging
 import random
+import signal
+import threading
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from omegaconf import DictConfig
@@ -23,6 +27,8 @@ from dinotrain.data.photometric import normalize_pixels
 from dinotrain.data.samplers import InfiniteShardedSampler
 from dinotrain.data.seeds import mix_seed
 from dinotrain.data.tiny import ensure_tiny_dataset
+
+log = logging.getLogger("dinotrain.data")
 
 
 class PositionedSampler(Sampler):
@@ -39,6 +45,10 @@ class PositionedSampler(Sampler):
 
 class UnreadableDatasetError(ValueError):
     """So many images failed to decode in a row that the dataset is unusable (wrong folder, wrong files)."""
+
+
+class DataWorkersDied(RuntimeError):
+    """DataLoader workers died again and again in a short time (most likely the out-of-memory killer)."""
 
 
 class SeededSamples(Dataset):
@@ -132,3 +142,79 @@ def to_device(batch: dict, device: torch.device, mean=IMAGENET_MEAN, std=IMAGENE
             moved[key] = normalize_pixels(moved[key], mean, std)
     return moved
 
+
+
+class Batches:
+    """This rank's micro-batches, step by step, surviving DataLoader workers that die.
+
+    A worker killed (by the out-of-memory killer, by a signal) ends its DataLoader. A batch depends only on the
+    seed and its position in the global sample stream, so a new DataLoader started at the position of the step
+    being fetched yields the very batches the old one would have: the run goes on, logged as a warning, and
+    ends bitwise equal to an undisturbed one. `max_deaths` deaths within `window_s` seconds stop it instead
+    (`DataWorkersDied`), naming the likely cause. PyTorch's SIGCHLD handler, which raises the worker's death
+    in the main thread wherever it happens to be (possibly half-way through an optimizer step), is turned off:
+    the death is noticed where the next batch is fetched (within `torch.utils.data` 's 5-s status check).
+    """
+
+    def __init__(self, make_loader: Callable[[int], DataLoader], position: int, num_workers: int = 0,
+                 max_deaths: int = 3, window_s: float = 600.0):
+        self.make_loader, self.num_workers = make_loader, num_workers
+        self.max_deaths, self.window_s = max_deaths, window_s
+        self.deaths: list[float] = []
+        self._data = None
+        self._start(position)
+
+    def _start(self, position: int) -> None:
+        self._data = iter(self.make_loader(position))
+        if self.num_workers and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+    def _stop(self) -> None:
+        shutdown = getattr(self._data, "_shutdown_workers", None)
+        if callable(shutdown):
+            shutdown()
+        self._data = None
+
+    def next_step(self, accum: int, position: int) -> list[dict]:
+        """The `accum` micro-batches of the step that starts at global sample `position`."""
+        while True:
+            try:
+                return [next(self._data) for _ in range(accum)]
+            except UnreadableDatasetError as exc:  # from a worker the message carries the worker's traceback
+                raise UnreadableDatasetError(
+                    str(exc).strip().splitlines()[-1].split("UnreadableDatasetError: ")[-1]) from exc
+            except RuntimeError as exc:
+                if not worker_died(exc):
+                    raise
+                self._worker_died(exc, position)
+
+    def _worker_died(self, exc: RuntimeError, position: int) -> None:
+        cause = str(exc).strip().splitlines()[0].rstrip(". ")
+        now = time.monotonic()
+        self.deaths = [t for t in self.deaths if now - t < self.window_s] + [now]
+        self._stop()
+        if len(self.deaths) >= self.max_deaths:
+            raise DataWorkersDied(
+                f"DataLoader workers died {len(self.deaths)} times within {self.window_s / 60:g} min (last: {cause}): "
+                f"most likely out of memory; lower train.num_workers (now {self.num_workers}) or "
+                "train.batch_size_per_gpu") from exc
+        log.warning("%s: restarting the data loader at sample %d (the same batches follow; %d death(s) within "
+                    "%g min, %d stop the run)", cause, position, len(self.deaths), self.window_s / 60, self.max_deaths)
+        self._start(position)
+
+    def close(self) -> None:
+        self._stop()
+
+
+def worker_died(exc: BaseException) -> bool:
+    """Is this PyTorch's error for a DataLoader worker that ended (killed, or exited) without finishing?"""
+    text = str(exc)
+    return "DataLoader worker" in text and ("exited unexpectedly" in text or "killed by signal" in text)
+
+
+def train_batches(cfg: DictConfig, rank: int, world_size: int, position: int,
+                  dataset: ImageFolderDataset | None = None) -> tuple[Batches, int]:
+    """`build_train_loader` wrapped in `Batches` (restartable at any position); with the number of images."""
+    dataset = dataset if dataset is not None else build_train_dataset(cfg)
+    make = lambda at: build_train_loader(cfg, rank, world_size, at, dataset=dataset)[0]  # noqa: E731
+    return Batches(make, position, cfg.train.num_workers), len(dataset)

@@ -12,6 +12,8 @@ requeues the job. The requeued job resumes from that checkpoint like `dinotrain 
 Before the loop runs (start-up, head warm-up) there is nothing new to save: the signal goes straight to
 submitit, which requeues at once. Once the loop has run to its end, the signal is ignored: the final
 checkpoint and export take seconds, and a requeue would only start the finished run again.
+SIGTERM and SIGINT (SLURM's preemption without `send_user_signal`, `scancel`) checkpoint the same way
+(`train/stop.py`) but do not requeue: the job ends with 143 / 130 and SLURM's preemption mode decides.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ import time
 from pathlib import Path
 
 import submitit
-import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
+
+from dinotrain.train.stop import STOP_SIGNALS, StopSignals, exit_code, resume_hint, signal_name
 
 log = logging.getLogger("dinotrain.launch")
 
@@ -40,31 +42,37 @@ def _preemption_signal() -> int:
     return submitit.JobEnvironment._usr_sig()  # USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise
 
 
-class StopRequest:
-    """The preemption / time-limit signal, turned into a decision all ranks take at the same iteration."""
+class StopRequest(StopSignals):
+    """In a SLURM job: the preemption / time-limit signal (USR2) besides SIGTERM and SIGINT (`train/stop.py`).
 
-    def __init__(self) -> None:
+    USR2 inside the loop raises the flag like the others but keeps its handler (SLURM may signal again; a requeue,
+    not an exit, follows); before the loop it goes to submitit at once; after the loop it is ignored.
+    """
+
+    def __init__(self, grace_s: float | None = None, resume_hint=lambda: "") -> None:
         self.signum = _preemption_signal()
-        self.received_at: float | None = None
-        self._armed = False
+        super().__init__((self.signum, *STOP_SIGNALS), grace_s, resume_hint)
         self._finished = False
         self._submitit_handler = signal.getsignal(self.signum)  # installed by submitit before our code runs
-        signal.signal(self.signum, self._on_signal)
+        signal.signal(self.signum, self._outside_the_loop)
 
     def _on_signal(self, signum, frame) -> None:
+        if signum != self.signum:
+            super()._on_signal(signum, frame)
+            return
+        if not self.received:
+            log.warning("got %s: checkpointing at the end of this iteration, then requeueing", signal_name(signum))
+            self.received, self.received_at = int(signum), time.time()
+            self._start_grace_timer()
+
+    def _outside_the_loop(self, signum, frame) -> None:
         if self._finished:  # the training loop has ended: the job ends in seconds, nothing to requeue
             log.warning("got %s after the training loop ended: finishing the job instead of requeueing",
-                        signal.Signals(signum).name)
+                        signal_name(signum))
             return
-        if not self._armed:  # nothing newer than the last checkpoint to save: let submitit requeue now
-            log.warning("got %s before the training loop: requeueing without a new checkpoint",
-                        signal.Signals(signum).name)
-            self._call_submitit(signum, frame)
-            return
-        if self.received_at is None:
-            log.warning("got %s: checkpointing at the end of this iteration, then requeueing",
-                        signal.Signals(signum).name)
-        self.received_at = time.time()
+        # nothing newer than the last checkpoint to save: let submitit requeue now
+        log.warning("got %s before the training loop: requeueing without a new checkpoint", signal_name(signum))
+        self._call_submitit(signum, frame)
 
     def _call_submitit(self, signum, frame) -> None:
         handler = self._submitit_handler
@@ -75,19 +83,16 @@ class StopRequest:
     def armed(self):
         """For the training loop: while inside, a signal waits for the end of the iteration; after it (the
         loop ended, stopped early or not) a signal no longer requeues: `hand_over` does when it must."""
-        self._armed = True
         try:
-            yield
+            with super().armed():
+                yield
         finally:
-            self._armed = False
             self._finished = True
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank if any rank got the signal (all ranks call this at the same iteration)."""
-        flag = torch.tensor([1 if self.received_at is not None else 0], dtype=torch.int32, device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    @property
+    def requeues(self) -> bool:
+        """The ranks stopped on SLURM's signal (requeue), not on SIGTERM/SIGINT (exit, SLURM decides what follows)."""
+        return self.agreed_signum == self.signum
 
     def ignore_from_now(self) -> None:
         """At the end of the job's work: the signal is ignored by the process itself (SIG_IGN), not by a
@@ -165,8 +170,8 @@ class SlurmRun(submitit.helpers.Checkpointable):
         from dinotrain.distributed.env import destroy_distributed
 
         _forget_stale_result()
-        stop = StopRequest()
         cfg = OmegaConf.create(self.config)
+        stop = StopRequest(OmegaConf.select(cfg, "checkpoint.stop_grace_s"), lambda: resume_hint(self.run_dir))
         OmegaConf.set_readonly(cfg, True)
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         try:
@@ -181,6 +186,12 @@ class SlurmRun(submitit.helpers.Checkpointable):
             if trainer.stopped_at is None:
                 return {"run_dir": str(Path(self.run_dir).resolve()), "iteration": trainer.max_iter, "metrics": last}
             is_main = trainer.env.is_main
+            if not stop.requeues:  # SIGTERM / SIGINT: SLURM itself requeues (preemption) or ends (scancel) the job
+                if is_main:
+                    log.warning("stopping at iteration %d: %s; checkpoint saved, not requeueing (SLURM decides what "
+                                "follows; a requeued or resubmitted job resumes from it)", trainer.stopped_at,
+                                signal_name(stop.agreed_signum))
+                raise SystemExit(exit_code(stop.agreed_signum))
             if is_main:
                 log.warning("stopping at iteration %d: %s; checkpoint saved, requeueing (requeue %d of at most %d)",
                             trainer.stopped_at, stop_reason(self.signal_delay_s), restarts + 1, cfg.launch.max_requeues)

@@ -26,7 +26,7 @@ from dinotrain.distributed.checkpoint import full_state_dict
 from dinotrain.distributed.env import DistEnv, all_ranks, from_main
 from dinotrain.distributed.fsdp import compute_dtype
 from dinotrain.models.vision_transformer import ViTSpec
-from dinotrain.data.loader import build_train_loader
+from dinotrain.data.loader import train_batches
 from dinotrain.train.learner import Learner, build_learner
 from dinotrain.train.loop import Phase, run_loop
 from dinotrain.train.rundir import RunDir
@@ -129,7 +129,7 @@ def warm_up_heads(cfg: DictConfig, backbone: dict, spec: ViTSpec, run: RunDir, e
     global_batch = cfg.train.batch_size_per_gpu * env.world_size * accum
     learner = build_learner(model, wcfg, warmup_schedules(cfg, iterations, scaled_lr(cfg, global_batch)),
                             compute_dtype(cfg.compute_precision.dtype, env.device), env.device, heads_only=True)
-    loader, _ = build_train_loader(cfg, env.rank, env.world_size, 0, dataset=dataset)
+    batches, _ = train_batches(cfg, env.rank, env.world_size, 0, dataset=dataset)
     out.parent.mkdir(parents=True, exist_ok=True)
     metrics = run.warmup_metrics
     if env.is_main:
@@ -152,7 +152,7 @@ def warm_up_heads(cfg: DictConfig, backbone: dict, spec: ViTSpec, run: RunDir, e
     phase = Phase(start=0, end=iterations, accum=accum, global_batch=global_batch, seed=cfg.train.seed + 1,
                   log_every=cfg.train.log_every, metrics=metrics, nan_tolerance=0, label="head warm-up ",
                   diverged_hint="Lower optim.base_lr or train.head_warmup_iterations' lr warmup share.")
-    run_loop(HeadWarmup(learner, write), loader, phase, env)
+    run_loop(HeadWarmup(learner, write), batches, phase, env)
     log.info("head warm-up done in %.0f s: backbone + warmed-up heads written to %s", time.perf_counter() - t0, out)
     return out
 

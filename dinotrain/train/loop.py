@@ -22,11 +22,12 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from dinotrain.data.loader import UnreadableDatasetError, to_device
+from dinotrain.data.loader import Batches, DataWorkersDied, to_device
 from dinotrain.data.seeds import seed_step
 from dinotrain.distributed.checkpoint import Checkpointer, Parts
 from dinotrain.distributed.env import DistEnv, all_reduce_mean
 from dinotrain.train.learner import Learner
+from dinotrain.train.stop import StopSignals, resume_hint
 from dinotrain.train.ssl import OFFICIAL_LOGGED_LOSSES
 
 log = logging.getLogger("dinotrain.train")
@@ -115,18 +116,29 @@ def train_step(objective: Objective, batches: list[dict], it: int, device: torch
     return {**out, "finite": 1.0, "n_skipped": n_skipped}
 
 
-def run_loop(objective: Objective, loader, phase: Phase, env: DistEnv, stop=None) -> tuple[dict, int | None]:
+def run_loop(objective: Objective, batches: Batches, phase: Phase, env: DistEnv,
+             stop: StopSignals | None = None) -> tuple[dict, int | None]:
     """Train from `phase.start` to `phase.end`; returns (the last logged metrics, the iteration a stop
-    request ended it at, or None). `stop` (`launch.job.StopRequest`): after each iteration all ranks agree
+    request ended it at, or None). `stop` (`train/stop.py`): after each iteration all ranks agree
     whether any got a stop signal; if so they save a checkpoint together and return (no final export)."""
-    data = iter(loader)
+    try:
+        return _run(objective, batches, phase, env, stop)
+    except DataWorkersDied as exc:
+        hint = resume_hint(phase.checkpointer.run.root) if phase.checkpointer else ""
+        raise DataWorkersDied(f"{exc}; {hint}" if hint else str(exc)) from exc
+    finally:
+        batches.close()
+
+
+def _run(objective: Objective, batches: Batches, phase: Phase, env: DistEnv, stop) -> tuple[dict, int | None]:
     bad_in_a_row, skipped = 0, phase.skipped_before
     last: dict = {}
     t_start = t_log = time.perf_counter()
     it_log = phase.start
     for it in range(phase.start, phase.end):
+        t_iter = time.perf_counter()
         seed_step(phase.seed, it, env.rank)
-        out = train_step(objective, _next_batches(data, phase.accum), it, env.device)
+        out = train_step(objective, batches.next_step(phase.accum, phase.sample_position), it, env.device)
         phase.sample_position += phase.global_batch
         skipped += int(out.pop("n_skipped"))
         if not out.pop("finite"):
@@ -157,7 +169,10 @@ def run_loop(objective: Objective, loader, phase: Phase, env: DistEnv, stop=None
                          "replaced so far)" if last["skipped_images"] else "")
             t_log, it_log = now, done
         if phase.checkpointer and done % phase.checkpoint_period == 0 and done != phase.end:
+            t_save = time.perf_counter()
             _save(objective, phase, done, skipped, env)
+            if stop is not None:  # what a stop signal would need: the rest of an iteration, then a save
+                stop.note_stop_cost(time.perf_counter() - t_save + (t_save - t_iter))
         if stop is not None and done != phase.end and stop.agreed(env.device):
             if phase.checkpointer and done % phase.checkpoint_period != 0:
                 _save(objective, phase, done, skipped, env)
@@ -170,13 +185,6 @@ def run_loop(objective: Objective, loader, phase: Phase, env: DistEnv, stop=None
         log.warning("%d unreadable images were replaced by others during training (the log names each)",
                     total_skipped)
     return last, None
-
-
-def _next_batches(data, accum: int) -> list[dict]:
-    try:
-        return [next(data) for _ in range(accum)]
-    except UnreadableDatasetError as exc:  # from a DataLoader worker the message carries its traceback
-        raise UnreadableDatasetError(str(exc).strip().splitlines()[-1].split("UnreadableDatasetError: ")[-1]) from exc
 
 
 def _save(objective: Objective, phase: Phase, it: int, skipped: int, env: DistEnv) -> None:

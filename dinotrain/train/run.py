@@ -17,12 +17,13 @@ from dinotrain.config import load_config, save_config
 from dinotrain.distributed.checkpoint import Checkpointer, CheckpointError, complete_checkpoints, read_extra
 from dinotrain.distributed.env import DistEnv, all_ranks, destroy_distributed, init_distributed, main_first
 from dinotrain.distributed.fsdp import compute_dtype, use_tf32
-from dinotrain.data.loader import build_train_dataset, build_train_loader, first_sample
+from dinotrain.data.loader import build_train_dataset, first_sample, train_batches
 from dinotrain.train.loop import Phase, run_loop, total_iterations
 from dinotrain.train.objectives import objective_class
 from dinotrain.train.resume import check_resume, config_changes, log_changes, record_history
 from dinotrain.train.rundir import RunDir, move_aside, prepare_run_dir, rewind_metrics, setup_logging
 from dinotrain.train.schedules import scaled_lr
+from dinotrain.train.stop import StopSignals, Stopped, resume_hint, signal_name
 
 log = logging.getLogger("dinotrain.train")
 
@@ -77,8 +78,7 @@ class TrainingRun:
                 record_history(self.run_dir, ckpt, self.start_iter, self.env.world_size, changes)
         if self.env.is_main:
             rewind_metrics(RunDir(self.run_dir).metrics, self.start_iter)
-        self.loader, n_images = build_train_loader(cfg, self.env.rank, self.env.world_size, position,
-                                                   dataset=self.dataset)
+        self.batches, n_images = train_batches(cfg, self.env.rank, self.env.world_size, position, dataset=self.dataset)
         period = cfg.checkpoint.period_iterations or cfg.train.saveckp_freq * cfg.train.OFFICIAL_EPOCH_LENGTH
         self.phase = Phase(
             start=self.start_iter, end=self.max_iter, accum=accum, global_batch=global_batch, seed=cfg.train.seed,
@@ -91,30 +91,38 @@ class TrainingRun:
                  "%d iterations (from %d); checkpoint every %d iterations", self.env.world_size, self.env.device,
                  dtype, n_images, global_batch, scaled_lr(cfg, global_batch), self.max_iter, self.start_iter, period)
 
-    def run(self, stop=None) -> dict[str, float]:
-        """Train to the last iteration; returns the last logged metrics. With `stop` (a SLURM job's
-        `launch.job.StopRequest`), `stopped_at` is the iteration a stop signal ended it at (else None)."""
+    def run(self, stop: StopSignals | None = None) -> dict[str, float]:
+        """Train to the last iteration; returns the last logged metrics. SIGTERM / SIGINT (or `stop`'s signals,
+        e.g. a SLURM job's) make every rank save a checkpoint at the end of the iteration and return early:
+        `stopped_at` is then that iteration (else None)."""
         if stop is None:
-            last, self.stopped_at = run_loop(self.objective, self.loader, self.phase, self.env)
-            return last
+            stop = StopSignals(grace_s=self.cfg.checkpoint.stop_grace_s, resume_hint=lambda: resume_hint(self.run_dir))
+        self.stop = stop
         with stop.armed():
-            last, self.stopped_at = run_loop(self.objective, self.loader, self.phase, self.env, stop)
+            last, self.stopped_at = run_loop(self.objective, self.batches, self.phase, self.env, stop)
         return last
 
 
 def run_command(command: str, config: str | None, overrides: list[str], output_dir: str | None = None,
                 resume: bool = True, allow_config_change: bool = False) -> None:
     """`dinotrain train|distill` in this process (or each torchrun process): the config file plus `key=value`
-    overrides (`output_dir` as `train.output_dir`), run to the end; the process group is closed after."""
+    overrides (`output_dir` as `train.output_dir`), run to the end; the process group is closed after. Raises
+    `Stopped` when a signal stopped it (the CLI exits 128 + the signal's number)."""
     overrides = list(overrides)
     if output_dir:
         overrides.append(f"train.output_dir={output_dir}")
     cfg = load_config(config, overrides)
     try:
-        TrainingRun(cfg, cfg.train.output_dir, command=command, resume=resume,
-                    allow_config_change=allow_config_change).run()
+        run = TrainingRun(cfg, cfg.train.output_dir, command=command, resume=resume,
+                          allow_config_change=allow_config_change)
+        run.run()
     finally:
         destroy_distributed()
+    if run.stopped_at is not None:
+        signum = run.stop.agreed_signum
+        raise Stopped(f"stopped by {signal_name(signum)} at iteration {run.stopped_at}: checkpoint "
+                      f"{RunDir(run.run_dir).checkpoint(run.stopped_at)} saved; run the same command to resume from it",
+                      signum, run.env.is_main)
 
 
 def _newest_readable(candidates: list[Path]) -> tuple[Path, dict] | None:
