@@ -25,9 +25,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from dinotrain.distributed.env import PeerFailed
     from dinotrain.train.loop import TrainingDiverged
     from dinotrain.launch.slurm import SubmitError
+    from dinotrain.storage import StorageError
 
-    return (ConfigError, WeightsError, CheckpointError, TrainingDiverged, PeerFailed, SubmitError, FileNotFoundError,
-            FileExistsError, ValueError)
+    return (ConfigError, WeightsError, CheckpointError, TrainingDiverged, PeerFailed, SubmitError, StorageError,
+            FileNotFoundError, FileExistsError, ValueError)
 
 
 def build_parser() -> argparse.ArgumentParser:
