@@ -127,7 +127,10 @@ def _free(path: str | os.PathLike) -> str:
 def circumstances(exc: BaseException, path: str | os.PathLike) -> str:
     """Why writing `path` failed and the free space there, e.g. "no space left on device; 0 B free on /data"."""
     code = cause(exc, path)
-    reason = _CAUSES[code][1] if code is not None else (getattr(exc, "strerror", None) or f"{type(exc).__name__}: {exc}")
+    if code is not None:
+        reason = _CAUSES[code][1]
+    else:
+        reason = getattr(exc, "strerror", None) or f"{type(exc).__name__}: {exc}"
     return f"{reason}; {_free(path)}"
 
 
@@ -137,7 +140,10 @@ def message(code: int, path: str | os.PathLike, what: str, resume: Resume | None
     line = f"{kind}: could not write {what} to {path} ({reason}; {_free(path)}). {fix[0].upper()}{fix[1:]} or "
     if resume is None:
         return line + "choose another output path, then run the same command again."
-    point = resume()
+    try:
+        point = resume()
+    except OSError:  # the checkpoints cannot be listed either: say what a rerun does without naming one
+        point = "its newest complete checkpoint"
     then = f"it resumes from {point}" if point else "there is no checkpoint yet, so it starts from the beginning"
     return line + f"point --output-dir elsewhere, then run the same command: {then}."
 

@@ -64,5 +64,5 @@ class Pretraining:
 
     def finish(self) -> None:
         # a failed write on rank 0 (disk full) stops every rank instead of leaving them in the next collective
-        all_ranks(partial(self.learners[0].write_ema_backbone, RunDir(self.run_dir).teacher_backbone, "teacher backbone",
-                          self.env.is_main, partial(resume_point, self.run_dir)), self.env)
+        all_ranks(partial(self.learners[0].write_ema_backbone, RunDir(self.run_dir).teacher_backbone,
+                          "teacher backbone", self.env.is_main, partial(resume_point, self.run_dir)), self.env)

@@ -174,8 +174,9 @@ class LogFile(logging.FileHandler):
         if not isinstance(exc, OSError):
             return super().handleError(record)
         self.failed = True
-        print(f"dinotrain: the log file {self.baseFilename} is no longer written ({circumstances(exc, self.baseFilename)}); "
-              "the console keeps the log", file=sys.stderr, flush=True)
+        why = circumstances(exc, self.baseFilename)
+        print(f"dinotrain: the log file {self.baseFilename} is no longer written ({why}); the console keeps the log",
+              file=sys.stderr, flush=True)
         stream, self.stream = self.stream, None
         try:
             stream.close()  # what it still buffers cannot be written either

@@ -24,10 +24,13 @@ import pytest
 import torch
 from torch import nn
 
-from trainruns import max_abs_diff, run_cli, teacher, train_args
+from trainruns import REPO, env, max_abs_diff, run_cli, teacher, train_args, train_command
 
-# The FAST smoke run with a 2-block student: 12 iterations, checkpoints every 3 (each ~15 MB, measured).
+# The FAST smoke run with a 2-block student: 12 iterations, a checkpoint every 3 of 15,318,414 bytes (measured in
+# a plain run; the test checks it again): a 22 MiB tmpfs holds the first and half the second.
 DEPTH = ["student.depth=2"]
+TMPFS_BYTES = 22 * 2**20
+TMPFS = f"{TMPFS_BYTES // 2**20}m"
 GIB = 2**30
 
 
@@ -57,18 +60,20 @@ def test_disk_full_during_the_second_checkpoint_says_so_and_the_rerun_ends_bitwi
     """The must-show: a tmpfs that fills during the second checkpoint, then the same command after more space."""
     from dinotrain.distributed.checkpoint import complete_checkpoints
 
-    # An undisturbed run, whose first checkpoint also sizes the tmpfs: room for it and half another.
-    ref = tmp_path / "ref"
-    proc = run_cli(train_args(ref, DEPTH), timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    size = max(sum(f.stat().st_size for f in c.iterdir()) for c in complete_checkpoints(ref))
-    with tmpfs(tmp_path / "disk", f"{int(size * 1.5) // 4096 * 4096}") as disk:
+    with tmpfs(tmp_path / "disk", TMPFS) as disk:
         run = disk / "run"
-        full = run_cli(train_args(run, DEPTH), timeout=240)
+        ref = tmp_path / "ref"  # an undisturbed run, beside it (2 cores)
+        with open(tmp_path / "ref.log", "w") as log:
+            undisturbed = subprocess.Popen(train_command(ref, DEPTH), env=env(), cwd=REPO, stdout=log, stderr=log)
+            full = run_cli(train_args(run, DEPTH), timeout=240)
+            assert undisturbed.wait(timeout=240) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+        size = max(sum(f.stat().st_size for f in c.iterdir()) for c in complete_checkpoints(ref))
+        assert size < TMPFS_BYTES < 2 * size, f"re-size TMPFS: a checkpoint now takes {size} bytes"
+
         line = _one_line_error(full)
         assert "disk full" in line and "no space left on device" in line, line
         assert str(run / "checkpoints" / "00000006") in line and "iteration 6" in line, line
-        assert f"0 B free on {disk}" in line or " KiB free on " in line, line
+        assert f" free on {disk})" in line, line
         assert f"it resumes from {run / 'checkpoints' / '00000003'} (iteration 3)" in line, line
         assert [c.name for c in complete_checkpoints(run)] == ["00000003"]
         assert not list((run / "checkpoints").glob(".tmp-*")), "the partial checkpoint is left behind"
@@ -212,6 +217,66 @@ def test_a_checkpoint_that_does_not_fit_is_removed_and_the_previous_one_stays(tm
         assert os.listdir(disk / "run" / "checkpoints") == ["00000001"]  # the partial one was removed
 
 
+def _two_rank_saves(rank: int, run: str, store: str) -> None:
+    """Rank `rank` of 2: a good save, one whose rank-0-only step fails, one whose shards do not fit."""
+    import datetime
+    import json
+    import types
+
+    import torch.distributed as dist
+
+    from dinotrain.distributed import checkpoint
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))  # a rank left waiting fails after 30 s
+    outcomes = []
+    try:
+        ckpt = checkpoint.Checkpointer(run)
+        ckpt.save_parts(1, _parts(), {})
+
+        def no_space(*args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        checkpoint.json = types.SimpleNamespace(dumps=no_space)  # rank 0's extra.json: a step only it takes
+        for it in (2, 3):
+            try:
+                ckpt.save_parts(it, _parts(), {})
+                outcomes.append("saved")
+            except Exception as exc:
+                outcomes.append(f"{type(exc).__name__}: {exc}")
+            checkpoint.json = json  # the third: the shards themselves do not fit
+    finally:
+        Path(run, f"rank{rank}.json").write_text(json.dumps(outcomes))
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_two_ranks_stop_together_with_the_same_line(tmp_path):
+    """No rank waits in a barrier for one that failed: every rank raises the same StorageError, at once."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from dinotrain.distributed.checkpoint import complete_checkpoints
+
+    with tmpfs(tmp_path / "disk", "400k") as disk:
+        run = disk / "run"
+        # forked, not spawned: the ranks start in a fraction of a second with torch and dinotrain imported
+        mp.start_processes(_two_rank_saves, args=(str(run), str(tmp_path / "store")), nprocs=2, join=True,
+                           start_method="fork")
+        ranks = [json.loads((run / f"rank{r}.json").read_text()) for r in range(2)]
+        assert ranks[0] == ranks[1], ranks
+        rank0_only, shards = ranks[0]
+        assert rank0_only.startswith(f"StorageError: disk full: could not write the checkpoint of iteration 2 to "
+                                     f"{run / 'checkpoints' / '00000002'} (no space left on device; "), rank0_only
+        assert shards.startswith(f"StorageError: disk full: could not write the checkpoint of iteration 3 to "), shards
+        assert shards.endswith(f"it resumes from {run / 'checkpoints' / '00000001'} (iteration 1)."), shards
+        assert [c.name for c in complete_checkpoints(run)] == ["00000001"]
+        assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_low_space_before_a_checkpoint_is_a_warning_not_a_stop(tmp_path, monkeypatch):
     from dinotrain.distributed.checkpoint import Checkpointer, complete_checkpoints
@@ -233,7 +298,8 @@ def test_low_space_before_a_checkpoint_is_a_warning_not_a_stop(tmp_path, monkeyp
     finally:
         logger.removeHandler(handler)
     (warning,) = [r.getMessage() for r in records if r.levelno == logging.WARNING]
-    assert f"less than the newest checkpoint's" in warning and str(tmp_path / "run" / "checkpoints" / "00000002") in warning
+    assert "less than the newest checkpoint's" in warning
+    assert str(tmp_path / "run" / "checkpoints" / "00000002") in warning
     assert "free on" in warning and "will likely fail" in warning
     assert [c.name for c in complete_checkpoints(tmp_path / "run")] == ["00000001", "00000002", "00000003"]
 
