@@ -87,6 +87,25 @@ def test_disk_full_during_the_second_checkpoint_says_so_and_the_rerun_ends_bitwi
         assert not [p.name for p in run.rglob("*tmp*")]
 
 
+def test_metrics_and_log_that_cannot_be_written_in_a_real_run(tmp_path):
+    """`metrics.jsonl` stops the run with its line; `log.txt` is said once and the run goes on until then."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("metrics.jsonl", "log.txt"):
+        (run / name).symlink_to("/dev/full")  # every write fails with ENOSPC
+    proc = run_cli(train_args(run, [*DEPTH, "train.max_iterations=2"]), timeout=240)
+    line = _one_line_error(proc)
+    assert line.startswith(f"dinotrain train: error: disk full: could not write the metrics of iteration 1 to "
+                           f"{run / 'metrics.jsonl'} (no space left on device; "), line
+    assert line.endswith("then run the same command: there is no checkpoint yet, so it starts from the beginning."), line
+    assert proc.stderr.strip().splitlines() == [
+        f"dinotrain: the log file {run / 'log.txt'} is no longer written ({line.split(' (', 1)[1].split(')')[0]}); "
+        "the console keeps the log", line], proc.stderr
+    assert "world size 1" in proc.stdout  # the console kept logging
+
+
 # ---- the classifier and its message -------------------------------------------------------------------------
 def _free(monkeypatch, free: int) -> None:
     usage = shutil._ntuple_diskusage(100 * GIB, 100 * GIB - free, free)
