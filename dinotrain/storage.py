@@ -5,8 +5,8 @@ the user needs the path, what was being written, the free space of that filesyst
 space or write elsewhere; a training run then resumes from its newest complete checkpoint). `writing(path,
 what)` turns such a failure into one `StorageError` with that message, whatever form it arrives in: an
 OSError's errno, DCP's `CheckpointException` that gathers each rank's own error, torch's zip writer that
-reports a short write only as "unexpected pos" (taken as a full disk when the filesystem has almost no space
-left), or safetensors' IoError text. It measures the free space before it removes the partial output.
+reports a short write only as "unexpected pos" (then a 1 MiB probe write beside the path tells the errno, or
+the filesystem has almost no space left), or safetensors' IoError text. It measures the free space before it removes the partial output.
 
 One module, so that checkpoints, metrics, the log and every export say it alike; it imports nothing of
 dinotrain (the lowest layer: `distributed/`, `train/` and `weights/` all use it).
@@ -113,9 +113,32 @@ def cause(exc: BaseException, path: str | os.PathLike) -> int | None:
             if os.strerror(code) in str(e):
                 return code
     if any(marker in str(e) for e in chain for marker in _ZIP_WRITER_FAILURES):
+        code = _probe(path)
+        if code is not None:
+            return code
         space = free_space(path)
         if space is not None and space[0] < ALMOST_FULL:
             return errno.ENOSPC
+    return None
+
+
+def _probe(path: str | os.PathLike) -> int | None:
+    """The errno a write of 1 MiB beside `path` fails with (one of `_CAUSES`), or None if it succeeds: what a
+    writer that swallowed the errno met (a quota shows in no free-space figure)."""
+    where = _existing(Path(path))
+    probe = (where if where.is_dir() else where.parent) / f".dinotrain-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(bytes(2**20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        return exc.errno if exc.errno in _CAUSES else None
+    finally:
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
     return None
 
 

@@ -154,6 +154,12 @@ def test_dcp_failure_is_a_full_disk_only_with_a_cause_or_almost_no_space(tmp_pat
     assert isinstance(error, StorageError) and str(error).startswith("disk full: ") and "100.0 KiB free" in str(error)
     _free(monkeypatch, 500 * GIB)  # plenty of space: a zip writer failure is something else, reported as it is
     assert storage_error(_dcp_failure(short_write), tmp_path, "the checkpoint") is None
+    with tmpfs(tmp_path / "quota", "64k") as full:  # ... unless a write there fails (as under an exhausted quota,
+        with pytest.raises(OSError):  # where the free space looks plentiful): a probe write tells the errno
+            (full / "filler").write_bytes(bytes(2**20))
+        error = storage_error(_dcp_failure(short_write), full / "00000006", "the checkpoint of iteration 6")
+        assert str(error).startswith("disk full: ") and "500.0 GiB free" in str(error), error
+        assert os.listdir(full) == ["filler"]  # the probe cleaned up after itself
     with pytest.raises(type(_dcp_failure(short_write))):
         with writing(tmp_path, "the checkpoint", lambda: None):
             raise _dcp_failure(short_write)
