@@ -26,9 +26,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from dinotrain.train.loop import TrainingDiverged
     from dinotrain.launch.slurm import SubmitError
     from dinotrain.data.loader import DataWorkersDied
+    from dinotrain.storage import StorageError
 
     return (ConfigError, WeightsError, CheckpointError, TrainingDiverged, PeerFailed, SubmitError, DataWorkersDied,
-            FileNotFoundError, FileExistsError, ValueError)
+            StorageError, FileNotFoundError, FileExistsError, ValueError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,8 @@ inside of a checkpoint is this module's format. A distillation checkpoint has on
 (`RunDir.student_part(name)`) and the frozen teacher's centering state at the top (see `Parts`).
 Loading validates first (see `checkpoint_files.py`) and never leaves a half-loaded model. It is written
 as `.tmp-<iteration>` and renamed only when every rank has finished, so an interrupted save never looks
-complete. RNG states need no saving: every step
+complete; a save that fails for want of space or permission removes it and stops every rank with one line
+(`storage.py`). RNG states need no saving: every step
 reseeds from (seed, iteration, rank) and every sample from its stream position.
 """
 
@@ -34,15 +35,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from dinotrain.distributed.checkpoint_files import CheckpointError, SafeFileSystemReader, validate_checkpoint
+from dinotrain.distributed.env import PeerFailed, from_main
+from dinotrain.storage import StorageError, free_space, human, remove, storage_error, tree_size
 from dinotrain.train.rundir import RunDir
 
 log = logging.getLogger("dinotrain.checkpoint")
 EXTRA = "extra.json"
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _is_main() -> bool:
@@ -61,6 +59,22 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
 def is_checkpoint(path: str | Path) -> bool:
     """A complete checkpoint directory (its `extra.json` is written last)."""
     return (Path(path) / EXTRA).is_file()
+
+
+def resume_point(run_dir: str | Path) -> str | None:
+    """The newest complete checkpoint of a run and its iteration, as a rerun would resume from it; None if none."""
+    done = complete_checkpoints(run_dir)
+    return f"{done[-1]} (iteration {int(done[-1].name)})" if done else None
+
+
+def _on_main(fn) -> BaseException | None:
+    """Run `fn()` on rank 0 only; its error, if any (to be shared with the other ranks, not raised alone)."""
+    if _is_main():
+        try:
+            fn()
+        except Exception as exc:
+            return exc
+    return None
 
 
 def read_extra(ckpt: Path) -> dict:
@@ -147,24 +161,79 @@ class Checkpointer:
         self.keep_last = keep_last
 
     def save_parts(self, iteration: int, parts: Parts, extra: dict[str, Any]) -> Path:
+        """Write checkpoint `iteration`: every rank its shards into `.tmp-<iteration>`, then rank 0 `extra.json`
+        and the rename that makes it complete.
+
+        A failure for want of space or permission stops every rank with the same one-line StorageError (the
+        path, the free space, the checkpoint a rerun resumes from), and the partial directory is removed; no
+        rank is left waiting in a barrier. Before writing, rank 0 warns if the newest checkpoint would not fit.
+        """
         final = self.run.checkpoint(iteration)
         tmp = final.with_name(f".tmp-{final.name}")
-        if _is_main():
+        what = f"the checkpoint of iteration {iteration}"
+
+        def begin() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
+            self._warn_if_low_space()
             tmp.mkdir(parents=True)
-        _barrier()
-        for name, (model, optimizer) in parts.items():
-            model_sd, optim_state, _ = _requested(model, optimizer)
-            dcp.save({"model": model_sd, "optim": optim_state}, checkpoint_id=str(tmp / name))
-        _barrier()
-        if _is_main():
+
+        self._settle(_on_main(begin), final, tmp, what)
+        try:
+            for name, (model, optimizer) in parts.items():
+                model_sd, optim_state, _ = _requested(model, optimizer)
+                dcp.save({"model": model_sd, "optim": optim_state}, checkpoint_id=str(tmp / name))
+        except CheckpointException as exc:  # raised on every rank alike: DCP gathers each rank's own failure
+            self._settle(exc, final, tmp, what)
+            raise  # unreachable: _settle raises on failure
+
+        def complete() -> None:
             (tmp / EXTRA).write_text(json.dumps({**extra, "iteration": iteration}, indent=1, default=str))
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)  # atomic on one filesystem: the checkpoint appears complete or not at all
             self._prune()
-        _barrier()
+
+        self._settle(_on_main(complete), final, tmp, what)
         return final
+
+    def resume_point(self) -> str | None:
+        """What a rerun of the same command resumes from (the newest complete checkpoint), or None."""
+        return resume_point(self.run)
+
+    def _settle(self, exc: BaseException | None, final: Path, tmp: Path, what: str) -> None:
+        """Every rank learns rank 0's outcome of a step of the save (a broadcast: also the barrier between steps).
+
+        On failure rank 0 measures the free space, removes the partial checkpoint and says whether it was for
+        want of space or permission; then every rank raises: that StorageError, its own error, or PeerFailed.
+        """
+        verdict = None  # rank 0's: None when the step went well, else (a storage error?, its message)
+        if _is_main() and exc is not None:
+            error = storage_error(exc, final, what, self.resume_point)
+            remove(tmp)
+            verdict = (error is not None, str(error) if error is not None else describe_failure(exc))
+        verdict = from_main(verdict)
+        if verdict is None:
+            if exc is not None:
+                raise exc
+            return
+        is_storage, text = verdict
+        if is_storage:
+            raise StorageError(text) from exc
+        if exc is not None:
+            raise exc
+        raise PeerFailed(f"rank 0 could not write {what}: {text}")
+
+    def _warn_if_low_space(self) -> None:
+        """A warning, before a save, when the filesystem has less free space than the newest checkpoint takes."""
+        done = complete_checkpoints(self.run)
+        space = free_space(self.root)
+        if not done or space is None:
+            return
+        need = tree_size(done[-1])
+        if space[0] < need:
+            log.warning("only %s free on %s, less than the newest checkpoint's %s (%s): saving the next one in %s "
+                        "will likely fail; free space there or point --output-dir elsewhere",
+                        human(space[0]), space[1], human(need), done[-1], self.root)
 
     def _prune(self) -> None:
         for old in complete_checkpoints(self.run)[: -self.keep_last]:

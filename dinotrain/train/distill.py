@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import zlib
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from omegaconf import OmegaConf
 
 from dinotrain.config import ConfigError, student_configs
 from dinotrain.data.seeds import mix_seed
-from dinotrain.distributed.checkpoint import Parts
+from dinotrain.distributed.checkpoint import Parts, resume_point
 from dinotrain.distributed.env import DistEnv, all_ranks, from_main, gathered
 from dinotrain.train.head_warmup import open_pretrained, reusable, warm_up_heads
 from dinotrain.train.learner import build_learner
@@ -200,6 +201,7 @@ class Distillation:
 
     def finish(self) -> None:
         """Each student's EMA backbone as an official hub state dict: `RunDir.student(name)`."""
-        for name, learner in zip(self.names, self.learners):
-            learner.write_ema_backbone(RunDir(self.run_dir).student(name), f"student {name} (EMA backbone)",
-                                       self.env.is_main)
+        resume = partial(resume_point, self.run_dir)
+        for name, learner in zip(self.names, self.learners):  # a failed write on rank 0 stops every rank
+            all_ranks(partial(learner.write_ema_backbone, RunDir(self.run_dir).student(name),
+                              f"student {name} (EMA backbone)", self.env.is_main, resume), self.env)

@@ -26,6 +26,7 @@ from dinotrain.distributed.checkpoint import full_state_dict
 from dinotrain.distributed.env import DistEnv, all_ranks, from_main
 from dinotrain.distributed.fsdp import compute_dtype
 from dinotrain.models.vision_transformer import ViTSpec
+from dinotrain.storage import no_checkpoint
 from dinotrain.data.loader import train_batches
 from dinotrain.train.learner import Learner, build_learner
 from dinotrain.train.loop import Phase, run_loop
@@ -145,8 +146,8 @@ def warm_up_heads(cfg: DictConfig, backbone: dict, spec: ViTSpec, run: RunDir, e
                                  "settings": warmup_settings(cfg), "seconds": round(time.perf_counter() - t0, 1)}
         # written by rank 0; a failure there (disk full) stops every rank instead of leaving them in a barrier
         all_ranks(lambda: write_full(out, FullExport(backbone={k: v.detach().cpu() for k, v in backbone.items()},
-                                                     spec=spec, heads=heads, config=config)) if env.is_main else None,
-                  env)
+                                                     spec=spec, heads=heads, config=config), no_checkpoint)
+                  if env.is_main else None, env)
 
     # heads that would be saved and reused are never NaN: the first non-finite step stops the warm-up
     phase = Phase(start=0, end=iterations, accum=accum, global_batch=global_batch, seed=cfg.train.seed + 1,

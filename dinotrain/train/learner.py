@@ -17,6 +17,7 @@ from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from dinotrain.distributed.checkpoint import full_state_dict
 from dinotrain.distributed.fsdp import clip_grad_norm, set_gradient_sync
+from dinotrain.storage import Resume, replacing
 from dinotrain.train.optim import apply_schedules, build_optimizer
 from dinotrain.train.schedules import Schedules
 from dinotrain.train.ssl import SSLMetaArch
@@ -71,15 +72,13 @@ class Learner:
             logged[self.prefix + "grad_scale"] = float(self.scaler.get_scale())
         return logged
 
-    def write_ema_backbone(self, path: Path, what: str, is_main: bool) -> Path:
+    def write_ema_backbone(self, path: Path, what: str, is_main: bool, resume: Resume | None = None) -> Path:
         """The EMA backbone, gathered from every rank, written atomically by rank 0 (official hub layout:
-        the artifact later steps use)."""
+        the artifact later steps use). A full disk is one StorageError naming `resume` (see `storage.py`)."""
         state = full_state_dict(self.model.teacher["backbone"])
         if is_main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(state, tmp)
-            tmp.replace(path)
+            with replacing(path, f"the {what}", resume) as tmp:
+                torch.save(state, tmp)
             log.info("%s written to %s", what, path)
         return path
 

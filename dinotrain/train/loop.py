@@ -26,6 +26,7 @@ from dinotrain.data.loader import Batches, DataWorkersDied, to_device
 from dinotrain.data.seeds import seed_step
 from dinotrain.distributed.checkpoint import Checkpointer, Parts
 from dinotrain.distributed.env import DistEnv, all_reduce_mean
+from dinotrain.storage import no_checkpoint, writing
 from dinotrain.train.learner import Learner
 from dinotrain.train.stop import StopSignals, resume_hint
 from dinotrain.train.ssl import OFFICIAL_LOGGED_LOSSES
@@ -161,7 +162,8 @@ def _run(objective: Objective, batches: Batches, phase: Phase, env: DistEnv, sto
             imgs_per_s = (done - it_log) * phase.global_batch / max(now - t_log, 1e-9)
             last = {"iteration": done, **reduced, "images_per_s": imgs_per_s}
             if env.is_main:
-                with phase.metrics.open("a") as f:
+                resume = phase.checkpointer.resume_point if phase.checkpointer else no_checkpoint
+                with writing(phase.metrics, f"the metrics of iteration {done}", resume), phase.metrics.open("a") as f:
                     f.write(json.dumps(last) + "\n")
                 eta = (now - t_start) / max(done - phase.start, 1) * (phase.end - done)
                 log.info("%sit %d/%d  %s  %.1f img/s  eta %s%s", phase.label, done, phase.end, objective.log_line(last),

@@ -9,13 +9,14 @@ backbone in the official hub layout (`RunDir.teacher_backbone`).
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from dinotrain.distributed.checkpoint import Parts
-from dinotrain.distributed.env import DistEnv
+from dinotrain.distributed.checkpoint import Parts, resume_point
+from dinotrain.distributed.env import DistEnv, all_ranks
 from dinotrain.train.learner import build_learner
 from dinotrain.train.rundir import RunDir
 from dinotrain.train.schedules import build_schedules, scaled_lr
@@ -62,5 +63,6 @@ class Pretraining:
         return ssl_log_line(last)
 
     def finish(self) -> None:
-        self.learners[0].write_ema_backbone(RunDir(self.run_dir).teacher_backbone, "teacher backbone",
-                                            self.env.is_main)
+        # a failed write on rank 0 (disk full) stops every rank instead of leaving them in the next collective
+        all_ranks(partial(self.learners[0].write_ema_backbone, RunDir(self.run_dir).teacher_backbone,
+                          "teacher backbone", self.env.is_main, partial(resume_point, self.run_dir)), self.env)

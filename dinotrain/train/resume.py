@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dinotrain.config import ConfigError
+from dinotrain.storage import writing
 from dinotrain.train.rundir import RunDir
 
 log = logging.getLogger("dinotrain.train")
@@ -93,5 +94,6 @@ def record_history(run_dir: Path, checkpoint: Path, iteration: int, world_size: 
     """Append one line per resume to the run's resume history: when, from where, what changed."""
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": str(checkpoint), "iteration": iteration,
              "world_size": world_size, "changes": {k: list(v) for k, v in changes.items()}}
-    with RunDir(run_dir).resume_history.open("a") as f:
+    path = RunDir(run_dir).resume_history
+    with writing(path, "the resume history", lambda: f"{checkpoint} (iteration {iteration})"), path.open("a") as f:
         f.write(json.dumps(entry, default=str) + "\n")

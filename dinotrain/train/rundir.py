@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from dinotrain.storage import circumstances, no_checkpoint, replacing
+
 log = logging.getLogger("dinotrain.train")
 
 _STUDENTS = "students"
@@ -153,6 +155,35 @@ def prepare_run_dir(run_dir: str | os.PathLike) -> None:
                           "fix its permissions or choose another --output-dir") from exc
 
 
+class LogFile(logging.FileHandler):
+    """`log.txt`, which a full disk or lost permission does not turn into a traceback per record (logging's
+    default): the first failed write is said once, in one line on stderr (path, cause, free space), and the
+    file is no longer written. The console keeps logging and the run goes on; if the disk stays full, the next
+    metrics or checkpoint write stops it with its own one-line error."""
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        self.failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            return super().handleError(record)
+        self.failed = True
+        why = circumstances(exc, self.baseFilename)
+        print(f"dinotrain: the log file {self.baseFilename} is no longer written ({why}); the console keeps the log",
+              file=sys.stderr, flush=True)
+        stream, self.stream = self.stream, None
+        try:
+            stream.close()  # what it still buffers cannot be written either
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
 def setup_logging(run_dir: str | os.PathLike, is_main: bool) -> None:
     """Console + `log.txt` on the main rank; other ranks stay quiet."""
     root = logging.getLogger("dinotrain")
@@ -163,7 +194,7 @@ def setup_logging(run_dir: str | os.PathLike, is_main: bool) -> None:
         root.addHandler(logging.NullHandler())
         return
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(RunDir(run_dir).log)):
+    for handler in (logging.StreamHandler(sys.stdout), LogFile(RunDir(run_dir).log)):
         handler.setFormatter(fmt)
         root.addHandler(handler)
     root.propagate = False
@@ -199,9 +230,9 @@ def rewind_metrics(path: Path, iteration: int) -> None:
         log.info("%s: %d record(s) after iteration %d dropped (the run continues from there)",
                  path, len(records) - len(kept), iteration)
     if bad or len(kept) < len(records):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(path)
+        resume = (lambda: f"iteration {iteration}") if iteration else no_checkpoint
+        with replacing(path, "the metrics history", resume) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def move_aside(run_dir: str | os.PathLike) -> None:

@@ -45,12 +45,10 @@ def signal_name(signum: int) -> str:
 
 def resume_hint(run_dir) -> str:
     """What the same command resumes from: the newest complete checkpoint of `run_dir`."""
-    from dinotrain.distributed.checkpoint import complete_checkpoints
+    from dinotrain.distributed.checkpoint import resume_point
 
-    found = complete_checkpoints(run_dir)
-    if not found:
-        return "no checkpoint yet: the same command starts the run over"
-    return f"the same command resumes from {found[-1]} (iteration {int(found[-1].name)})"
+    point = resume_point(run_dir)
+    return f"the same command resumes from {point}" if point else "no checkpoint yet: the same command starts over"
 
 
 class Stopped(Exception):

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from dinotrain.models.vision_transformer import DinoVisionTransformer, ViTSpec, vit_from_spec
+from dinotrain.storage import replacing
 from dinotrain.weights.hf import save_hf, spec_to_metadata
 from dinotrain.weights.resolve import open_weights, read_weights
 from dinotrain.weights.state_dict import Weights, WeightsError, fit_pos_embed
@@ -37,14 +38,14 @@ def write_weights(state_dict: dict[str, Tensor], spec: ViTSpec, dst: str | Path,
         raise ValueError(f"safetensors output {dst} must end in .safetensors (that is how it is recognised on load)")
     if to == "hub" and (dst.suffix == ".safetensors" or dst.is_dir()):
         raise ValueError(f"hub output {dst} must be a file path such as 'backbone.pth'")
-    dst.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    if to == "hub":
-        torch.save(tensors, dst)
-    else:
-        from safetensors.torch import save_file
+    with replacing(dst, f"the {to} weights") as tmp:  # complete or absent; a full disk is one StorageError
+        if to == "hub":
+            torch.save(tensors, tmp)
+        else:
+            from safetensors.torch import save_file
 
-        save_file(tensors, str(dst), metadata=spec_to_metadata(spec))
+            save_file(tensors, str(tmp), metadata=spec_to_metadata(spec))
     return dst
 
 

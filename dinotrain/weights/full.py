@@ -13,12 +13,12 @@ ours records it) and `config` = the run's recipe config as JSON. The resolver (`
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import Tensor
 
+from dinotrain.storage import Resume, replacing
 from dinotrain.weights.hf import reconcile_spec, spec_from_metadata, spec_to_metadata
 from dinotrain.models.heads import head_settings
 from dinotrain.weights.state_dict import WeightsError, infer_spec
@@ -58,8 +58,9 @@ def _check(export: FullExport, where: str) -> None:
                                f"{export.spec.embed_dim}")
 
 
-def write_full(dst: str | Path, export: FullExport) -> Path:
-    """Write `export` as one `.safetensors` file at `dst`, atomically (temporary name, then rename)."""
+def write_full(dst: str | Path, export: FullExport, resume: Resume | None = None) -> Path:
+    """Write `export` as one `.safetensors` file at `dst`, atomically (temporary name, then rename); a full disk
+    is one StorageError (`resume`: in a training run, what a rerun resumes from; see `storage.py`)."""
     from safetensors.torch import save_file
 
     dst = Path(dst)
@@ -72,13 +73,8 @@ def write_full(dst: str | Path, export: FullExport) -> Path:
     tensors = {f"{group}.{k}": v.detach().to("cpu").contiguous() for group, state in groups.items()
                for k, v in state.items()}
     metadata = {**spec_to_metadata(export.spec), "format": FULL_FORMAT, "config": json.dumps(export.config)}
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
+    with replacing(dst, "the full export", resume) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, dst)  # atomic on one filesystem: the file appears complete or not at all
-    finally:
-        tmp.unlink(missing_ok=True)
     return dst
 
 

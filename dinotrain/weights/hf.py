@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from dinotrain.storage import replacing
 from dinotrain.weights.state_dict import WeightsError, check_compatible, infer_spec, read_state_dict
 from dinotrain.models.vision_transformer import ViTSpec
 
@@ -319,10 +320,12 @@ def save_hf(state_dict: dict[str, Tensor], spec: ViTSpec, dst: str | Path) -> Pa
         raise ValueError(f"weights mix dtypes {sorted(map(str, dtypes))}; cast them to one dtype before exporting")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in to_hf_state_dict(state_dict, spec).items()}
     config = hf_config(spec, dtypes.pop())
-    dst.mkdir(parents=True, exist_ok=True)
-    (dst / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(tensors, str(dst / WEIGHTS_NAME), metadata=spec_to_metadata(spec))
+    # each file under a temporary name until complete; `config.json` (what marks a model directory) last
+    with replacing(dst / WEIGHTS_NAME, "the Hugging Face weights") as tmp:
+        save_file(tensors, str(tmp), metadata=spec_to_metadata(spec))
     write_preprocessor_config(dst)
+    with replacing(dst / CONFIG_NAME, "the Hugging Face config") as tmp:
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return dst
 
 
@@ -331,13 +334,14 @@ def write_preprocessor_config(dst: Path, resize_size: int = 256, crop_size: int 
     crop, ImageNet mean/std; what the facebook/dinov2-* repositories ship), so `AutoImageProcessor` loads."""
     from dinotrain.data.augmentations import IMAGENET_MEAN, IMAGENET_STD  # the transform our own evaluation uses
 
-    (Path(dst) / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "BitImageProcessor", "do_convert_rgb": True,
-        "do_resize": True, "size": {"shortest_edge": resize_size}, "resample": 3,  # bicubic
-        "do_center_crop": True, "crop_size": {"height": crop_size, "width": crop_size},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD),
-    }, indent=2) + "\n")
+    with replacing(Path(dst) / "preprocessor_config.json", "the Hugging Face preprocessor config") as tmp:
+        tmp.write_text(json.dumps({
+            "image_processor_type": "BitImageProcessor", "do_convert_rgb": True,
+            "do_resize": True, "size": {"shortest_edge": resize_size}, "resample": 3,  # bicubic
+            "do_center_crop": True, "crop_size": {"height": crop_size, "width": crop_size},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD),
+        }, indent=2) + "\n")
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict]:
