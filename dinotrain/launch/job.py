@@ -12,8 +12,9 @@ requeues the job. The requeued job resumes from that checkpoint like `dinotrain 
 Before the loop runs (start-up, head warm-up) there is nothing new to save: the signal goes straight to
 submitit, which requeues at once. Once the loop has run to its end, the signal is ignored: the final
 checkpoint and export take seconds, and a requeue would only start the finished run again.
-SIGTERM and SIGINT (SLURM's preemption without `send_user_signal`, `scancel`) checkpoint the same way
-(`train/stop.py`) but do not requeue: the job ends with 143 / 130 and SLURM's preemption mode decides.
+SIGINT checkpoints the same way (`train/stop.py`) but does not requeue: the job ends with 130. SIGTERM keeps
+submitit's handling (ignored: SLURM sends it before USR2 at preemption); a cluster whose preemption sends only
+SIGTERM needs `PreemptParameters=send_user_signal` for a checkpoint at preemption.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 import submitit
 from omegaconf import OmegaConf
 
-from dinotrain.train.stop import STOP_SIGNALS, StopSignals, exit_code, resume_hint, signal_name
+from dinotrain.train.stop import StopSignals, exit_code, resume_hint, signal_name
 
 log = logging.getLogger("dinotrain.launch")
 
@@ -43,15 +44,17 @@ def _preemption_signal() -> int:
 
 
 class StopRequest(StopSignals):
-    """In a SLURM job: the preemption / time-limit signal (USR2) besides SIGTERM and SIGINT (`train/stop.py`).
+    """In a SLURM job: the preemption / time-limit signal (USR2) besides SIGINT (`train/stop.py`).
 
-    USR2 inside the loop raises the flag like the others but keeps its handler (SLURM may signal again; a requeue,
-    not an exit, follows); before the loop it goes to submitit at once; after the loop it is ignored.
+    USR2 inside the loop raises the flag like SIGINT but keeps its handler (SLURM may signal again; a requeue,
+    not an exit, follows); before the loop it goes to submitit at once; after the loop it is ignored. SIGTERM is
+    left to submitit, which ignores it: SLURM's preemption sends SIGTERM before the job's USR2 (what
+    `submitit.SlurmJob._interrupt` reproduces), and acting on the SIGTERM would end the job instead of requeueing it.
     """
 
     def __init__(self, grace_s: float | None = None, resume_hint=lambda: "") -> None:
         self.signum = _preemption_signal()
-        super().__init__((self.signum, *STOP_SIGNALS), grace_s, resume_hint)
+        super().__init__((self.signum, signal.SIGINT), grace_s, resume_hint)
         self._finished = False
         self._submitit_handler = signal.getsignal(self.signum)  # installed by submitit before our code runs
         signal.signal(self.signum, self._outside_the_loop)
@@ -186,7 +189,7 @@ class SlurmRun(submitit.helpers.Checkpointable):
             if trainer.stopped_at is None:
                 return {"run_dir": str(Path(self.run_dir).resolve()), "iteration": trainer.max_iter, "metrics": last}
             is_main = trainer.env.is_main
-            if not stop.requeues:  # SIGTERM / SIGINT: SLURM itself requeues (preemption) or ends (scancel) the job
+            if not stop.requeues:  # SIGINT: the job ends (130); SLURM decides what follows
                 if is_main:
                     log.warning("stopping at iteration %d: %s; checkpoint saved, not requeueing (SLURM decides what "
                                 "follows; a requeued or resubmitted job resumes from it)", trainer.stopped_at,
