@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dinotrain.distributed.peers import PeerFailed, start_heartbeat, stop_heartbeat
+
 log = logging.getLogger("dinotrain.distributed")
 
 
@@ -66,6 +68,7 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistEn
         else:
             store = attempt_store(rank, world_size, timeout)
             dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+            start_heartbeat(store, rank, world_size)
     else:
         rank, world_size = dist.get_rank(), dist.get_world_size()
         backend = dist.get_backend()
@@ -125,6 +128,7 @@ def destroy_distributed() -> None:
     ("terminate called without an active exception", SIGABRT: 19 of 40 such exits on a loaded machine
     in a stress test, now and then in CI). Freeing the groups here joins their threads before the exit.
     """
+    stop_heartbeat()
     if dist.is_initialized():
         dist.destroy_process_group()
         _release_mesh_process_groups()
@@ -159,10 +163,6 @@ def all_reduce_mean(values: dict[str, float], device: torch.device, sum_keys: tu
                                dtype=torch.float64, device=device)
         t /= divisor
     return dict(zip(keys, t.tolist()))
-
-
-class PeerFailed(RuntimeError):
-    """Another rank failed a step all ranks take together; its own error says why."""
 
 
 def main_first(fn, env: DistEnv):
