@@ -70,34 +70,39 @@ class Heartbeat:
         while not self._stop.wait(self.interval_s):
             try:
                 self.store.add(f"{KEY}/beat/{self.rank}", 1)
+                if len(self._places) < len(self.others):
+                    self.read_places()
             except Exception:  # the store is gone (torchrun's agent or rank 0 ended): nobody left to tell
                 return
-
-    def stop(self) -> None:
-        """At the end of a run: the thread stops, and the peers learn this rank is done, not lost."""
-        self._stop.set()
-        self._thread.join(timeout=5 * self.interval_s)
         with contextlib.suppress(Exception):
             self.store.set(f"{KEY}/done/{self.rank}", "1")
+
+    def stop(self) -> None:
+        """At the end of a run: the thread stops, and the peers learn this rank is done, not lost. Store calls
+        happen on that thread only: a store that stopped answering holds it, never the caller."""
+        self._stop.set()
+        self._thread.join(timeout=5 * self.interval_s)
 
     def note_error(self, exc: BaseException) -> None:
         """Tell the peers this rank stops on an error of its own (so they do not report it as lost)."""
         text = (str(exc).strip().splitlines() or [""])[0][:300]
         self.store.set(f"{KEY}/error/{self.rank}", f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
 
-    def places(self) -> dict[int, tuple[str, int]]:
-        """{rank: (machine, pid)} of the peers that have posted theirs."""
+    def read_places(self) -> dict[int, tuple[str, int]]:
+        """{rank: (machine, pid)} of the peers that have posted theirs, read once each (the thread reads them
+        soon after the start, so that `ended_here` needs no store call)."""
         for r in self.others:
             key = f"{KEY}/place/{r}"
             if r not in self._places and self.store.check([key]):
                 machine, pid = self.store.get(key).decode().rsplit(" ", 1)
                 self._places[r] = (machine, int(pid))
-        return self._places
+        return dict(self._places)
 
     def ended_here(self) -> list[int]:
-        """The peers on this machine whose process has ended."""
+        """The peers on this machine whose process has ended (from the places read so far; no store call, so a
+        signal handler may ask)."""
         here = _machine()
-        return [r for r, (machine, pid) in self.places().items() if machine == here and _ended(pid)]
+        return [r for r, (machine, pid) in list(self._places.items()) if machine == here and _ended(pid)]
 
     def _said(self, what: str) -> dict[int, str]:
         keys = {r: f"{KEY}/{what}/{r}" for r in self.others}
@@ -112,6 +117,7 @@ class Heartbeat:
         A peer is lost when its process (on this machine) has ended, or when its count stands still for
         `window_s`; waits only as long as some peer is neither of these nor seen alive nor accounted for (each
         look reads every peer's keys: a failure costs O(world size) store reads per rank, only then)."""
+        self.read_places()
         before, deadline = self._counts(), time.monotonic() + window_s
         while True:
             accounted = set(self._said("error")) | set(self._said("done"))
@@ -120,7 +126,7 @@ class Heartbeat:
             if not silent or time.monotonic() >= deadline:
                 break
             time.sleep(self.interval_s)
-        errors, places, here = self._said("error"), self.places(), _machine()
+        errors, places, here = self._said("error"), self.read_places(), _machine()
         lost = {r: f"its process {places[r][1]} ended without an error of its own: killed, e.g. by SIGKILL or the "
                    "out-of-memory killer" for r in ended}
         for r in silent:
@@ -173,11 +179,7 @@ def reported(progress=lambda: "", resume=lambda: ""):
         beat = _heartbeat
         if beat is None:
             raise
-        try:
-            beat.note_error(exc)
-            lost, errors = beat.gone()
-        except Exception:  # the store itself is gone with whoever served it (torchrun's agent, or rank 0)
-            lost, errors = None, {}
+        lost, errors = _ask(beat, exc)
         if lost == {} and not (errors and isinstance(exc, (dist.DistError, CheckpointException))):
             raise  # no peer is gone, or this rank's error is its own
         _lost = True  # from now on a SIGTERM is ignored: this rank is ending, with its line
@@ -185,6 +187,23 @@ def reported(progress=lambda: "", resume=lambda: ""):
     finally:
         if previous is not None and not _lost and signal.getsignal(signal.SIGTERM) is _on_sigterm:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _ask(beat: Heartbeat, exc: BaseException, window_s: float = 3.0, answer_s: float = 10.0):
+    """`beat.note_error(exc)`, then `beat.gone(window_s)`, on a thread of their own: a store that no longer answers
+    (its host gone without closing the connection) holds that thread, not this rank. (None, {}) if it did not
+    answer within `window_s + answer_s` s or failed: the store went with whoever served it."""
+    answer: dict = {}
+
+    def ask() -> None:
+        with contextlib.suppress(Exception):
+            beat.note_error(exc)
+            answer["gone"] = beat.gone(window_s)
+
+    thread = threading.Thread(target=ask, name="dinotrain-peers", daemon=True)
+    thread.start()
+    thread.join(window_s + answer_s)
+    return answer.get("gone", (None, {}))
 
 
 _lost = False

@@ -88,6 +88,7 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_ends_bitwise_equal(referenc
     assert checkpoint and after >= 3, resume
     assert f"resumed from {checkpoint[1]} " in log  # the restarted group formed and resumed by itself
     assert "Traceback" not in log.split("dinotrain train: error:")[0], log[-5000:]
+    assert "got SIGTERM" not in log  # torchrun's SIGTERM to a survivor is not taken for a stop request
     ref, got = teacher(reference), teacher(run)
     assert all((ref[k] == got[k]).all() for k in ref), "the restarted run's teacher differs from the undisturbed one"
 
@@ -105,4 +106,5 @@ def test_with_no_restart_left_the_survivor_names_the_lost_rank_in_one_line(tmp_p
     assert lines[0][1] == f"run the same command to resume from checkpoint {run / 'checkpoints' / '00000002'}"
     assert not re.search(r'File ".*dinotrain/', log), log[-5000:]  # torchrun's own report only, none of ours
     assert "exitcode  : 2 " in log  # the survivor ended on its error, not on torchrun's SIGTERM (-15)
+    assert "got SIGTERM" not in log  # torchrun's SIGTERM to a survivor is not taken for a stop request
     assert took < 20, f"{took:.0f} s from the kill to the end of torchrun"

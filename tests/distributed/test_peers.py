@@ -1,16 +1,19 @@
 """Which peers are gone (`distributed/peers.py`), in one process: the store is real, the peers are heartbeats of this
 process or keys written as a process that has died would have left them."""
 
+import datetime
 import os
 import signal
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import pytest
 import torch.distributed as dist
 
 from dinotrain.distributed import peers
+from trainruns import free_port
 
 
 @pytest.fixture
@@ -97,8 +100,39 @@ def test_a_sigterm_while_a_peer_here_has_ended_does_not_end_this_rank(store):
     """torchrun's agent SIGTERMs the survivors as soon as one rank died: they must live to say which."""
     peers._heartbeat = peers.Heartbeat(store, 0, 2)
     _as_if_started(store, 1, f"{peers._machine()} {_ended_pid()}")
+    peers._heartbeat.read_places()  # what its thread does within a beat of the start: the handler reads no store
     with pytest.raises(peers.PeerLost):
         with peers.reported():
             os.kill(os.getpid(), signal.SIGTERM)  # with the default action this test process would end here
             time.sleep(0.1)
             raise dist.DistBackendError("Connection closed by peer")
+
+
+def test_a_store_that_no_longer_answers_holds_no_rank():
+    """The store's host gone without closing the connection (here: its process stopped): the question goes
+    unanswered, the rank still stops, with a line that says the store is gone."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", "import time, torch.distributed as d; s = d.TCPStore("
+                               f"'127.0.0.1', {port}, is_master=True, wait_for_workers=False); time.sleep(120)"])
+    try:
+        client = None
+        for _ in range(100):
+            try:
+                client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=30))
+                break
+            except Exception:
+                time.sleep(0.1)
+        peers._heartbeat = peers.Heartbeat(client, 0, 2)
+        os.kill(server.pid, signal.SIGSTOP)
+        t = time.monotonic()
+        assert peers._ask(peers._heartbeat, RuntimeError("Connection reset"), window_s=0.5, answer_s=1.0) == (None, {})
+        assert time.monotonic() - t < 2.5
+        ask = peers._ask
+        with mock.patch.object(peers, "_ask", lambda beat, exc: ask(beat, exc, 0.5, 1.0)):
+            with pytest.raises(peers.PeerLost, match="^the job's store no longer answers after iteration 3: "
+                                                      "torchrun's agent or rank 0, which serves it, is gone"):
+                with peers.reported(lambda: "after iteration 3"):
+                    raise RuntimeError("Connection reset by peer")
+    finally:
+        server.kill()  # a stopped process ends on SIGKILL too; the blocked store calls then fail and their threads end
+        server.wait()
