@@ -9,10 +9,14 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import time
+import uuid
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from dinotrain.distributed.peers import PeerFailed, start_heartbeat, stop_heartbeat
 
 log = logging.getLogger("dinotrain.distributed")
 
@@ -62,11 +66,56 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistEn
             # a lone process needs no rendezvous: an in-memory store is enough
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
-            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+            store = attempt_store(rank, world_size, timeout)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+            start_heartbeat(store, rank, world_size)
     else:
         rank, world_size = dist.get_rank(), dist.get_world_size()
         backend = dist.get_backend()
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
+
+
+ATTEMPT_KEY = "dinotrain/attempt"
+
+
+def attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The job's store (`MASTER_ADDR:MASTER_PORT`), seen through a namespace that only this start of the
+    processes shares.
+
+    torchrun's agent serves that store and keeps it across its restarts (`--max-restarts`, static and c10d
+    rendezvous alike), and torch keys the process group's entries by group name only: a restarted group read
+    the addresses the killed processes had published, and gloo failed with `connectFullMesh ... Connection
+    refused`. `TORCHELASTIC_RESTART_COUNT` cannot name the start either: each node's agent counts its own
+    restarts, and nodes restarted for a peer's failure do not count. So rank 0 draws a new name for each start
+    and every other rank proves it read this start's name, not one left by an earlier start: it posts a nonce
+    under the name and waits for rank 0 to echo it back.
+    """
+    base, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    base.set_timeout(timeout)
+    if rank == 0:
+        name = uuid.uuid4().hex
+        base.set(ATTEMPT_KEY, name)
+        for r in range(1, world_size):
+            hello = f"{ATTEMPT_KEY}/{name}/{r}"
+            base.wait([hello])
+            base.set(hello + "/echo", base.get(hello))
+    else:
+        nonce, deadline = uuid.uuid4().hex.encode(), time.monotonic() + timeout.total_seconds()
+        while True:
+            name = base.get(ATTEMPT_KEY).decode()  # waits for the first start's rank 0; may be an earlier start's
+            hello = f"{ATTEMPT_KEY}/{name}/{rank}"
+            base.set(hello, nonce)
+            try:
+                base.wait([hello + "/echo"], datetime.timedelta(seconds=1))
+                if base.get(hello + "/echo") == nonce:
+                    break
+            except dist.DistStoreError:
+                pass  # no echo yet: rank 0 of this start has not come, or the name was an earlier start's
+            if time.monotonic() > deadline:
+                where = f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}, MASTER_PORT={os.environ.get('MASTER_PORT')}"
+                raise dist.DistStoreError(f"rank 0 did not answer within {timeout} ({where})")
+            time.sleep(0.05)
+    return dist.PrefixStore(f"{ATTEMPT_KEY}/{name}/", base)
 
 
 def destroy_distributed() -> None:
@@ -79,6 +128,7 @@ def destroy_distributed() -> None:
     ("terminate called without an active exception", SIGABRT: 19 of 40 such exits on a loaded machine
     in a stress test, now and then in CI). Freeing the groups here joins their threads before the exit.
     """
+    stop_heartbeat()
     if dist.is_initialized():
         dist.destroy_process_group()
         _release_mesh_process_groups()
@@ -113,10 +163,6 @@ def all_reduce_mean(values: dict[str, float], device: torch.device, sum_keys: tu
                                dtype=torch.float64, device=device)
         t /= divisor
     return dict(zip(keys, t.tolist()))
-
-
-class PeerFailed(RuntimeError):
-    """Another rank failed a step all ranks take together; its own error says why."""
 
 
 def main_first(fn, env: DistEnv):

@@ -69,6 +69,14 @@ class Phase:
     sample_position: int = 0
     skipped_before: int = 0
 
+    def __post_init__(self) -> None:
+        self._first_position = self.sample_position
+
+    @property
+    def done(self) -> int:
+        """Iterations completed so far (the loop moves `sample_position` on by a global batch per iteration)."""
+        return self.start + (self.sample_position - self._first_position) // self.global_batch
+
 
 def total_iterations(cfg: DictConfig) -> int:
     full = cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH

@@ -8,13 +8,16 @@ model is built.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from dinotrain.config import load_config, save_config
-from dinotrain.distributed.checkpoint import Checkpointer, CheckpointError, complete_checkpoints, read_extra
+from dinotrain.distributed import peers
+from dinotrain.distributed.checkpoint import (Checkpointer, CheckpointError, complete_checkpoints, read_extra,
+                                              resume_point)
 from dinotrain.distributed.env import DistEnv, all_ranks, destroy_distributed, init_distributed, main_first
 from dinotrain.distributed.fsdp import compute_dtype, use_tf32
 from dinotrain.data.loader import build_train_dataset, first_sample, train_batches
@@ -112,10 +115,13 @@ def run_command(command: str, config: str | None, overrides: list[str], output_d
     if output_dir:
         overrides.append(f"train.output_dir={output_dir}")
     cfg = load_config(config, overrides)
+    run = None
     try:
-        run = TrainingRun(cfg, cfg.train.output_dir, command=command, resume=resume,
-                          allow_config_change=allow_config_change)
-        run.run()
+        with peers.reported(lambda: f"after iteration {run.phase.done}" if run else "",
+                            lambda: _resumes_from(cfg.train.output_dir)):
+            run = TrainingRun(cfg, cfg.train.output_dir, command=command, resume=resume,
+                              allow_config_change=allow_config_change)
+            run.run()
     finally:
         destroy_distributed()
     if run.stopped_at is not None:
@@ -123,6 +129,16 @@ def run_command(command: str, config: str | None, overrides: list[str], output_d
         raise Stopped(f"stopped by {signal_name(signum)} at iteration {run.stopped_at}: checkpoint "
                       f"{RunDir(run.run_dir).checkpoint(run.stopped_at)} saved; run the same command to resume from it",
                       signum, run.env.is_main)
+
+
+def _resumes_from(run_dir) -> str:
+    """Where the run goes on after a rank was lost: torchrun's next restart, if it has one left, or the user's."""
+    point = resume_point(run_dir)
+    where = f"checkpoint {point}" if point else "the start (no checkpoint yet)"
+    left = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) - int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if left > 0:
+        return f"torchrun restarts the processes ({left} restart(s) left), which resume from {where}"
+    return f"run the same command to resume from {where}"
 
 
 def _newest_readable(candidates: list[Path]) -> tuple[Path, dict] | None:

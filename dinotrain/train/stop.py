@@ -26,6 +26,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from dinotrain.distributed.peers import peer_ended_here
+
 log = logging.getLogger("dinotrain.train")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -82,6 +84,8 @@ class StopSignals:
     def _on_signal(self, signum, frame) -> None:
         if self.received:
             return  # the default action is installed again below; a signal raced the re-install
+        if signum == signal.SIGTERM and peer_ended_here():
+            return  # torchrun stopping the survivors of a lost rank: no checkpoint is possible (distributed/peers.py)
         self.received, self.received_at = int(signum), time.time()
         signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
         grace = f" (within checkpoint.stop_grace_s={self.grace_s:g} s)" if self.grace_s is not None else ""
