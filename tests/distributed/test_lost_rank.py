@@ -84,7 +84,7 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_ends_bitwise_equal(referenc
     assert len(lines) == 1, log[-5000:]  # the survivor's one line, no traceback of ours
     after, resume = int(lines[0][0]), lines[0][1]
     checkpoint = re.fullmatch(r"torchrun restarts the processes \(1 restart\(s\) left\), which resume from "
-                              r"checkpoint (\S+)", resume)
+                              r"checkpoint (\S+) \(iteration (\d+)\)", resume)
     assert checkpoint and after >= 3, resume
     assert f"resumed from {checkpoint[1]} " in log  # the restarted group formed and resumed by itself
     assert "Traceback" not in log.split("dinotrain train: error:")[0], log[-5000:]
@@ -103,7 +103,7 @@ def test_with_no_restart_left_the_survivor_names_the_lost_rank_in_one_line(tmp_p
     assert rc != 0, log[-5000:]
     lines = LOST.findall(log)
     assert len(lines) == 1, log[-5000:]
-    assert lines[0][1] == f"run the same command to resume from checkpoint {run / 'checkpoints' / '00000002'}"
+    assert lines[0][1] == f"run the same command to resume from checkpoint {run / 'checkpoints' / '00000002'} (iteration 2)"
     assert not re.search(r'File ".*dinotrain/', log), log[-5000:]  # torchrun's own report only, none of ours
     assert "exitcode  : 2 " in log  # the survivor ended on its error, not on torchrun's SIGTERM (-15)
     assert "got SIGTERM" not in log  # torchrun's SIGTERM to a survivor is not taken for a stop request
