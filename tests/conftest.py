@@ -12,7 +12,7 @@ def _seed_everything():
 
 @pytest.fixture(scope="session")
 def undisturbed(tmp_path_factory):
-    """The few-second run (FAST + LONG: 32 iterations, a checkpoint every 5) never disturbed, 1 process: what runs
+    """The few-second run (FAST + LONG: 20 iterations, a checkpoint every 5) never disturbed, 1 process: what runs
     that are stopped, killed or lose a data worker on the way must end equal to."""
     from trainruns import LONG, train
 

@@ -21,8 +21,8 @@ FAST = [
 ]
 
 
-# 32 iterations with a checkpoint every 5: long enough to be disturbed mid-way (a signal, a killed worker or rank).
-LONG = ["optim.epochs=8", "checkpoint.period_iterations=5"]
+# 20 iterations with a checkpoint every 5: long enough to be disturbed mid-way (a signal, a killed worker or rank).
+LONG = ["optim.epochs=5", "checkpoint.period_iterations=5"]
 
 
 def free_port() -> int:

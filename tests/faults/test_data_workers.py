@@ -72,7 +72,7 @@ def _workers(pid: int) -> list[int]:
 def test_a_worker_killed_mid_run_costs_a_restart_and_the_run_ends_bitwise_equal(undisturbed, tmp_path):
     run = tmp_path / "run"
     proc = start(run, [*LONG, "train.num_workers=2"])
-    wait_for_iteration(run, 8, proc)
+    wait_for_iteration(run, 6, proc)
     deadline = time.time() + 30
     while len(_workers(proc.pid)) < 2:
         assert time.time() < deadline, "no DataLoader workers found"

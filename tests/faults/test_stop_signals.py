@@ -69,7 +69,7 @@ def test_the_grace_runs_out_with_one_line_and_the_signals_exit_code(tmp_path):
                                                     "of SIGTERM: exiting now; the same command resumes from X")
 
 
-def _stop_at_random_iteration(run, proc, first: int = 4, last: int = 24) -> int:
+def _stop_at_random_iteration(run, proc, first: int = 3, last: int = 15) -> int:
     """SIGTERM once the run reached an iteration drawn at random; returns the iteration it was sent at."""
     target = random.randint(first, last)
     print(f"SIGTERM at iteration {target}")
