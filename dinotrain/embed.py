@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dinotrain.data.augmentations import make_eval_transform
 from dinotrain.data.datasets import is_image_file, load_rgb
+from dinotrain.storage import replacing
 
 log = logging.getLogger("dinotrain.embed")
 PARTIAL = ".partial"
@@ -109,9 +110,8 @@ def _digest(paths: Sequence[Path]) -> str:
 
 
 def _save_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    with replacing(path, path.name) as tmp:  # complete or absent; a full disk is one StorageError
+        write(tmp)
 
 
 def _check_or_start(out: Path, settings: EmbedSettings, paths: Sequence[Path], force: bool) -> Path:

@@ -86,15 +86,15 @@ class StopRequest(StopSignals):
     def armed(self):
         """For the training loop: while inside, a signal waits for the end of the iteration; after it (the
         loop ended, stopped early or not) a signal no longer requeues: `hand_over` does when it must."""
-        try:
-            with super().armed():
+        with super().armed():
+            try:
                 yield
-        finally:
-            self._finished = True
+            finally:
+                self._finished = True  # before the handlers are given back: no moment in which a USR2 requeues
 
     @property
     def requeues(self) -> bool:
-        """The ranks stopped on SLURM's signal (requeue), not on SIGTERM/SIGINT (exit, SLURM decides what follows)."""
+        """The ranks stopped on SLURM's signal (requeue), not on SIGINT (exit, SLURM decides what follows)."""
         return self.agreed_signum == self.signum
 
     def ignore_from_now(self) -> None:

@@ -1,7 +1,7 @@
 """Stop signals (SIGTERM, SIGINT, a SLURM job's USR2) turned into a checkpoint that every rank saves together.
 
-What a cluster does to a run first is a signal: Kubernetes, systemd, `docker stop`, spot reclaim and SLURM
-without `send_user_signal` send SIGTERM, a terminal sends SIGINT, SLURM's `--signal` sends USR2. While the
+What a cluster does to a run first is a signal: Kubernetes, systemd, `docker stop` and spot reclaim send
+SIGTERM, a terminal sends SIGINT, SLURM's `--signal` sends USR2 (`launch/job.py`). While the
 training loop runs (`armed`), a signal only raises a flag; at the end of the iteration the ranks agree (one
 all-reduce of the largest signal number any rank got), save a checkpoint together and stop. A signal handler
 cannot save a sharded checkpoint itself: the other ranks are elsewhere in the step.
@@ -130,8 +130,8 @@ class StopSignals:
             if self._timer is not None:
                 self._timer.cancel()
             for signum, handler in self._previous.items():
-                if signum != self.received:  # the one received keeps its default action: a second one still ends it
-                    signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+                if signal.getsignal(signum) != signal.SIG_DFL:  # one received keeps its default action: a second
+                    signal.signal(signum, handler if handler is not None else signal.SIG_DFL)  # one still ends it
             self._previous.clear()
 
     def agreed(self, device: torch.device) -> int:
