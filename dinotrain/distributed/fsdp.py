@@ -14,6 +14,8 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from dinotrain.distributed.compile import compile_blocks as compile_each_block
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Our modules return slices (CLS token, patch tokens) and no caller modifies them in place, which is
@@ -22,7 +24,9 @@ warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a v
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` is bf16 on GPU and fp32 on CPU (where bf16 matmuls are slower than fp32)."""
+    """`auto` is bf16 on GPU and fp32 on CPU: there bf16 is faster only with native bf16 instructions (AMX,
+    AVX512-BF16: the ViT-S/14 step 1.5x fp32 on a 2-core EPYC with avx512_bf16) and slower without them, so a CPU
+    run opts in by measurement (docs/training.md, "bf16 on a CPU")."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
@@ -54,13 +58,13 @@ def shard_module(module: nn.Module, dtype: torch.dtype, reshard_after_forward: b
     """fully_shard each transformer block (if any) and then the module itself.
 
     `plain_if_unneeded`: leave the module as it is where `fsdp_needed(dtype)` is False (one process, fp32);
-    checkpointing and compilation of the blocks are set up either way. Checkpoints do not depend on it: they
-    are written and read through torch.distributed.checkpoint's state-dict API, so a run can resume on any
-    number of processes (tests/distributed)."""
+    checkpointing and compilation of the blocks (`distributed/compile.py`, before FSDP2 wraps them) are set up
+    either way. Checkpoints do not depend on it: they are written and read through torch.distributed.checkpoint's
+    state-dict API, so a run can resume on any number of processes (tests/distributed)."""
     for block in getattr(module, "blocks", []):
         block.checkpointing = activation_checkpointing
-        if compile_blocks:
-            block.compile()
+    if compile_blocks:
+        compile_each_block(module)
     if plain_if_unneeded and not fsdp_needed(dtype):
         return module
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)

@@ -199,7 +199,10 @@ class DinoVisionTransformer(nn.Module):
         patches = patches.to(tokens.device, torch.long)  # (no range check: it would cost a host sync)
         cls_rows = torch.arange(batch, device=tokens.device) * n_tokens
         patch_rows = torch.div(patches, n_patches, rounding_mode="floor") * n_tokens + first_patch + patches % n_patches
-        return torch.cat((cls_rows, patch_rows))
+        rows = torch.cat((cls_rows, patch_rows))
+        # their count changes every step: compiled blocks (fsdp.compile) take it as a dynamic size from the start
+        torch._dynamo.maybe_mark_dynamic(rows, 0)
+        return rows
 
     def _selected_output(self, rows: Tensor, batch: int, masks: Tensor | None) -> dict:
         x_norm = self.norm(rows)

@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from dinotrain.data.loader import Batches, DataWorkersDied, to_device
 from dinotrain.data.seeds import seed_step
 from dinotrain.distributed.checkpoint import Checkpointer, Parts
+from dinotrain.distributed.compile import compile_error, is_compile_failure
 from dinotrain.distributed.env import DistEnv, all_reduce_mean
 from dinotrain.storage import no_checkpoint, writing
 from dinotrain.train.learner import Learner
@@ -135,6 +136,10 @@ def run_loop(objective: Objective, batches: Batches, phase: Phase, env: DistEnv,
     except DataWorkersDied as exc:
         hint = resume_hint(phase.checkpointer.run.root) if phase.checkpointer else ""
         raise DataWorkersDied(f"{exc}; {hint}" if hint else str(exc)) from exc
+    except Exception as exc:  # fsdp.compile: the blocks compile in the first steps (and on new shapes)
+        if not is_compile_failure(exc):
+            raise
+        raise compile_error(exc) from exc
     finally:
         batches.close()
 

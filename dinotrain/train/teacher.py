@@ -140,9 +140,10 @@ class FrozenTeacher(nn.Module):
                                       "ibot_patch_loss": iBOTPatchLoss(ibot_head.out_dim)})
         self.n_forward = 0
 
-    def shard(self, dtype: torch.dtype, reshard_after_forward: bool = True) -> None:
+    def shard(self, dtype: torch.dtype, reshard_after_forward: bool = True, compile_blocks: bool = False) -> None:
         for module in self.nets.values():
-            shard_module(module, dtype, reshard_after_forward=reshard_after_forward, plain_if_unneeded=True)
+            shard_module(module, dtype, reshard_after_forward=reshard_after_forward, compile_blocks=compile_blocks,
+                         plain_if_unneeded=True)
 
     @torch.no_grad()
     def targets(self, batch: dict, teacher_temp: float) -> tuple[Tensor, Tensor | None]:

@@ -1,5 +1,6 @@
 """FSDP2 training with real processes: 1 vs 2 processes, exact resume after SIGKILL, resume onto
-another world size, crashes during checkpoint writes, corrupted checkpoints, mixed precision."""
+another world size, crashes during checkpoint writes, corrupted checkpoints, mixed precision (bf16: runs, resumes
+bitwise, and stays within a measured tolerance of the fp32 run)."""
 
 import os
 import signal
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from dinotrain.distributed.checkpoint import complete_checkpoints
-from trainruns import REPO, env, max_abs_diff, metrics, start, teacher, train, wait_for
+from trainruns import REPO, env, kill_tree, max_abs_diff, metrics, start, teacher, train, wait_for
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -130,7 +131,7 @@ def test_resume_with_another_architecture_names_the_mismatch(reference, tmp_path
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("dtype", ["fp16"])  # bf16: test_bf16_two_processes_run (6 iterations, the same checks)
 def test_mixed_precision_trains_on_two_processes(tmp_path, dtype):
     run = tmp_path / "run"
     train(run, ["train.max_iterations=3", "train.batch_size_per_gpu=4", f"compute_precision.dtype={dtype}"], nproc=2)
@@ -138,3 +139,67 @@ def test_mixed_precision_trains_on_two_processes(tmp_path, dtype):
     assert len(records) == 3 and all(torch.isfinite(torch.tensor(r["total_loss"])) for r in records)
     if dtype == "fp16":
         assert "grad_scale" in records[-1]
+
+
+# ---- bf16: FSDP2 mixed precision (bf16 parameters and compute, fp32 weights, optimizer and gradient reduction) ----
+BF16 = ["compute_precision.dtype=bf16", "train.batch_size_per_gpu=4", *SAME_STEPS]
+LOSSES = ("total_loss", "dino_global_crops_loss", "dino_local_crops_loss", "ibot_loss", "koleo_loss")
+# Measured on a 2-core AMD EPYC (avx512_bf16, no AMX), torch 2.14.1, against `reference` (fp32, 1 process; 2 fp32
+# processes are 6e-8 from it): per logged iteration the DINO, iBOT and total losses within 8.1e-4 relative, KoLeo
+# within 6.6e-3; the teacher backbone 7.5e-5 away in relative L2 over all its weights at once (a max of |difference|
+# would be ruled by the attention's key biases, whose gradient is pure rounding noise that AdamW turns into full
+# steps). The bounds are ~4-7x those. Deliberate breaks: the weights left in bf16 for the optimizer put the teacher
+# 3.3e-3 away (fails the teacher bound, and test_bf16_two_processes_run's fp32 check of the saved weights);
+# reduce_dtype=bf16 stays within the bounds
+# (2 ranks add 2 bf16 gradients: an error the size of the bf16 gradients' own) and a missing cast of the inputs
+# crashes the run; test_fsdp_units' bf16 test fails for all three.
+BF16_LOSS_RTOL = {"koleo_loss": 3e-2}
+BF16_LOSS_RTOL_OTHERS = 3e-3
+BF16_TEACHER_RTOL = 5e-4
+
+
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory):
+    """An uninterrupted 2-process bf16 run of K iterations (checkpoints at K/2 and K)."""
+    run = tmp_path_factory.mktemp("bf16") / "run"
+    train(run, [f"train.max_iterations={K}", *BF16], nproc=2)
+    return run
+
+
+def test_bf16_two_processes_run(bf16_run):
+    assert "compute dtype torch.bfloat16" in (bf16_run / "log.txt").read_text()
+    records = metrics(bf16_run)
+    assert [r["iteration"] for r in records] == list(range(1, K + 1))
+    assert all(torch.isfinite(torch.tensor([r[k] for k in LOSSES])).all() for r in records)
+    assert all(v.dtype == torch.float32 for v in teacher(bf16_run).values()), "weights are saved in fp32"
+
+
+def test_bf16_exact_resume_after_sigkill(bf16_run, tmp_path):
+    run = tmp_path / "run"
+    proc = start(run, ["train.max_iterations=1000", *BF16], nproc=2)  # would run long: we kill it mid-way
+    try:
+        wait_for(run / "checkpoints" / f"{K // 2:08d}" / "extra.json", proc)
+    finally:
+        kill_tree(proc.pid)  # torchrun and both ranks, SIGKILL
+        proc.wait(30)
+    assert [int(c.name) for c in complete_checkpoints(run)] == [K // 2]
+    resumed = train(run, [f"train.max_iterations={K}", *BF16], nproc=2)
+    assert f"iteration {K // 2}" in resumed.stdout + resumed.stderr
+    assert _without_speed(metrics(run)) == _without_speed(metrics(bf16_run))  # bitwise-equal losses
+    ref_t, run_t = teacher(bf16_run), teacher(run)
+    assert all(torch.equal(ref_t[k], run_t[k]) for k in ref_t), "teacher weights differ after resume"
+
+
+def test_bf16_stays_within_the_measured_tolerance_of_fp32(reference, bf16_run):
+    fp32, bf16 = metrics(reference), metrics(bf16_run)
+    assert [r["iteration"] for r in fp32] == [r["iteration"] for r in bf16]
+    for a, b in zip(fp32, bf16):
+        for key in LOSSES:
+            rtol = BF16_LOSS_RTOL.get(key, BF16_LOSS_RTOL_OTHERS)
+            assert b[key] == pytest.approx(a[key], rel=rtol), (a["iteration"], key)
+    ref_t, run_t = teacher(reference), teacher(bf16_run)
+    assert ref_t.keys() == run_t.keys()
+    diff = torch.sqrt(sum((run_t[k].float() - ref_t[k].float()).pow(2).sum() for k in ref_t))
+    relative = float(diff / torch.sqrt(sum(ref_t[k].float().pow(2).sum() for k in ref_t)))
+    assert relative < BF16_TEACHER_RTOL, f"teacher {relative:.2e} (relative L2) from the fp32 run"
+    assert relative > 1e-5, "as close as fp32 runs are to each other (~6e-8): was the run computed in bf16?"

@@ -69,6 +69,29 @@ def test_gradient_sync_only_on_the_last_micro_batch_gives_the_accumulated_gradie
         torch.testing.assert_close(local(q.grad), p.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_bf16_computes_in_bf16_and_keeps_fp32_weights_and_gradient_sums(process_group):
+    """compute_precision.dtype=bf16 as FSDP2 mixed precision must be: inputs cast to bf16 and computed in bf16,
+    parameters (the optimizer's master copy) kept in fp32, gradients summed in fp32. The second micro-batch's
+    gradient is 2**-9 of the first's: an fp32 sum keeps it, a bf16 one (reduce_dtype=bf16) rounds it away. One
+    process: the accumulation under `set_gradient_sync(False)` is the reduction whose dtype shows here."""
+    from torch import nn
+
+    from dinotrain.distributed.fsdp import set_gradient_sync
+
+    layer = nn.Linear(4, 1, bias=False)
+    nets = nn.ModuleDict({"layer": shard_module(layer, torch.bfloat16)})
+    assert all(local(p).dtype == torch.float32 for p in layer.parameters()), "parameters must stay fp32"
+    for i, scale in enumerate((1.0, 2.0 ** -9)):
+        set_gradient_sync(nets, i == 1)
+        out = layer(torch.full((1, 4), scale))  # fp32 input: FSDP2 casts it to bf16
+        assert out.dtype == torch.bfloat16
+        out.sum().backward()
+    set_gradient_sync(nets, True)
+    grad = local(layer.weight.grad)
+    assert grad.dtype == torch.float32
+    assert torch.equal(grad, torch.full((1, 4), 1.0 + 2.0 ** -9)), grad
+
+
 def test_tf32_only_for_fp32_on_a_gpu():
     from dinotrain.distributed.fsdp import use_tf32
 
