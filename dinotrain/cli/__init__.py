@@ -1,4 +1,4 @@
-"""The `dinotrain` command: train, distill, submit, eval, export, convert, embed, serve, visualize, plot, tiny-dataset.
+"""The `dinotrain` command: train, distill, plan, submit, eval, export, convert, embed, serve, visualize, plot, tiny-dataset.
 
 Errors a user can fix (bad config, missing file, wrong weights) print one clear line and exit 2;
 `--debug` shows the traceback. Each command group is a module here (`add_parser` + `run`, parsing only);
@@ -12,10 +12,10 @@ import faulthandler
 import logging
 import sys
 
-from dinotrain.cli import embed, eval as eval_, serve, submit, tiny_dataset, train, visualize, weights
+from dinotrain.cli import embed, eval as eval_, plan, serve, submit, tiny_dataset, train, visualize, weights
 
 # In the order `dinotrain --help` lists them.
-COMMAND_GROUPS = (train, submit, eval_, weights, embed, visualize, serve, tiny_dataset)
+COMMAND_GROUPS = (train, plan, submit, eval_, weights, embed, visualize, serve, tiny_dataset)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -27,9 +27,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from dinotrain.launch.slurm import SubmitError
     from dinotrain.data.loader import DataWorkersDied
     from dinotrain.storage import StorageError
+    from dinotrain.distributed.compile import CompileError
 
     return (ConfigError, WeightsError, CheckpointError, TrainingDiverged, PeerFailed, SubmitError, DataWorkersDied,
-            StorageError, FileNotFoundError, FileExistsError, ValueError)
+            StorageError, CompileError, FileNotFoundError, FileExistsError, ValueError)
 
 
 def build_parser() -> argparse.ArgumentParser:

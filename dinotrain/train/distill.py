@@ -88,6 +88,19 @@ class Distillation:
                  tw.spec.embed_dim, tw.spec.depth, tw.spec.patch_size,
                  "; heads from the head warm-up" if tw.heads is None else "", ", ".join(self.student_cfgs))
 
+    @classmethod
+    def with_teacher(cls, cfg, env: DistEnv, teacher: Weights) -> "Distillation":
+        """A distillation from a teacher given as weights, with no run directory to resume or write (`dinotrain
+        plan` gives fake weights of the teacher's shapes): the same students, teacher forward and losses."""
+        self = cls.__new__(cls)
+        self.cfg, self.run_dir, self.env, self.allow_config_change = cfg, None, env, False
+        self.student_cfgs = student_configs(cfg)
+        self._check_students(None)
+        self.teacher_weights, self.backbone_fingerprint = teacher, None
+        for name, scfg in self.student_cfgs.items():
+            check_student_fits(teacher, name, scfg)
+        return self
+
     def _check_students(self, newest_extra: dict | None) -> None:
         """Students that can share one run, and a resume that keeps them as they were."""
         for name, scfg in self.student_cfgs.items():
@@ -129,13 +142,15 @@ class Distillation:
         cfg = self.cfg
         self.dataset = dataset
         self.teacher_weights = self._teacher_with_heads()
-        self.teacher_fingerprint = fingerprint(all_tensors(self.teacher_weights))
+        # (a teacher given without a run, as `with_teacher`, has nothing to check a resume against)
+        self.teacher_fingerprint = fingerprint(all_tensors(self.teacher_weights)) if self.backbone_fingerprint else None
         do_ibot = any(scfg.ibot.loss_weight > 0 for scfg in self.student_cfgs.values())
         self.teacher = FrozenTeacher(self.teacher_weights, cfg, do_ibot=do_ibot)
         # the tensors now live in the (sharded) teacher: keep only where they came from
         self.teacher_weights = dataclasses.replace(self.teacher_weights, backbone={}, heads={})
         self.teacher.to(self.env.device)
-        self.teacher.shard(dtype, reshard_after_forward=cfg.fsdp.reshard_after_forward)
+        self.teacher.shard(dtype, reshard_after_forward=cfg.fsdp.reshard_after_forward,
+                           compile_blocks=cfg.fsdp.compile)
         self.schedules = build_schedules(cfg, scaled_lr(cfg, global_batch))  # the teacher's temperature
         self.learners = []
         for name, scfg in self.student_cfgs.items():

@@ -4,12 +4,15 @@
     python tools/bench/bench.py                                   # CPU defaults: step-S, data, inference-S
     python tools/bench/bench.py --cases step-S --batch 4 --steps 3 --json bench.json
     python tools/bench/bench.py --cases step-L step-g inference-L distill --device cuda --dtype bf16 --batch 32
+    python tools/bench/bench.py --cases step-S --precisions fp32 bf16 --batch 8 --threads 2   # 4 steps side by side
 
 Cases (ours vs the peer, timed interleaved in one process so machine noise hits both alike):
   step-S|B|L|g   full SSL training step: student on 2 global + 8 local crops, EMA teacher, DINO + iBOT heads
                  with the official prototype counts, DINO + iBOT + KoLeo, backward, clipping, AdamW, EMA.
                  Peer: the same step built from lightly's losses and heads on a timm ViT (tools/bench/peer_lightly.py).
                  g runs with FSDP2 + activation checkpointing (peer: timm gradient checkpointing).
+                 --precisions fp32 bf16: ours and the peer in each dtype, all four interleaved (ours in bf16: FSDP2
+                 mixed precision; the peer: autocast over fp32 weights).
   last-block     ours only: the step-S with the last block on the rows the losses read (now) vs every token (before).
   head-ce        the step-S head's last layer + DINO/iBOT cross-entropies alone: one call against target segments
                  (now) vs split logits (before).
@@ -18,6 +21,8 @@ Cases (ours vs the peer, timed interleaved in one process so machine noise hits 
   head-ops       ours only: the step-S with the head's fused weight norm and the cross-entropies' in-place
                  log-sum-exp (now) vs the same formulas as separate ops (before).
   alone-plain    ours only: the step-S on one process in fp32 with plain modules (now) vs FSDP2 on one rank (before).
+  compile-S|B|L|g  ours only: the step eager vs `fsdp.compile=true` (inductor on each block); the first call (the
+                 cold compilation) in its own column.
   ce-grad        ours only: the step-S with the head cross-entropy's gradient written into the logits' memory
                  (now) vs a new tensor (before).
   distill        distillation step (frozen ViT teacher -> student), no peer (the official code ships none).
@@ -31,8 +36,8 @@ Cases (ours vs the peer, timed interleaved in one process so machine noise hits 
                  (now) vs the log-softmax expression (before), with bytes allocated.
 
 FLOPs are counted once per implementation with torch's FlopCounterMode under the math attention backend;
-MFU is achieved FLOP/s over this machine's matmul rate measured in the same run (fp32 on CPU, the run's dtype
-on CUDA); peak memory is reported on CUDA.
+MFU is achieved FLOP/s over this machine's matmul rate in the row's dtype, measured at the end of the same run;
+peak memory is reported on CUDA.
 """
 
 from __future__ import annotations
@@ -76,16 +81,21 @@ def machine(device: torch.device) -> str:
 
 
 def interleaved(runners: dict[str, Callable[[], object]], steps: int, warmup: int, device) -> dict[str, dict]:
-    """Median seconds per call and peak CUDA memory of each runner, alternating their order every round."""
+    """Median seconds per call, seconds of the first call (a compiled one compiles there) and peak CUDA memory of
+    each runner, alternating their order every round."""
     names = list(runners)
-    peak = {}
+    peak, first = {}, {}
     for name in names:  # warm-up (and each one's peak memory, measured alone)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(warmup):
+        for i in range(max(warmup, 1)):
+            sync(device)
+            t = time.perf_counter()
             runners[name]()
-        sync(device)
+            sync(device)
+            if i == 0:
+                first[name] = time.perf_counter() - t
         peak[name] = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     times = {name: [] for name in names}
     for i in range(steps):
@@ -95,7 +105,8 @@ def interleaved(runners: dict[str, Callable[[], object]], steps: int, warmup: in
             runners[name]()
             sync(device)
             times[name].append(time.perf_counter() - t)
-    return {name: {"seconds": statistics.median(times[name]), "peak_gib": peak[name]} for name in names}
+    return {name: {"seconds": statistics.median(times[name]), "first_s": first[name], "peak_gib": peak[name]}
+            for name in names}
 
 
 # ---- full SSL step -------------------------------------------------------------------------------------
@@ -135,20 +146,36 @@ def _our_step(size: str, args, device, plain_if_unneeded: bool = True):
 
 
 def case_step(size: str, args, device) -> list[dict]:
+    """Ours and the peer in `--dtype`, or in each of `--precisions` (all timed interleaved in one run).
+
+    Ours in bf16 is what training runs: FSDP2 mixed precision (bf16 parameters gathered for compute, the fp32
+    parameters the optimizer's, gradients reduced in fp32). The peer's equivalent is torch.autocast in bf16 over
+    fp32 weights (`build_peer(dtype=...)`): bf16 matmuls, fp32 master weights and AdamW state, as timm's own
+    `--amp-dtype bfloat16` trains; timm weights cast to bf16 would leave the optimizer bf16 weights to update."""
+    from functools import partial
+
     from peer_lightly import build_peer, peer_inputs, peer_step
     from train_step import step
 
-    dtype = DTYPES[args.dtype]
-    model, optimizer, cfg, batch = _our_step(size, args, device)
-    runners = {"dinotrain": lambda: step(model, optimizer, cfg, batch)}  # the work of train.loop.train_step
+    precisions = args.precisions or [args.dtype]
+    named = (lambda impl, p: f"{impl} {p}") if args.precisions else (lambda impl, p: impl)
+    runners, dtypes, batch = {}, {}, None
+    for p in precisions:  # the work of train.loop.train_step, on the same synthetic batch in every precision
+        model, optimizer, cfg, batch = _our_step(size, argparse.Namespace(**{**vars(args), "dtype": p}), device)
+        runners[named("dinotrain", p)], dtypes[named("dinotrain", p)] = partial(step, model, optimizer, cfg, batch), p
     if not args.no_peer:
         h = HEADS[size]
-        peer = build_peer(ARCHS[size], 14, 224, n_prototypes=h["n_prototypes"], bottleneck=h["bottleneck"],
-                          device=device, shared_head=not h["separate_ibot_head"], dtype=dtype,
-                          grad_checkpointing=size == "g")
         crops = peer_inputs(batch, device)
-        runners["lightly+timm"] = lambda: peer_step(peer, *crops)
-    return measure(f"step-{size}", runners, args, device, images=args.batch)
+        for p in precisions:
+            torch.manual_seed(0)
+            peer = build_peer(ARCHS[size], 14, 224, n_prototypes=h["n_prototypes"], bottleneck=h["bottleneck"],
+                              device=device, shared_head=not h["separate_ibot_head"], dtype=DTYPES[p],
+                              grad_checkpointing=size == "g")
+            runners[named("lightly+timm", p)], dtypes[named("lightly+timm", p)] = partial(peer_step, peer, *crops), p
+    rows = measure(f"step-{size}", runners, args, device, images=args.batch)
+    for row in rows:
+        row["dtype"] = dtypes[row["impl"]]
+    return rows
 
 
 def case_previous(patch: str, case: str, now: str, before: str):
@@ -181,13 +208,34 @@ def case_alone_plain(args, device) -> list[dict]:
                    args, device, images=args.batch)
 
 
+def case_compile(size: str, args, device) -> list[dict]:
+    """Our step eager vs with `fsdp.compile=true` (inductor on each block), same weights and batch, interleaved. The
+    first call is reported apart: for the compiled step it holds the compilation, cold (inductor's on-disk cache is
+    off here, as on a machine's first run). FLOPs are counted on the eager step (the same work for both)."""
+    import torch._inductor.config as inductor
+    from train_step import step
+
+    eager = _our_step(size, argparse.Namespace(**{**vars(args), "compile": False}), device)
+    compiled = _our_step(size, argparse.Namespace(**{**vars(args), "compile": True}), device)
+    flops = count_flops(lambda: step(*eager)) if args.flops else None
+    no_flops = argparse.Namespace(**{**vars(args), "flops": False})
+    with inductor.patch(force_disable_caches=True):
+        rows = measure(f"step-{size}, fsdp.compile", {"eager": lambda: step(*eager),
+                                                      "compiled (inductor)": lambda: step(*compiled)},
+                       no_flops, device, images=args.batch)
+    for row in rows:
+        row["gflop"] = flops / 1e9 if flops else None
+    return rows
+
+
 def measure(case: str, runners: dict, args, device, images: int) -> list[dict]:
     flops = {name: (count_flops(fn) if args.flops else None) for name, fn in runners.items()}
     timed = interleaved(runners, args.steps, args.warmup, device)
     rows = []
     for name, t in timed.items():
         row = {"case": case, "impl": name, "images_per_s": images / t["seconds"], "ms": 1000 * t["seconds"],
-               "gflop": flops[name] / 1e9 if flops[name] else None, "peak_gib": t["peak_gib"]}
+               "first_call_s": t["first_s"], "gflop": flops[name] / 1e9 if flops[name] else None,
+               "peak_gib": t["peak_gib"]}
         rows.append(row)
     base = rows[0]["images_per_s"]
     for row in rows:
@@ -381,6 +429,7 @@ CASES = {
     "head-ops": case_previous("separate_op_weight_norm_and_logsumexp", "step-S, head ops",
                               "fused weight norm, in-place lse (now)", "separate ops (before)"),
     "alone-plain": case_alone_plain,
+    **{f"compile-{s}": (lambda s: lambda a, d: case_compile(s, a, d))(s) for s in ARCHS},
     "ce-grad": case_previous("cross_entropy_gradient_in_a_new_tensor", "step-S, cross-entropy gradient",
                              "into the logits (now)", "new tensor (before)"),
     "distill": case_distill,
@@ -393,16 +442,28 @@ CASES = {
 }
 
 
-def table(rows: list[dict], mfu_rate: float | None) -> str:
-    lines = ["| case | implementation | images/s | ms/step | ratio to first | GFLOP/step | MFU | peak GiB | new (B,K) tensors GiB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+def table(rows: list[dict], mfu_rates: dict[str, float]) -> str:
+    """Markdown table; MFU of each row against the matmul rate of its dtype (`mfu_rates`, GFLOP/s by dtype name)."""
+    lines = ["| case | implementation | images/s | ms/step | ratio to first | 1st call s | GFLOP/step | MFU | peak GiB | "
+             "new (B,K) tensors GiB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         gflop, ms, peak, alloc = r.get("gflop"), r.get("ms"), r.get("peak_gib"), r.get("allocated_gib")
+        mfu_rate = mfu_rates.get(r.get("dtype"))
         mfu = f"{100 * gflop / (ms / 1000) / mfu_rate:.1f} %" if gflop and ms and mfu_rate else ""
+        first = r.get("first_call_s")
         lines.append(f"| {r['case']} | {r['impl']} | {r['images_per_s']:.2f} | {ms or 0:.0f} | {r['ratio_to_first']:.2f}x | "
+                     f"{'' if first is None else f'{first:.1f}'} | "
                      f"{gflop or 0:.1f} | {mfu} | {'' if peak is None else f'{peak:.1f}'} | "
                      f"{'' if alloc is None else f'{alloc:.2f}'} |")
     return "\n".join(lines)
+
+
+def _version(package: str) -> str | None:
+    """The peers' versions for the header; None where a run needed no peer and it is not installed."""
+    try:
+        return __import__(package).__version__
+    except ImportError:
+        return None
 
 
 def main(argv=None) -> None:
@@ -411,6 +472,9 @@ def main(argv=None) -> None:
     p.add_argument("--cases", nargs="+", default=["step-S", "data", "inference-S"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--precisions", nargs="+", choices=sorted(DTYPES),
+                   help="step cases: ours and the peer in each of these dtypes, all timed side by side in one run "
+                        "(e.g. fp32 bf16); default: --dtype only")
     p.add_argument("--batch", type=int, default=4, help="images per step (official: 32 per GPU for L, 12 for g)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per implementation (median reported)")
     p.add_argument("--warmup", type=int, default=1)
@@ -444,24 +508,21 @@ def main(argv=None) -> None:
     try:
         for case in args.cases:
             print(f"== {case}", flush=True)
-            rows += CASES[case](args, device)
+            rows += [{"dtype": args.dtype, **row} for row in CASES[case](args, device)]
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        # the practical peak MFU is measured against: fp32 on CPU, the run's dtype at a GPU-sized n on CUDA
-        rate = (matmul_rate(8192, device=device, dtype=DTYPES[args.dtype]) if device.type == "cuda"
-                else matmul_rate(device=device))
+        # the practical peak MFU is measured against, per dtype of the rows: at a GPU-sized n on CUDA
+        rates = {d: matmul_rate(8192 if device.type == "cuda" else 2048, device=device, dtype=DTYPES[d])
+                 for d in dict.fromkeys(row["dtype"] for row in rows)}
     finally:
         destroy_distributed()
-    import lightly
-    import timm
-
     header = {"date": time.strftime("%Y-%m-%d"), "machine": machine(device), "device": str(device),
-              "dtype": args.dtype, "batch": args.batch, "torch": torch.__version__, "timm": timm.__version__,
-              "lightly": lightly.__version__, "python": platform.python_version(),
-              "matmul_gflops": round(rate, 1)}
+              "dtype": "+".join(args.precisions or [args.dtype]), "batch": args.batch, "torch": torch.__version__,
+              "timm": _version("timm"), "lightly": _version("lightly"), "python": platform.python_version(),
+              **{f"matmul_gflops_{d}": round(r, 1) for d, r in rates.items()}}
     print("\n# " + ", ".join(f"{k} {v}" for k, v in header.items()))
-    print(table(rows, rate))
+    print(table(rows, rates))
     if args.json:
         Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=1))
 

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Issue 13's GPU figures in one call on a lent GPU machine (prepared on a CPU-only machine: not yet run on a GPU).
+# The GPU figures in one call on a lent GPU machine (prepared on a CPU-only machine: not yet run on a GPU): the
+# ViT-L/14 recipe step and ViT-g/14 at batch 12 on one GPU (images/s, MFU, peak memory), `dinotrain plan`'s
+# predictions for both beside them, embed and serve throughput; tools/bench/gpu_report.py then writes them into
+# BENCHMARKS.md (and $OUT/gpu_report.md, which comes back from the device tool).
 #
 #   here:   bash tools/bench/gpu_wheels.sh
 #   there:  bash tools/bench/gpu_checks.sh          (device tool: carry [".whl"], timeout_s 580)
@@ -27,3 +30,13 @@ run step-g 150 $BENCH --cases step-g --batch 12 --steps 3 --warmup 1 --no-peer -
 run single 60 $BENCH --cases ibot-loss sinkhorn --steps 5 --json "$OUT/single.json"
 # the data pipeline per CPU core of that machine (workers per GPU = step images/s / this)
 run data 80 python3 tools/bench/data_pipeline.py --batch 32 --batches 6
+# the planner's predictions for the two steps above (on this machine's CPU: fake tensors, one step each)
+MEM=$(python3 -c "import torch; print(round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))")
+PLAN="python3 -m dinotrain plan train --gpus 1 --gpu-memory-gb $MEM --no-search --no-cuda-trace"
+run plan-L 120 $PLAN --config train/vitl14 --json "$OUT/plan-L.json" train.dataset_path=x train.batch_size_per_gpu=32
+run plan-g 150 $PLAN --config train/vitg14 --json "$OUT/plan-g.json" train.dataset_path=x train.batch_size_per_gpu=12 \
+    fsdp.activation_checkpointing=true
+# embeddings and the endpoint on the GPU
+run embed 90 python3 tools/bench/embed.py --device cuda --images 512 --json "$OUT/embed.json"
+run serve 60 python3 tools/bench/serve.py --seconds 20 --json "$OUT/serve.json"
+python3 tools/bench/gpu_report.py "$OUT" | tee "$OUT/gpu_report.md" >> BENCHMARKS.md
