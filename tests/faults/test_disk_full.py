@@ -180,7 +180,10 @@ def test_a_directory_that_is_not_writable_says_so():
     ro = top / "ro"
     ro.mkdir()
     ro.chmod(0o555)
-    code = ("import sys; from pathlib import Path; from dinotrain.storage import StorageError, replacing\n"
+    # the unprivileged user may not read the checkout (a clone under a root-only directory): it gets its own copy of
+    # storage.py, which imports nothing but the standard library
+    shutil.copy(REPO / "dinotrain" / "storage.py", top / "storage.py")
+    code = ("import sys; from pathlib import Path; from storage import StorageError, replacing\n"
             "try:\n"
             f"    with replacing(Path({str(ro / 'out.pth')!r}), 'the hub weights') as tmp: tmp.write_bytes(b'x')\n"
             "except StorageError as exc: print(exc)\n")
@@ -190,7 +193,7 @@ def test_a_directory_that_is_not_writable_says_so():
             pytest.skip("root, and no setpriv to write as an unprivileged user")
         cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd="/", timeout=60,
-                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
+                          env=dict(os.environ, PYTHONPATH=str(top)))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith(f"not writable: could not write the hub weights to {ro / 'out.pth'} (permission "
                                   "denied; "), proc.stdout
