@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from dinotrain.launch.job import StopRequest
+from dinotrain.launch.stop_request import StopRequest
 
 
 @pytest.fixture
