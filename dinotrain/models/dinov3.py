@@ -202,9 +202,10 @@ class Dinov3VisionTransformer(nn.Module):
             cls = self.cls_token
         else:
             cls = self.cls_token + 0 * self.mask_token  # keeps the mask token in the graph, as official
-        prefix = [cls.expand(tokens.shape[0], -1, -1).to(tokens.dtype)]
+        prefix = [cls.expand(tokens.shape[0], -1, -1)]
         if self.n_storage_tokens:
-            prefix.append(self.storage_tokens.expand(tokens.shape[0], -1, -1).to(tokens.dtype))
+            prefix.append(self.storage_tokens.expand(tokens.shape[0], -1, -1))
+        # no cast: under autocast the bf16 patch tokens are promoted and the residual stream is fp32, as official
         return torch.cat(prefix + [tokens], dim=1), grid
 
     def _rope_tables(self, grids: Sequence[tuple[int, int]]) -> list[tuple[Tensor, Tensor]]:
