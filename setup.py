@@ -32,7 +32,8 @@ setup(
         "uvicorn",  # dinotrain serve (the ASGI server)
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=4.47"],
+        # transformers' DINOv3ViTModel (4.56+) and timm's dinov3 Eva: the DINOv3 parity references (tests/models)
+        "test": ["pytest>=8", "transformers>=4.56", "timm>=1.0.31"],
         "xformers": ["xformers"],
     },
     entry_points={"console_scripts": ["dinotrain=dinotrain.cli:main"]},

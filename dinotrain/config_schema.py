@@ -19,6 +19,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Union
 
+from dinotrain.train.gram_schedule import gram_start  # pure: imports nothing of dinotrain
+
 
 # --- what a value may be -------------------------------------------------------------------------------------
 
@@ -113,6 +115,37 @@ class Ibot:
     head_nlayers: int = key()
     head_hidden_dim: int = key()
     norm_last_layer: bool = key()
+
+
+@dataclass
+class GramLossWeightSchedule:
+    start: Optional[float] = key()
+    peak: Optional[float] = key()
+    end: Optional[float] = key()
+    warmup_epochs: int = key(NON_NEGATIVE)
+    cosine_epochs: Optional[int] = key(NON_NEGATIVE)
+
+
+@dataclass
+class Gram:
+    use_loss: bool = key()
+    compute_stats: bool = key()
+    loss_weight: float = key(NON_NEGATIVE)
+    ema_teacher: bool = key()
+    ckpt: Optional[str] = key()
+    it_load_ema_teacher: int = key(Range(ge=-1, note="-1: never"))
+    rep_update: bool = key()
+    update_frequency: int = key(POSITIVE)
+    it_first_update: int = key(NON_NEGATIVE)
+    max_updates: Optional[int] = key(NON_NEGATIVE)
+    normalized: bool = key()
+    img_level: bool = key()
+    remove_neg: bool = key()
+    remove_only_teacher_neg: bool = key()
+    tokens_used: Literal["all", "masked", "unmasked"] = key()
+    global_teacher_resize_method: Literal["bicubic", "bilinear"] = key()
+    global_teacher_resize_antialias: bool = key()
+    loss_weight_schedule: GramLossWeightSchedule
 
 
 @dataclass
@@ -256,6 +289,7 @@ class Distillation:
 class Config:
     dino: Dino
     ibot: Ibot
+    gram: Gram
     train: Train
     student: Student
     teacher: Teacher
@@ -285,8 +319,62 @@ def _crops_not_in_patches(cfg: dict) -> str | None:
     return None
 
 
+def run_iterations(cfg: Any) -> int:
+    """The run's number of iterations: train.max_iterations, if set, caps optim.epochs * OFFICIAL_EPOCH_LENGTH
+    (a mapping of sections: the plain values or the DictConfig)."""
+    full = cfg["optim"]["epochs"] * cfg["train"]["OFFICIAL_EPOCH_LENGTH"]
+    cap = cfg["train"]["max_iterations"]
+    return min(full, cap) if cap else full
+
+
+def _gram_options(cfg: dict) -> str | None:
+    """The official Gram assertions (ssl_meta_arch.py), checked only with the Gram loss on as there."""
+    gram = cfg["gram"]
+    if not gram["use_loss"]:
+        return None
+    if gram["remove_neg"] and gram["remove_only_teacher_neg"]:
+        return ("config key 'gram.remove_only_teacher_neg' is true with gram.remove_neg true: choose one "
+                "(remove_neg removes the student's negative similarities too)")
+    if gram["ema_teacher"] and gram["ckpt"]:
+        return (f"config key 'gram.ckpt' = {gram['ckpt']!r} is set with gram.ema_teacher true: the EMA teacher is then "
+                "the Gram teacher; set one of them")
+    if gram["ema_teacher"] and gram["rep_update"]:
+        return ("config key 'gram.rep_update' is true with gram.ema_teacher true: there is no separate Gram teacher "
+                "to refresh; set gram.rep_update=false")
+    if not gram["ema_teacher"] and not gram["ckpt"] and gram["it_load_ema_teacher"] < 0:
+        return ("config key 'gram.use_loss' is true but the Gram teacher never gets weights: set "
+                "gram.it_load_ema_teacher (the iteration the EMA teacher is copied into it), gram.ckpt or "
+                "gram.ema_teacher=true")
+    if gram["tokens_used"] != "all" and gram["img_level"]:
+        return (f"config key 'gram.tokens_used' = {gram['tokens_used']!r} needs gram.img_level false (the selected "
+                "patches are compared over the batch, as official)")
+    return None
+
+
+def _gram_starts_after_the_run(cfg: dict) -> str | None:
+    start, last = gram_start(cfg), run_iterations(cfg) - 1
+    if start is not None and start > last:
+        return (f"config key 'gram.it_load_ema_teacher' = {start} is after the run's last iteration {last}: the Gram "
+                "loss would never count; lower it or lengthen the run (optim.epochs, train.max_iterations)")
+    return None
+
+
+def _gram_weight_schedule(cfg: dict) -> str | None:
+    sched = cfg["gram"]["loss_weight_schedule"]
+    given = [name for name in ("start", "peak", "end") if sched[name] is not None]
+    if given and len(given) < 3:
+        return (f"config key 'gram.loss_weight_schedule' sets {', '.join(given)} but not all of start, peak and end: "
+                "set all three (or none, for the constant gram.loss_weight)")
+    length = sched["warmup_epochs"] + (sched["cosine_epochs"] or 0)
+    if given and length > cfg["optim"]["epochs"]:
+        return (f"config key 'gram.loss_weight_schedule' lasts {length} epochs (warmup_epochs + cosine_epochs), more "
+                f"than optim.epochs = {cfg['optim']['epochs']}")
+    return None
+
+
 # Rules over several keys, checked after every key passed on its own; each gives its error or None.
-RELATIONS: tuple[Callable[[dict], str | None], ...] = (_no_checkpoint_period, _crops_not_in_patches)
+RELATIONS: tuple[Callable[[dict], str | None], ...] = (
+    _no_checkpoint_period, _crops_not_in_patches, _gram_options, _gram_starts_after_the_run, _gram_weight_schedule)
 
 
 # --- reading the declaration ------------------------------------------------------------------------------------

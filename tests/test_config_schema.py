@@ -162,6 +162,34 @@ def test_rules_over_two_keys():
         load_config("smoke/cpu_tiny", ["crops.local_crops_size=12"])
 
 
+@pytest.mark.parametrize("overrides,needle", [
+    (["gram.it_load_ema_teacher=300"], r"'gram\.it_load_ema_teacher' = 300 is after the run's last iteration 299"),
+    (["gram.it_load_ema_teacher=100", "train.max_iterations=100"], r"= 100 is after the run's last iteration 99"),
+    (["gram.it_load_ema_teacher=-1"], r"'gram\.use_loss' is true but the Gram teacher never gets weights"),
+    (["gram.remove_neg=true", "gram.remove_only_teacher_neg=true"], r"'gram\.remove_only_teacher_neg' is true with gram\.remove_neg true"),
+    (["gram.ema_teacher=true", "gram.ckpt=teacher.pth"], r"'gram\.ckpt' = 'teacher\.pth' is set with gram\.ema_teacher"),
+    (["gram.ema_teacher=true"], r"'gram\.rep_update' is true with gram\.ema_teacher true"),
+    (["gram.tokens_used=masked", "gram.img_level=true"], r"'gram\.tokens_used' = 'masked' needs gram\.img_level false"),
+    (["gram.loss_weight_schedule.start=0.0"], r"sets start but not all of start, peak and end"),
+    (["gram.loss_weight_schedule={start: 0, peak: 1, end: 1, warmup_epochs: 10, cosine_epochs: 3}"],
+     r"lasts 13 epochs \(warmup_epochs \+ cosine_epochs\), more than optim\.epochs = 12"),
+])
+def test_gram_rules_over_several_keys(overrides, needle):
+    with pytest.raises(ConfigError, match=needle) as err:
+        load_config("smoke/cpu_tiny", ["gram.use_loss=true", "gram.it_load_ema_teacher=10", *overrides])
+    assert "\n" not in str(err.value) and str(err.value).startswith("config key 'gram.")
+
+
+def test_gram_configs_that_are_fine():
+    # the last iteration is a valid start; a Gram teacher from weights or the EMA teacher itself needs no start
+    for overrides in (["gram.it_load_ema_teacher=299"], ["gram.ckpt=teacher.pth"],
+                      ["gram.ema_teacher=true", "gram.rep_update=false"]):
+        assert load_config("smoke/cpu_tiny", ["gram.use_loss=true", *overrides]).gram.use_loss
+    # with the loss off nothing of it is checked (an anchoring config can be switched off by one key)
+    assert not load_config("smoke/cpu_tiny", ["gram.it_load_ema_teacher=5000", "gram.remove_neg=true",
+                                              "gram.remove_only_teacher_neg=true"]).gram.use_loss
+
+
 def test_choices_follow_what_the_code_builds():
     from dinotrain.distributed.fsdp import DTYPES
     from dinotrain.models.layers import FFN_LAYERS
@@ -171,6 +199,11 @@ def test_choices_follow_what_the_code_builds():
     assert set(typing.get_args(student["arch"])) == set(ARCH_SIZES)
     assert set(typing.get_args(student["ffn_layer"])) == set(FFN_LAYERS)
     assert set(typing.get_args(typing.get_type_hints(schema.ComputePrecision)["dtype"])) == {"auto", *DTYPES}
+    from dinotrain.losses.gram import RESIZE_METHODS, TOKENS_USED
+
+    gram = typing.get_type_hints(schema.Gram)
+    assert typing.get_args(gram["tokens_used"]) == TOKENS_USED
+    assert set(typing.get_args(gram["global_teacher_resize_method"])) == set(RESIZE_METHODS)
 
 
 def test_keys_named_elsewhere_exist_in_the_schema():

@@ -1,7 +1,12 @@
-"""Named backbones: the official torch.hub entry points of DINOv2 and DINO v1, with their exact settings."""
+"""Named backbones: the official torch.hub entry points of DINOv2 and DINO v1, with their exact settings.
+
+`PRESETS` holds the DINOv2 / DINO v1 ones (`DinoVisionTransformer`); the DINOv3 ones (`Dinov3VisionTransformer`,
+RoPE) are `DINOV3_PRESETS` in `dinov3.py`. `build_preset` builds either by name.
+"""
 
 from __future__ import annotations
 
+from dinotrain.models.dinov3 import DINOV3_PRESETS, Dinov3VisionTransformer, build_dinov3
 from dinotrain.models.vision_transformer import ARCH_SIZES, DinoVisionTransformer, build_vit
 
 _V2 = dict(img_size=518, init_values=1.0, interpolate_offset=0.1, interpolate_antialias=False)
@@ -24,10 +29,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def build_preset(name: str, **overrides) -> DinoVisionTransformer:
+def build_preset(name: str, **overrides) -> DinoVisionTransformer | Dinov3VisionTransformer:
     """Backbone by official entry-point name; keyword overrides (e.g. `depth=2` for tests) win."""
+    if name in DINOV3_PRESETS:
+        return build_dinov3(name, **overrides)
     if name not in PRESETS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(PRESETS)}")
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(PRESETS) + sorted(DINOV3_PRESETS)}")
     kwargs = dict(PRESETS[name])
     arch = kwargs.pop("arch")
     assert arch in ARCH_SIZES

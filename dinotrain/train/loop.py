@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from dinotrain.config_schema import run_iterations
 from dinotrain.data.loader import Batches, DataWorkersDied, to_device
 from dinotrain.data.seeds import seed_step
 from dinotrain.distributed.checkpoint import Checkpointer, Parts
@@ -80,8 +81,8 @@ class Phase:
 
 
 def total_iterations(cfg: DictConfig) -> int:
-    full = cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
-    return min(full, cfg.train.max_iterations) if cfg.train.max_iterations else full
+    """The run's iterations (the config checks use the same count: `config_schema.run_iterations`)."""
+    return run_iterations(cfg)
 
 
 def finite_everywhere(flags: list[torch.Tensor]) -> torch.Tensor:
