@@ -369,7 +369,9 @@ def _timm_preset(embed_dim: int, ffn_layer: str, ffn_hidden: int, model_name: st
         if name is None:
             raise WeightsError(f"timm model {model_name!r} is not one of timm's DINOv3 ViTs ({', '.join(TIMM_MODEL_NAMES.values())})")
         return DINOV3_PRESETS[name]
-    return next((p for p in DINOV3_PRESETS.values() if p["embed_dim"] == embed_dim and p["ffn_layer"] == ffn_layer
+    gated = FFN_ALIGN[ffn_layer] is not None  # (SwiGLU alignments giving the same width are one and the same)
+    return next((p for p in DINOV3_PRESETS.values() if p["embed_dim"] == embed_dim
+                 and (FFN_ALIGN[p["ffn_layer"]] is not None) == gated
                  and ffn_hidden_features(embed_dim, p["ffn_ratio"], p["ffn_layer"]) == ffn_hidden), None)
 
 

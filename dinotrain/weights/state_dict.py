@@ -127,17 +127,20 @@ _SHAPE_FIELDS = ("embed_dim", "depth", "patch_size", "img_size", "mlp_ratio", "f
                  "num_register_tokens", "layerscale", "use_mask_token")
 
 
-_DINOV3_SHAPE_FIELDS = ("embed_dim", "depth", "num_heads", "patch_size", "in_chans", "ffn_layer", "ffn_hidden",
+_DINOV3_SHAPE_FIELDS = ("embed_dim", "depth", "num_heads", "patch_size", "in_chans", "swiglu", "ffn_hidden",
                         "qkv_bias", "proj_bias", "ffn_bias", "mask_k_bias", "layerscale", "n_storage_tokens",
                         "untie_cls_and_patch_norms", "untie_global_and_local_cls_norm")
 
 
 def _shape_facts(spec: ViTSpec | Dinov3Spec) -> dict:
-    """What fixes the tensors' names and shapes (not the image size: RoPE or a resampled table covers it)."""
-    if isinstance(spec, Dinov3Spec):
-        return {f: (spec.layerscale_init is not None) if f == "layerscale" else getattr(spec, f)
-                for f in _DINOV3_SHAPE_FIELDS}
-    return {f: getattr(spec, f) for f in _SHAPE_FIELDS}
+    """What fixes the tensors' names and shapes (not the image size: RoPE or a resampled table covers it). For
+    DINOv3, what the weights cannot tell apart is one fact: SwiGLU alignments giving the same width, a masked key
+    bias without any qkv bias."""
+    if not isinstance(spec, Dinov3Spec):
+        return {f: getattr(spec, f) for f in _SHAPE_FIELDS}
+    derived = {"swiglu": spec.ffn_layer != "mlp", "layerscale": spec.layerscale_init is not None,
+               "mask_k_bias": spec.qkv_bias and spec.mask_k_bias}
+    return {f: derived[f] if f in derived else getattr(spec, f) for f in _DINOV3_SHAPE_FIELDS}
 
 
 def check_compatible(expected: ViTSpec | Dinov3Spec, found: ViTSpec | Dinov3Spec, what: str = "weights") -> None:
