@@ -205,3 +205,26 @@ def test_what_a_layout_cannot_hold_is_refused_in_one_line(tmp_path):
     save_file({k: v.contiguous() for k, v in hf.items()}, str(tmp_path / "lonely.safetensors"))
     with pytest.raises(WeightsError, match="no config.json beside it"):
         open_weights(tmp_path / "lonely.safetensors")
+
+
+def test_convert_and_export_command_lines(layouts, tmp_path, capsys):
+    model, d = layouts
+    assert main(["convert", str(d / "hf_theirs"), str(tmp_path / "t.safetensors"), "--to", "timm"]) == 0
+    assert "(timm)" in capsys.readouterr().out
+    for to, dst in (("hf", tmp_path / "hf"), ("safetensors", tmp_path / "w.safetensors"), ("hub", tmp_path / "w.pth")):
+        assert main(["export", str(tmp_path / "t.safetensors"), str(dst), "--to", to]) == 0
+        assert_bitwise(open_weights(dst).backbone, model.state_dict())
+    assert main(["export", str(tmp_path / "t.safetensors"), str(tmp_path / "w.pth"), "--to", "hub"]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_timm_create_model_loads_our_timm_file_by_its_model_name(tmp_path):
+    model = random_model(embed_dim=384, num_heads=6, depth=1)  # ViT-S/16's width, one block
+    path = save_backbone(model, tmp_path / "t.safetensors", "timm")
+    eva = timm.create_model("vit_small_patch16_dinov3_qkvb", pretrained=True, depth=1,
+                            pretrained_cfg_overlay=dict(file=str(path))).eval()
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        out = model.forward_features(x)
+        ours = torch.cat([out["x_norm_clstoken"][:, None], out["x_norm_regtokens"], out["x_norm_patchtokens"]], 1)
+        assert (eva.forward_features(x) - ours).abs().max() <= 1e-5
