@@ -82,13 +82,14 @@ def test_eval_linear_exports_backbone_and_head_in_our_format(model, hf_dir, tmp_
     from dinotrain.eval.linear_classifier import BACKBONE_FILE, read_linear_classifier
 
     export, out = tmp_path / "classifier", tmp_path / "linear.json"
-    assert main(["eval", "linear", "--tiny", "--weights", str(hf_dir), "--iterations", "60", "--lrs", "0.01", "0.1", "--n-last-blocks", "1", "2",
-                 "--device", "cpu", "--export-hf", str(export), "--output", str(out)]) == 0
+    assert main(["eval", "linear", "--tiny", "--weights", str(hf_dir), "--iterations", "60", "--lrs", "0.01", "0.1",
+                 "--n-last-blocks", "1", "2", "--device", "cpu", "--export-hf", str(export), "--output", str(out)]) == 0
     summary = json.loads(out.read_text())
     exported = summary["hf_classifier"]
     assert exported["format"] == "dinotrain" and exported["head"] == summary["best"]["head"]
     backbone = open_weights(export / BACKBONE_FILE)
-    assert backbone.spec == model.spec and all(torch.equal(backbone.backbone[k], v) for k, v in model.state_dict().items())
+    assert backbone.spec == model.spec
+    assert all(torch.equal(backbone.backbone[k], v) for k, v in model.state_dict().items())
     head = read_linear_classifier(export)
     assert head.classes == summary["classes"] and (head.resize, head.crop) == (37, 32)
     # the exported head, run through its own reader, predicts what the evaluation measured

@@ -47,7 +47,8 @@ class LinearClassifier:
 
 
 def export_linear_classifier(model, heads: Sequence[TrainedHeads], val: LinearFeatures, class_names: Sequence[str],
-                             dst: str | Path, resize_size: int, crop_size: int) -> tuple[Path, TrainedHeads, int, float]:
+                             dst: str | Path, resize_size: int,
+                             crop_size: int) -> tuple[Path, TrainedHeads, int, float]:
     """The best head of the sweep (any variant) with the backbone, as this module's directory at `dst`.
     Returns (path, heads, lr index, val accuracy), as `linear.export_best_classifier`."""
     from safetensors.torch import save_file

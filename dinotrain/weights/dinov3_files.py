@@ -1,11 +1,12 @@
 """DINOv3 weights on disk: which layout a file or directory holds, read into our tensors + `Dinov3Spec`, and written
 in each layout. The renaming itself is `dinov3_layouts.py` (pure functions); this module adds the files around it.
 
-| layout              | read from                                                 | written as                           |
-|---------------------|-----------------------------------------------------------|--------------------------------------|
-| ours = official     | a `.pth` (official torch.hub / ours), our `.safetensors`  | hub `.pth`, `.safetensors` (+ spec)  |
-| transformers        | a directory: `config.json` (`model_type` `dinov3_vit`) + `model.safetensors` (or shards, or a `.bin`) | the same + `preprocessor_config.json` |
-| timm (`Eva`)        | a `.pth` / `.safetensors` state dict; timm's Hub directory (`config.json` with its `architecture`) | `.safetensors` (+ spec) or `.pth` |
+- ours (= the official `.pth`): read from a `.pth` (official torch.hub, ours, a training checkpoint's teacher)
+  or our `.safetensors`; written as a hub `.pth` or `.safetensors` (+ spec) by `convert.py`.
+- transformers: a directory, `config.json` (`model_type` `dinov3_vit`) + `model.safetensors` (or shards, or a
+  `.bin`); written the same, + `preprocessor_config.json`.
+- timm (`Eva`): a `.pth` / `.safetensors` state dict, or timm's Hub directory (`config.json` with its
+  `architecture`); written as `.safetensors` (+ spec) or `.pth`.
 
 Our safetensors files (any layout) record the spec in their metadata, so what a layout has no room for (timm: the
 head width; transformers: the local-crop CLS norm; both: the RoPE table dtype, training-time coordinate
@@ -33,7 +34,6 @@ from dinotrain.weights.hf import (CONFIG_NAME, WEIGHTS_NAME, read_hf_tensors, re
 from dinotrain.weights.state_dict import WeightsError, check_compatible
 
 OURS, TIMM = "ours", "timm"
-TIMM_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 # What timm's tensors (and transformers' config) do not hold, taken from our recorded spec when there is one.
 _UNSTORED_IN_TIMM = ("num_heads", "untie_global_and_local_cls_norm")
 

@@ -367,7 +367,8 @@ def _timm_preset(embed_dim: int, ffn_layer: str, ffn_hidden: int, model_name: st
     if model_name is not None:
         name = preset_of_timm_name(model_name)
         if name is None:
-            raise WeightsError(f"timm model {model_name!r} is not one of timm's DINOv3 ViTs ({', '.join(TIMM_MODEL_NAMES.values())})")
+            raise WeightsError(f"timm model {model_name!r} is not one of timm's DINOv3 ViTs "
+                               f"({', '.join(TIMM_MODEL_NAMES.values())})")
         return DINOV3_PRESETS[name]
     gated = FFN_ALIGN[ffn_layer] is not None  # (SwiGLU alignments giving the same width are one and the same)
     return next((p for p in DINOV3_PRESETS.values() if p["embed_dim"] == embed_dim
@@ -384,7 +385,8 @@ def infer_timm_spec(timm_state_dict: Mapping[str, Tensor], model_name: str | Non
     official size but 7B) and no biases. Other settings as `infer_dinov3_spec`.
     """
     sd = timm_state_dict
-    missing = [k for k in ("cls_token", "patch_embed.proj.weight", "norm.weight", "blocks.0.attn.qkv.weight") if k not in sd]
+    required = ("cls_token", "patch_embed.proj.weight", "norm.weight", "blocks.0.attn.qkv.weight")
+    missing = [k for k in required if k not in sd]
     if missing:
         raise WeightsError(f"not a timm dinov3 state dict: missing {missing}")
     embed_dim = sd["cls_token"].shape[-1]

@@ -115,7 +115,8 @@ def test_timm_tensors_hold_no_head_width_the_official_preset_gives_it():
     state_dict = {**seven_b.state_dict(), "rope_embed.periods": rope_periods(128)}  # real: to_timm compares them
     timm_sd = to_timm(state_dict, seven_b.spec)
     spec = infer_timm_spec(timm_sd)
-    assert (spec.num_heads, spec.head_dim, spec.qkv_bias, spec.untie_global_and_local_cls_norm) == (32, 128, False, True)
+    assert (spec.num_heads, spec.head_dim, spec.qkv_bias) == (32, 128, False)
+    assert spec.untie_global_and_local_cls_norm
     assert spec.ffn_hidden == seven_b.spec.ffn_hidden == 8192
     small = random_model(embed_dim=384, num_heads=6, depth=1)
     no_qv = {k: v for k, v in to_timm(small.state_dict(), small.spec).items() if not k.endswith(("q_bias", "v_bias"))}
@@ -141,9 +142,11 @@ def test_their_files_come_back_bitwise(layouts, tmp_path):
     """transformers' own `save_pretrained` tensors and timm's own state dict, through ours and back."""
     _, d = layouts
     convert(convert(d / "hf_theirs", tmp_path / "a.pth", "hub"), tmp_path / "hf", "hf")
-    assert_bitwise(load_file(str(tmp_path / "hf" / "model.safetensors")), load_file(str(d / "hf_theirs" / "model.safetensors")))
+    assert_bitwise(load_file(str(tmp_path / "hf" / "model.safetensors")),
+                   load_file(str(d / "hf_theirs" / "model.safetensors")))
     convert(convert(d / "timm_theirs.pth", tmp_path / "b.pth", "hub"), tmp_path / "t.pth", "timm")
-    assert_bitwise(torch.load(tmp_path / "t.pth", weights_only=True), torch.load(d / "timm_theirs.pth", weights_only=True))
+    assert_bitwise(torch.load(tmp_path / "t.pth", weights_only=True),
+                   torch.load(d / "timm_theirs.pth", weights_only=True))
 
 
 @pytest.mark.parametrize("size", [(224, 224), (320, 192)])
