@@ -18,8 +18,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, config_help: str, output_
 
 def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
     """--weights / --model / --device of every command that runs a backbone."""
-    parser.add_argument("--weights", help="backbone weights: hub .pth, .safetensors, Hugging Face directory, full "
-                                          "export, or a run / checkpoint directory (finished or not)")
-    parser.add_argument("--model", help="a named backbone at random init when no --weights, e.g. dinov2_vits14")
+    parser.add_argument("--weights", help="backbone weights (DINOv2, DINO v1 or DINOv3): hub .pth, .safetensors, "
+                                          "Hugging Face directory, timm dinov3 weights, full export, or a run / "
+                                          "checkpoint directory (finished or not)")
+    parser.add_argument("--model", help="a named backbone at random init when no --weights, e.g. dinov2_vits14 or "
+                                        "dinov3_vits16 (with --weights: the weights must fit it)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where the backbone runs (default: the GPU when torch sees one, else the CPU)")

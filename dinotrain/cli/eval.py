@@ -52,7 +52,9 @@ def add_parser(subparsers) -> None:
     lin.add_argument("--threads", type=int, help="torch CPU threads")
     lin.add_argument("--output", help="write all accuracies and the best head as JSON here")
     lin.add_argument("--export-hf", metavar="DIR", help="write the best 1-block head with the backbone as a "
-                     "transformers Dinov2ForImageClassification (ViTForImageClassification for DINO v1) directory")
+                     "transformers Dinov2ForImageClassification (ViTForImageClassification for DINO v1) directory; "
+                     "DINOv3 (no transformers classifier class): the best head + backbone.safetensors in "
+                     "dinotrain's format")
     lin.add_argument("--force", action="store_true", help="overwrite an existing --export-hf directory")
     lin.set_defaults(func=run)
 

@@ -60,14 +60,14 @@ def run_knn(data: EvalData, weights: str | None, model: str | None, *, ks, tempe
             output: str | None = None) -> dict:
     """Weighted k-NN of the backbone (and the asked-for baselines); prints one line per candidate."""
     from dinotrain.eval.knn import knn_line, knn_of_models
-    from dinotrain.models.vision_transformer import vit_from_spec
+    from dinotrain.models.presets import backbone_from_spec
     from dinotrain.weights.backbone import open_backbone
 
     backbone = open_backbone(weights, model)
     candidates = {"model": backbone}
     if baseline_random:
         torch.manual_seed(seed)
-        candidates["random_init"] = vit_from_spec(backbone.spec)
+        candidates["random_init"] = backbone_from_spec(backbone.spec)
     if baseline_pixels:
         from dinotrain.eval.pixels import PixelFeatures
 
@@ -117,12 +117,19 @@ def run_linear(data: EvalData, weights: str | None, model: str | None, *, n_last
                "iterations": iterations, "batch_size": train_batch_size, "image_size": data.crop,
                "resize": data.resize}
     if export_hf:
-        out, trained, index, hf_acc = export_best_classifier(backbone, heads, val, classes, export_hf, data.resize,
-                                                             data.crop)
+        from dinotrain.eval.linear_classifier import export_linear_classifier
+        from dinotrain.models.dinov3 import Dinov3Spec
+
+        # transformers has no DINOv3 classifier class: our format then (eval/linear_classifier.py)
+        ours = isinstance(backbone.spec, Dinov3Spec)
+        export = export_linear_classifier if ours else export_best_classifier
+        out, trained, index, hf_acc = export(backbone, heads, val, classes, export_hf, data.resize, data.crop)
         lr = trained.lrs[index]
-        summary["hf_classifier"] = {"path": str(out), "head": trained.config.name, "lr": lr, "accuracy": hf_acc}
-        print(f"classifier ({trained.config.name}, lr {lr:g}, {hf_acc:.2f}%) -> {out} "
-              "(transformers.AutoModelForImageClassification.from_pretrained)")
+        summary["hf_classifier"] = {"path": str(out), "head": trained.config.name, "lr": lr, "accuracy": hf_acc,
+                                    "format": "dinotrain" if ours else "transformers"}
+        how = ("dinotrain.eval.linear_classifier.read_linear_classifier + backbone.safetensors; transformers has no "
+               "DINOv3 classifier class" if ours else "transformers.AutoModelForImageClassification.from_pretrained")
+        print(f"classifier ({trained.config.name}, lr {lr:g}, {hf_acc:.2f}%) -> {out} ({how})")
     write_json(output, summary)
     return summary
 

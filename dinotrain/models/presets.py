@@ -1,13 +1,13 @@
 """Named backbones: the official torch.hub entry points of DINOv2 and DINO v1, with their exact settings.
 
 `PRESETS` holds the DINOv2 / DINO v1 ones (`DinoVisionTransformer`); the DINOv3 ones (`Dinov3VisionTransformer`,
-RoPE) are `DINOV3_PRESETS` in `dinov3.py`. `build_preset` builds either by name.
+RoPE) are `DINOV3_PRESETS` in `dinov3.py`. `build_preset` builds either by name, `backbone_from_spec` by spec.
 """
 
 from __future__ import annotations
 
-from dinotrain.models.dinov3 import DINOV3_PRESETS, Dinov3VisionTransformer, build_dinov3
-from dinotrain.models.vision_transformer import ARCH_SIZES, DinoVisionTransformer, build_vit
+from dinotrain.models.dinov3 import DINOV3_PRESETS, Dinov3Spec, Dinov3VisionTransformer, build_dinov3, dinov3_from_spec
+from dinotrain.models.vision_transformer import ARCH_SIZES, DinoVisionTransformer, ViTSpec, build_vit, vit_from_spec
 
 _V2 = dict(img_size=518, init_values=1.0, interpolate_offset=0.1, interpolate_antialias=False)
 _V2_REG = dict(img_size=518, init_values=1.0, num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True)
@@ -40,3 +40,11 @@ def build_preset(name: str, **overrides) -> DinoVisionTransformer | Dinov3Vision
     assert arch in ARCH_SIZES
     kwargs.update(overrides)
     return build_vit(arch, **kwargs)
+
+
+def backbone_from_spec(spec: ViTSpec | Dinov3Spec, **kwargs) -> DinoVisionTransformer | Dinov3VisionTransformer:
+    """A backbone of either family with exactly the architecture `spec` describes, at random init; `kwargs` are
+    constructor-only settings (`drop_path_rate`, ...)."""
+    if isinstance(spec, Dinov3Spec):
+        return dinov3_from_spec(spec, **kwargs)
+    return vit_from_spec(spec, **kwargs)

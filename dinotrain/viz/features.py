@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dinotrain.models.rope import apply_rope
+
 
 @dataclass
 class PcaMaps:
@@ -58,7 +60,8 @@ def pca_maps(model, images: torch.Tensor, threshold: float = 0.5) -> PcaMaps:
 @torch.inference_mode()
 def cls_attention_weights(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights (B, H, N), values (B, H, N, hd)) of the CLS query in the last block: its softmax over all N tokens
-    (CLS, registers, patches), recomputed from the block's own qkv projection (SDPA does not return weights)."""
+    (CLS, registers, patches), recomputed from the block's own qkv projection (SDPA does not return weights);
+    for DINOv3 backbones with the RoPE rotation of the patch keys that the block applies."""
     captured = {}
     last = model.blocks[-1]
     hook = last.norm1.register_forward_hook(lambda _m, _i, out: captured.__setitem__("x", out))
@@ -70,6 +73,9 @@ def cls_attention_weights(model, images: torch.Tensor) -> tuple[torch.Tensor, to
     bsz, n, dim = x.shape
     heads = last.attn.num_heads
     q, k, v = last.attn.qkv(x).reshape(bsz, n, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)  # (B, H, N, hd)
+    rope = getattr(model, "rope_embed", None)
+    if rope is not None:  # DINOv3: in eval mode (as pictures are made) the tables the forward just used
+        q, k = apply_rope(q, k, rope(images.shape[-2] // model.patch_size, images.shape[-1] // model.patch_size))
     weights = F.softmax((q[:, :, 0:1] @ k.transpose(-2, -1)).float() * (dim // heads) ** -0.5, dim=-1)
     return weights[:, :, 0], v
 

@@ -32,10 +32,10 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from dinotrain.models.dinov3 import ROPE_DTYPES, Dinov3Spec, dinov3_from_spec
+from dinotrain.models.dinov3 import DINOV3_PRESETS, ROPE_DTYPES, Dinov3Spec, dinov3_from_spec
 from dinotrain.models.dinov3_layers import FFN_ALIGN, NORM_EPS, ffn_hidden_features
 from dinotrain.models.rope import rope_periods
-from dinotrain.weights.state_dict import WeightsError
+from dinotrain.weights.state_dict import DINOV2, DINOV3, WeightsError, family_mismatch
 
 log = logging.getLogger("dinotrain.weights")
 
@@ -98,6 +98,8 @@ def infer_dinov3_spec(state_dict: Mapping[str, Tensor]) -> Dinov3Spec:
     found too. Settings weights do not hold get the released models' values: LayerNorm eps 1e-5, LayerScale
     init 1e-5, img_size 224, "separate" coordinates, training rescale 2, fp32 RoPE.
     """
+    if "pos_embed" in state_dict:
+        raise family_mismatch(DINOV2, DINOV3)
     missing = [k for k in _REQUIRED if k not in state_dict]
     if missing:
         sample = ", ".join(sorted(state_dict)[:5]) or "(empty)"
@@ -353,6 +355,65 @@ def from_transformers(hf_state_dict: Mapping[str, Tensor], spec: Dinov3Spec) -> 
 
 
 # ---- timm Eva (vit_*_patch16_dinov3*) ---------------------------------------------------------------
+def preset_of_timm_name(name: str) -> str | None:
+    """Our preset holding the tensors of timm model `name` (with or without `_qkvb` or a `.tag`), else None."""
+    base = name.split(".")[0]
+    return next((ours for ours, theirs in TIMM_MODEL_NAMES.items() if base in (theirs, theirs.removesuffix("_qkvb"))),
+                None)
+
+
+def _timm_preset(embed_dim: int, ffn_layer: str, ffn_hidden: int, model_name: str | None) -> dict | None:
+    """The official preset these timm tensors come from: by timm's model name, else by width and FFN."""
+    if model_name is not None:
+        name = preset_of_timm_name(model_name)
+        if name is None:
+            raise WeightsError(f"timm model {model_name!r} is not one of timm's DINOv3 ViTs "
+                               f"({', '.join(TIMM_MODEL_NAMES.values())})")
+        return DINOV3_PRESETS[name]
+    gated = FFN_ALIGN[ffn_layer] is not None  # (SwiGLU alignments giving the same width are one and the same)
+    return next((p for p in DINOV3_PRESETS.values() if p["embed_dim"] == embed_dim
+                 and (FFN_ALIGN[p["ffn_layer"]] is not None) == gated
+                 and ffn_hidden_features(embed_dim, p["ffn_ratio"], p["ffn_layer"]) == ffn_hidden), None)
+
+
+def infer_timm_spec(timm_state_dict: Mapping[str, Tensor], model_name: str | None = None) -> Dinov3Spec:
+    """The architecture of a timm dinov3 `Eva` state dict.
+
+    timm's tensors do not hold the head width (no RoPE periods), whether the local-crop CLS norm was untied
+    (training only), nor q/v biases in its non-`_qkvb` models: those come from the official preset named by
+    `model_name` (timm's, as in its `config.json`) or of the same width and FFN, else 64-wide heads (every
+    official size but 7B) and no biases. Other settings as `infer_dinov3_spec`.
+    """
+    sd = timm_state_dict
+    required = ("cls_token", "patch_embed.proj.weight", "norm.weight", "blocks.0.attn.qkv.weight")
+    missing = [k for k in required if k not in sd]
+    if missing:
+        raise WeightsError(f"not a timm dinov3 state dict: missing {missing}")
+    embed_dim = sd["cls_token"].shape[-1]
+    conv = sd["patch_embed.proj.weight"]
+    gated = "blocks.0.mlp.fc1_g.weight" in sd
+    fc_in = "blocks.0.mlp.fc1_g" if gated else "blocks.0.mlp.fc1"
+    if fc_in + ".weight" not in sd:
+        raise WeightsError(f"not a timm dinov3 state dict: no {fc_in}.weight")
+    hidden = sd[fc_in + ".weight"].shape[0]
+    ffn_layer, ffn_ratio = _ffn_settings(embed_dim, hidden, gated)
+    preset = _timm_preset(embed_dim, ffn_layer, hidden, model_name)
+    if preset is not None and preset["embed_dim"] != embed_dim:
+        raise WeightsError(f"timm model {model_name!r} is {preset['embed_dim']} wide, these tensors {embed_dim}")
+    has_qv = "blocks.0.attn.q_bias" in sd
+    qkv_bias = has_qv or bool(preset and preset["qkv_bias"])
+    num_heads = preset["num_heads"] if preset else max(1, embed_dim // 64)
+    return Dinov3Spec(
+        embed_dim=embed_dim, depth=len({int(m.group(1)) for k in sd if (m := _BLOCK.match(k))}), num_heads=num_heads,
+        patch_size=conv.shape[-1], in_chans=conv.shape[1], ffn_ratio=ffn_ratio, ffn_layer=ffn_layer,
+        qkv_bias=qkv_bias, mask_k_bias=qkv_bias, proj_bias="blocks.0.attn.proj.bias" in sd,
+        ffn_bias=fc_in + ".bias" in sd, layerscale_init=1e-5 if "blocks.0.gamma_1" in sd else None,
+        norm_layer="layernormbf16", n_storage_tokens=sd["reg_token"].shape[1] if "reg_token" in sd else 0,
+        untie_global_and_local_cls_norm=bool(preset and preset.get("untie_global_and_local_cls_norm")),
+        pos_embed_rope_base=100.0, pos_embed_rope_rescale_coords=2.0, pos_embed_rope_dtype="fp32",
+    )
+
+
 def timm_model_kwargs(spec: Dinov3Spec) -> dict:
     """Keyword arguments of `timm.models.eva.Eva` for a network computing what a backbone of `spec` computes
     (features: `forward_features`, CLS first, then the storage tokens, then the patches)."""

@@ -27,13 +27,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from dinotrain.models.dinov3 import Dinov3Spec
+from dinotrain.models.vision_transformer import ViTSpec
 from dinotrain.storage import replacing
 from dinotrain.weights.state_dict import WeightsError, check_compatible, infer_spec, read_state_dict
-from dinotrain.models.vision_transformer import ViTSpec
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 SPEC_METADATA_KEY = "dinotrain_spec"
+DINOV3_SPEC_METADATA_KEY = "dinotrain_dinov3_spec"  # its own key: readers that predate DINOv3 ignore it
 LAYER_NORM_EPS = 1e-6
 
 DINOV2, DINOV2_REG, VIT = "dinov2", "dinov2_with_registers", "vit"
@@ -234,24 +236,30 @@ def from_hf_state_dict(hf_state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-# ---- spec metadata (our exports record the exact ViTSpec next to the tensors) ----------------------
-def spec_to_metadata(spec: ViTSpec) -> dict[str, str]:
-    return {"format": "pt", SPEC_METADATA_KEY: json.dumps(spec.to_dict(), sort_keys=True)}
+# ---- spec metadata (our exports record the exact spec next to the tensors) --------------------------
+_METADATA_KEYS = ((SPEC_METADATA_KEY, ViTSpec), (DINOV3_SPEC_METADATA_KEY, Dinov3Spec))
 
 
-def spec_from_metadata(metadata: dict[str, str]) -> ViTSpec | None:
-    """The ViTSpec our exports store in safetensors metadata, or None for files from elsewhere."""
-    if SPEC_METADATA_KEY not in metadata:
-        return None
-    try:
-        fields = json.loads(metadata[SPEC_METADATA_KEY])
-        known = {f.name for f in dataclasses.fields(ViTSpec)}
-        return ViTSpec(**{k: v for k, v in fields.items() if k in known})
-    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
-        raise WeightsError(f"corrupt {SPEC_METADATA_KEY!r} metadata ({exc}); re-export the weights") from exc
+def spec_to_metadata(spec: ViTSpec | Dinov3Spec) -> dict[str, str]:
+    key = DINOV3_SPEC_METADATA_KEY if isinstance(spec, Dinov3Spec) else SPEC_METADATA_KEY
+    return {"format": "pt", key: json.dumps(spec.to_dict(), sort_keys=True)}
 
 
-def reconcile_spec(saved: ViTSpec | None, inferred: ViTSpec) -> ViTSpec:
+def spec_from_metadata(metadata: dict[str, str]) -> ViTSpec | Dinov3Spec | None:
+    """The ViTSpec (or Dinov3Spec) our exports store in safetensors metadata, or None for files from elsewhere."""
+    for key, spec_class in _METADATA_KEYS:
+        if key not in metadata:
+            continue
+        try:
+            fields = json.loads(metadata[key])
+            known = {f.name for f in dataclasses.fields(spec_class)}
+            return spec_class(**{k: v for k, v in fields.items() if k in known})
+        except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+            raise WeightsError(f"corrupt {key!r} metadata ({exc}); re-export the weights") from exc
+    return None
+
+
+def reconcile_spec(saved: ViTSpec | Dinov3Spec | None, inferred: ViTSpec | Dinov3Spec) -> ViTSpec | Dinov3Spec:
     """The spec recorded in our metadata (it also holds settings the tensors cannot), once checked against
     the spec the tensors imply; without metadata, the inferred one."""
     if saved is None:
@@ -259,7 +267,7 @@ def reconcile_spec(saved: ViTSpec | None, inferred: ViTSpec) -> ViTSpec:
     try:
         check_compatible(saved, inferred, what="tensors")
     except WeightsError as exc:
-        raise WeightsError(f"the ViTSpec recorded in the metadata contradicts the tensors: {exc}") from exc
+        raise WeightsError(f"the spec recorded in the metadata contradicts the tensors: {exc}") from exc
     return saved
 
 
@@ -270,8 +278,8 @@ def _config_model_type(config: dict) -> str:
         model_type = next((_MODEL_TYPE_OF_ARCH[a] for a in config.get("architectures", []) if a in _MODEL_TYPE_OF_ARCH), None)
     if model_type not in ARCHITECTURES:
         raise WeightsError(
-            f"unsupported transformers model_type {model_type!r}: only DINOv2 ({DINOV2!r}, {DINOV2_REG!r}) "
-            f"and DINO v1 ({VIT!r}) ViTs can be imported"
+            f"unsupported transformers model_type {model_type!r}: only DINOv2 ({DINOV2!r}, {DINOV2_REG!r}), "
+            f"DINO v1 ({VIT!r}) and DINOv3 ('dinov3_vit') ViTs can be imported"
         )
     return model_type
 
@@ -354,7 +362,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict]:
         raise WeightsError(f"{path} is not a valid safetensors file ({exc})") from exc
 
 
-def _read_hf_tensors(src: Path) -> tuple[dict[str, Tensor], dict]:
+def read_hf_tensors(src: Path) -> tuple[dict[str, Tensor], dict]:
     """Tensors (and safetensors metadata) of an HF directory: single file, shards, or a .bin."""
     single, index, legacy = src / WEIGHTS_NAME, src / f"{WEIGHTS_NAME}.index.json", src / "pytorch_model.bin"
     if single.is_file():
@@ -371,8 +379,8 @@ def _read_hf_tensors(src: Path) -> tuple[dict[str, Tensor], dict]:
     raise FileNotFoundError(f"{src} has a config.json but no {WEIGHTS_NAME}, shard index or pytorch_model.bin")
 
 
-def read_hf_config(src: str | Path) -> dict:
-    """The `config.json` of an HF directory, checked to describe a model we can import."""
+def read_config_json(src: str | Path) -> dict:
+    """The `config.json` of a model directory (transformers' or timm's), as a dict."""
     src = Path(src)
     if not src.exists():
         raise FileNotFoundError(f"HF model directory not found: {src}")
@@ -382,6 +390,14 @@ def read_hf_config(src: str | Path) -> dict:
         config = json.loads((src / CONFIG_NAME).read_text())
     except json.JSONDecodeError as exc:
         raise WeightsError(f"{src / CONFIG_NAME} is not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise WeightsError(f"{src / CONFIG_NAME} is not a JSON object")
+    return config
+
+
+def read_hf_config(src: str | Path) -> dict:
+    """The `config.json` of an HF directory, checked to describe a DINOv2 / DINO v1 model we can import."""
+    config = read_config_json(src)
     _config_model_type(config)  # fail on a non-ViT config before reading gigabytes of weights
     return config
 
@@ -395,4 +411,4 @@ def from_hf_tensors(config: dict, tensors: dict[str, Tensor], metadata: dict) ->
 def load_hf(src: str | Path) -> tuple[dict[str, Tensor], ViTSpec]:
     """Official-named backbone state dict and its ViTSpec from an HF directory (either layout)."""
     config = read_hf_config(src)
-    return from_hf_tensors(config, *_read_hf_tensors(Path(src)))
+    return from_hf_tensors(config, *read_hf_tensors(Path(src)))

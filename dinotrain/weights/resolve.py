@@ -11,7 +11,13 @@ warm-up, eval, embed, serve, visualize, `dinotrain export` / `convert`, the torc
 | a full export (backbone + heads + config)       | `full`          | the file                                 |
 | a `.safetensors` file                           | `safetensors`   | the file                                 |
 | a Hugging Face directory (or its weights file)  | `hf`            | the directory (the file)                 |
+| timm's Hub directory (`config.json` architecture) | `timm`        | the directory                            |
+| a file in timm's dinov3 layout (.pth, .safetensors) | `timm`      | the file                                 |
 | any other file: a torch-saved state dict        | `hub`           | the file                                 |
+
+Both backbone families are recognised in every format: DINOv2 / DINO v1 (`ViTSpec`) and DINOv3 (`Dinov3Spec`:
+the official `.pth` = our layout, transformers' `DINOv3ViTModel` directories, timm's dinov3 `Eva` weights; see
+`dinov3_files.py`). `family="dinov2"` / `"dinov3"` makes weights of the other family a one-line WeightsError.
 
 `which` picks a network of a checkpoint: 'teacher' (the EMA, default) or 'student' of a training run, a
 student's name of a distillation (default: its only student). A run directory is pinned to one checkpoint
@@ -26,16 +32,20 @@ from pathlib import Path
 from torch import Tensor
 
 from dinotrain.distributed.checkpoint import complete_checkpoints, is_checkpoint
+from dinotrain.models.dinov3 import Dinov3Spec
 from dinotrain.models.vision_transformer import ViTSpec
 from dinotrain.train.rundir import RunDir
 from dinotrain.weights.checkpoint import read_checkpoint
+from dinotrain.weights.dinov3_files import (TIMM, from_transformers_tensors, is_dinov3_config, is_dinov3_state_dict,
+                                            is_timm_config, read_dinov3_tensors, read_timm_dir, read_transformers_dir)
 from dinotrain.weights.full import backbone_of_full, is_full_export, read_full
-from dinotrain.weights.hf import (CONFIG_NAME, from_hf_tensors, is_hf_dir, load_hf, read_hf_config, read_safetensors,
-                                  reconcile_spec, spec_from_metadata)
-from dinotrain.weights.state_dict import Weights, WeightsError, infer_spec, read_state_dict, strip_to_backbone
+from dinotrain.weights.hf import (CONFIG_NAME, from_hf_tensors, is_hf_dir, load_hf, read_config_json, read_hf_config,
+                                  read_safetensors, reconcile_spec, spec_from_metadata)
+from dinotrain.weights.state_dict import (DINOV2, DINOV3, Weights, WeightsError, family_mismatch, infer_spec,
+                                          read_state_dict, spec_family, strip_to_backbone)
 
 CHECKPOINT, FULL, HUB, SAFETENSORS, HF = "checkpoint", "full", "hub", "safetensors", "hf"
-KINDS = (CHECKPOINT, FULL, HUB, SAFETENSORS, HF)
+KINDS = (CHECKPOINT, FULL, HUB, SAFETENSORS, HF, TIMM)
 
 
 def _finished_export(run: RunDir) -> Path | None:
@@ -87,7 +97,7 @@ def resolve(path: str | Path, which: str | None = None, *, heads: bool = False,
         if not is_hf_dir(path):
             raise FileNotFoundError(f"{path} is neither a run or checkpoint directory nor a transformers model "
                                     f"directory (it has no {CONFIG_NAME})")
-        return path, HF
+        return path, TIMM if is_timm_config(read_config_json(path)) else HF
     if path.suffix == ".safetensors":
         return path, FULL if is_full_export(path) else SAFETENSORS
     return path, HUB
@@ -97,15 +107,38 @@ def _looks_like_hf(tensors: dict[str, Tensor]) -> bool:
     return any(k.endswith("embeddings.cls_token") for k in tensors)
 
 
-def _read_file(path: Path, kind: str) -> tuple[str, dict[str, Tensor], ViTSpec]:
+def _read_model_dir(path: Path) -> tuple[dict[str, Tensor], ViTSpec | Dinov3Spec]:
+    """A transformers directory of either family."""
+    config = read_config_json(path)
+    if not is_dinov3_config(config):
+        return load_hf(path)
+    try:
+        return read_transformers_dir(path, config)
+    except WeightsError as exc:
+        raise WeightsError(f"{path}: {exc}") from exc
+
+
+def _timm_name_beside(path: Path) -> str | None:
+    """timm's model name from the `config.json` of timm's Hub directory `path` sits in, if it does."""
+    if is_hf_dir(path.parent):
+        config = read_config_json(path.parent)
+        if is_timm_config(config):
+            return config["architecture"]
+    return None
+
+
+def _read_file(path: Path, kind: str) -> tuple[str, dict[str, Tensor], ViTSpec | Dinov3Spec]:
     """(kind, official-named backbone, spec) of a `.pth` / `.safetensors` file; HF-named tensors need the
-    `config.json` of the directory they sit in (then the kind is `hf`)."""
+    `config.json` of the directory they sit in (then the kind is `hf`); timm's dinov3 tensors give kind `timm`."""
     if kind == SAFETENSORS:
         tensors, metadata = read_safetensors(path)
     else:
         tensors, metadata = read_state_dict(path), {}
     if _looks_like_hf(tensors):
         if is_hf_dir(path.parent):  # e.g. the model.safetensors of an HF directory
+            config = read_config_json(path.parent)
+            if is_dinov3_config(config):
+                return HF, *from_transformers_tensors(config, tensors, metadata)
             return HF, *from_hf_tensors(read_hf_config(path.parent), tensors, metadata)
         raise WeightsError(
             f"{path} holds transformers-named weights but has no config.json beside it; "
@@ -113,16 +146,36 @@ def _read_file(path: Path, kind: str) -> tuple[str, dict[str, Tensor], ViTSpec]:
         )
     state_dict = strip_to_backbone(tensors)
     try:
+        if is_dinov3_state_dict(state_dict):
+            layout, state_dict, spec = read_dinov3_tensors(state_dict, metadata, _timm_name_beside(path))
+            return (TIMM if layout == TIMM else kind), state_dict, spec
         spec = reconcile_spec(spec_from_metadata(metadata), infer_spec(state_dict))
     except WeightsError as exc:
         raise WeightsError(f"{path}: {exc}") from exc
     return kind, state_dict, spec
 
 
+def expect_family(weights: Weights, family: str) -> Weights:
+    """`weights` if they are a backbone of `family` ("dinov2": DINOv2 / DINO v1, "dinov3"), else the one-line
+    WeightsError naming both families."""
+    if family not in (DINOV2, DINOV3):
+        raise ValueError(f"unknown backbone family {family!r}; choose {DINOV2!r} or {DINOV3!r}")
+    found = spec_family(weights.spec)
+    if found != family:
+        raise family_mismatch(found, family, weights.source)
+    return weights
+
+
 def open_weights(path: str | Path, which: str | None = None, *, heads: bool = False,
-                 checkpoint: bool = False) -> Weights:
+                 checkpoint: bool = False, family: str | None = None) -> Weights:
     """What `path` holds: backbone (official names), spec, heads (with `heads=True`, where held), the recipe
-    config ({} if unknown), the resolved source and its kind. See the module docstring for the paths taken."""
+    config ({} if unknown), the resolved source and its kind. See the module docstring for the paths taken.
+    `family` ("dinov2" or "dinov3"): the backbone family the caller expects (see `expect_family`)."""
+    weights = _open(path, which, heads, checkpoint)
+    return expect_family(weights, family) if family else weights
+
+
+def _open(path: str | Path, which: str | None, heads: bool, checkpoint: bool) -> Weights:
     source, kind = resolve(path, which, heads=heads, checkpoint=checkpoint)
     if kind == CHECKPOINT:
         return read_checkpoint(source, which, heads=heads)
@@ -136,13 +189,15 @@ def open_weights(path: str | Path, which: str | None = None, *, heads: bool = Fa
     if kind == FULL:
         backbone, spec = backbone_of_full(source)
     elif kind == HF:
-        backbone, spec = load_hf(source)
+        backbone, spec = _read_model_dir(source)
+    elif kind == TIMM and source.is_dir():
+        backbone, spec = read_timm_dir(source, read_config_json(source))
     else:
         kind, backbone, spec = _read_file(source, kind)
     return Weights(source=str(source), kind=kind, backbone=backbone, spec=spec)
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, Tensor], ViTSpec]:
-    """Official-named backbone state dict and its ViTSpec of any path `open_weights` takes."""
+def read_weights(path: str | Path) -> tuple[dict[str, Tensor], ViTSpec | Dinov3Spec]:
+    """Official-named backbone state dict and its spec (ViTSpec or Dinov3Spec) of any path `open_weights` takes."""
     weights = open_weights(path)
     return weights.backbone, weights.spec

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from dinotrain.models.dinov3 import Dinov3Spec
 from dinotrain.models.layers import swiglu_hidden_features
 from dinotrain.models.vision_transformer import DinoVisionTransformer, ViTSpec, resample_positions
 
@@ -33,14 +34,34 @@ class WeightsError(ValueError):
     """A weights file that is not (or not the expected) ViT backbone."""
 
 
+# The two backbone families, as messages name them, and what tells their state dicts (official names) apart.
+DINOV2, DINOV3 = "dinov2", "dinov3"
+_FAMILY_NAMES = {DINOV2: "DINOv2/DINO v1", DINOV3: "DINOv3"}
+_FAMILY_TRAITS = {DINOV2: "a learned `pos_embed` table", DINOV3: "RoPE `rope_embed.periods`, storage tokens, patch 16"}
+_FAMILY_EXAMPLE = {DINOV2: "dinov2_vits14", DINOV3: "dinov3_vits16"}
+
+
+def spec_family(spec: ViTSpec | Dinov3Spec) -> str:
+    return DINOV3 if isinstance(spec, Dinov3Spec) else DINOV2
+
+
+def family_mismatch(found: str, expected: str, where: str = "") -> WeightsError:
+    """The one-line error for a backbone of one family given where the other is expected, naming both."""
+    prefix = f"{where}: " if where else ""
+    return WeightsError(f"{prefix}{_FAMILY_NAMES[found]} backbone weights ({_FAMILY_TRAITS[found]}) where a "
+                        f"{_FAMILY_NAMES[expected]} backbone ({_FAMILY_TRAITS[expected]}) is expected; pass "
+                        f"{_FAMILY_NAMES[expected]} weights, or use a {_FAMILY_NAMES[found]} model (e.g. "
+                        f"{_FAMILY_EXAMPLE[found]}) for these")
+
+
 @dataclass
 class Weights:
     """What a path holds, as `dinotrain.weights.resolve.open_weights` read it (CPU tensors, official names)."""
 
     source: str  # what was read: the file, the HF directory, or the checkpoint a run directory was pinned to
-    kind: str  # "checkpoint" | "full" | "hub" | "safetensors" | "hf" (see resolve.py)
+    kind: str  # "checkpoint" | "full" | "hub" | "safetensors" | "hf" | "timm" (see resolve.py)
     backbone: dict[str, Tensor]
-    spec: ViTSpec
+    spec: ViTSpec | Dinov3Spec  # the family: DINOv2 / DINO v1 (ViTSpec) or DINOv3 (Dinov3Spec)
     heads: dict[str, dict[str, Tensor]] | None = None  # "dino_head" (+ "ibot_head"); None: not held or not asked
     config: dict = field(default_factory=dict)  # the recipe config of the run that made them; {} if unknown
     label: str = ""  # which network of a checkpoint, for messages: "teacher", "student 's1' (EMA)", ...
@@ -69,6 +90,8 @@ def infer_spec(state_dict: dict[str, Tensor]) -> ViTSpec:
     interpolation is not stored in weights: models with registers get the official register
     convention (offset 0, antialias), others the DINOv2 one (offset 0.1, no antialias).
     """
+    if "rope_embed.periods" in state_dict:
+        raise family_mismatch(DINOV3, DINOV2)
     missing = [k for k in _REQUIRED if k not in state_dict]
     if missing:
         sample = ", ".join(sorted(state_dict)[:5]) or "(empty)"
@@ -104,10 +127,29 @@ _SHAPE_FIELDS = ("embed_dim", "depth", "patch_size", "img_size", "mlp_ratio", "f
                  "num_register_tokens", "layerscale", "use_mask_token")
 
 
-def check_compatible(expected: ViTSpec, found: ViTSpec, what: str = "weights") -> None:
-    """Raise a clear error listing every architecture field where `found` differs from `expected`."""
-    diffs = [f"{f}: model has {getattr(expected, f)!r}, {what} have {getattr(found, f)!r}"
-             for f in _SHAPE_FIELDS if getattr(expected, f) != getattr(found, f)]
+_DINOV3_SHAPE_FIELDS = ("embed_dim", "depth", "num_heads", "patch_size", "in_chans", "swiglu", "ffn_hidden",
+                        "qkv_bias", "proj_bias", "ffn_bias", "mask_k_bias", "layerscale", "n_storage_tokens",
+                        "untie_cls_and_patch_norms", "untie_global_and_local_cls_norm")
+
+
+def _shape_facts(spec: ViTSpec | Dinov3Spec) -> dict:
+    """What fixes the tensors' names and shapes (not the image size: RoPE or a resampled table covers it). For
+    DINOv3, what the weights cannot tell apart is one fact: SwiGLU alignments giving the same width, a masked key
+    bias without any qkv bias."""
+    if not isinstance(spec, Dinov3Spec):
+        return {f: getattr(spec, f) for f in _SHAPE_FIELDS}
+    derived = {"swiglu": spec.ffn_layer != "mlp", "layerscale": spec.layerscale_init is not None,
+               "mask_k_bias": spec.qkv_bias and spec.mask_k_bias}
+    return {f: derived[f] if f in derived else getattr(spec, f) for f in _DINOV3_SHAPE_FIELDS}
+
+
+def check_compatible(expected: ViTSpec | Dinov3Spec, found: ViTSpec | Dinov3Spec, what: str = "weights") -> None:
+    """Raise a clear error listing every architecture field where `found` differs from `expected` (a DINOv3 spec
+    against a DINOv2 one: the one-line family error)."""
+    if spec_family(expected) != spec_family(found):
+        raise family_mismatch(spec_family(found), spec_family(expected))
+    want, got = _shape_facts(expected), _shape_facts(found)
+    diffs = [f"{f}: model has {want[f]!r}, {what} have {got[f]!r}" for f in want if want[f] != got[f]]
     if diffs:
         raise WeightsError(f"{what} do not fit this architecture: " + "; ".join(diffs))
 

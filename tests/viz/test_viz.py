@@ -93,3 +93,37 @@ def test_visualize_and_plot_commands(tmp_path, capsys):
     assert "foreground" in capsys.readouterr().out
     assert main(["plot", str(tmp_path / "no-run")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_dinov3_attention_weights_include_the_rope_rotation_the_block_applies(tmp_path, capsys):
+    """DINOv3 (RoPE, storage tokens, masked key bias): the recomputed CLS attention is what the block's SDPA uses,
+    and `dinotrain visualize --model dinov3_vits16` draws both pictures."""
+    from dinotrain.models.dinov3 import build_dinov3
+    from dinotrain.models.rope import apply_rope
+
+    torch.manual_seed(0)
+    model = build_dinov3("dinov3_vits16", embed_dim=64, num_heads=2, depth=2).eval()
+    with torch.no_grad():
+        for block in model.blocks:  # LayerScale ~1 and positions that matter: RoPE then changes the weights a lot
+            block.ls1.gamma.fill_(1.0)
+            block.ls2.gamma.fill_(1.0)
+    images = torch.randn(2, 3, 64, 48, generator=torch.Generator().manual_seed(3))
+    weights, v = cls_attention_weights(model, images)
+    assert weights.shape == (2, 2, 1 + 4 + 12)
+    captured = {}
+    hook = model.blocks[-1].norm1.register_forward_hook(lambda _m, _i, out: captured.__setitem__("x", out))
+    with torch.inference_mode():
+        model.forward_features(images)
+        hook.remove()
+        x = captured["x"]
+        q, k, v2 = model.blocks[-1].attn.qkv(x).reshape(2, x.shape[1], 3, 2, 32).permute(2, 0, 3, 1, 4)
+        applied = F.scaled_dot_product_attention(*apply_rope(q, k, model.rope_embed(4, 3)), v2)[:, :, 0]
+        unrotated = F.scaled_dot_product_attention(q, k, v2)[:, :, 0]
+    torch.testing.assert_close((weights[:, :, None] @ v)[:, :, 0], applied, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(applied, unrotated, atol=1e-3), "the rotation must matter for this check to mean much"
+    assert cls_attention(model, images).shape == (2, 2, 4, 3)  # storage tokens left out of the map
+    Image.new("RGB", (80, 64), (200, 30, 30)).save(tmp_path / "a.png")
+    out = tmp_path / "viz"
+    assert main(["visualize", str(tmp_path / "a.png"), "--model", "dinov3_vits16", "--image-size", "64",
+                 "--output", str(out)]) == 0
+    assert (out / "pca.png").is_file() and (out / "attention.png").is_file()

@@ -174,8 +174,10 @@ def test_wrong_weights_are_one_clear_error():
     from dinotrain.models import build_preset
 
     dinov2 = build_preset("dinov2_vits14", depth=1).state_dict()
-    with pytest.raises(WeightsError, match="not a DINOv3 backbone state dict"):
+    with pytest.raises(WeightsError, match="DINOv2/DINO v1 backbone weights .* where a DINOv3 backbone"):
         infer_dinov3_spec(dinov2)
+    with pytest.raises(WeightsError, match="not a DINOv3 backbone state dict"):
+        infer_dinov3_spec(torch.nn.Linear(2, 2).state_dict())
     spec = build_dinov3("dinov3_vits16", depth=2).spec
     hf = to_transformers(random_ours("dinov3_vits16", depth=2), spec)
     del hf["layer.1.norm2.weight"]
