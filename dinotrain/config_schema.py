@@ -169,7 +169,8 @@ class Train:
 
 @dataclass
 class Student:
-    arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2"] = key()
+    arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2", "vit_so400m", "vit_huge2",
+                  "vit_7b"] = key()
     depth: Optional[int] = key(POSITIVE, must="null (the arch's own depth) or a positive int (number of "
                                               "transformer blocks)")
     patch_size: int = key(POSITIVE)
@@ -178,7 +179,7 @@ class Student:
     drop_path_uniform: bool = key()
     pretrained_weights: str = key()
     pretrained_strict: bool = key()
-    ffn_layer: Literal["mlp", "swiglufused", "swiglu"] = key()
+    ffn_layer: Literal["mlp", "swiglufused", "swiglu", "swiglu32", "swiglu64", "swiglu128"] = key()
     block_chunks: int = key()
     qkv_bias: bool = key()
     proj_bias: bool = key()
@@ -187,6 +188,21 @@ class Student:
     interpolate_antialias: bool = key()
     interpolate_offset: float = key()
     attn_impl: Literal["sdpa", "xformers"] = key()
+    pos_embed_type: Literal["learned", "rope"] = key()
+    ffn_ratio: Optional[float] = key(POSITIVE)
+    norm_layer: Literal["layernorm", "layernormbf16"] = key()
+    n_storage_tokens: int = key(NON_NEGATIVE)
+    mask_k_bias: bool = key()
+    untie_cls_and_patch_norms: bool = key()
+    untie_global_and_local_cls_norm: bool = key()
+    pos_embed_rope_base: Optional[float] = key(POSITIVE)
+    pos_embed_rope_min_period: Optional[float] = key(POSITIVE)
+    pos_embed_rope_max_period: Optional[float] = key(POSITIVE)
+    pos_embed_rope_normalize_coords: Literal["separate", "min", "max"] = key()
+    pos_embed_rope_shift_coords: Optional[float] = key(NON_NEGATIVE)
+    pos_embed_rope_jitter_coords: Optional[float] = key(Range(ge=1))
+    pos_embed_rope_rescale_coords: Optional[float] = key(Range(ge=1))
+    pos_embed_rope_dtype: Literal["fp32", "bf16", "fp16"] = key()
 
 
 @dataclass
@@ -319,6 +335,44 @@ def _crops_not_in_patches(cfg: dict) -> str | None:
     return None
 
 
+_DINOV3_ONLY_ARCHS = ("vit_so400m", "vit_huge2", "vit_7b")
+_DINOV3_FFN = ("mlp", "swiglu", "swiglu32", "swiglu64", "swiglu128")
+
+
+def _backbone_family(cfg: dict) -> str | None:
+    """Keys that belong to one backbone family only (`student.pos_embed_type`: learned = DINOv2, rope = DINOv3)."""
+    s = cfg["student"]
+    if s["pos_embed_type"] == "learned":
+        if s["arch"] in _DINOV3_ONLY_ARCHS:
+            return f"config key 'student.arch' = {s['arch']} is a DINOv3 size: set student.pos_embed_type=rope"
+        if s["ffn_layer"] not in ("mlp", "swiglufused", "swiglu"):
+            return (f"config key 'student.ffn_layer' = {s['ffn_layer']} is a DINOv3 FFN: set student.pos_embed_type=rope "
+                    "(DINOv2: mlp or swiglufused)")
+        if s["n_storage_tokens"]:
+            return ("config key 'student.n_storage_tokens' is a DINOv3 key (student.pos_embed_type=rope); DINOv2 "
+                    "backbones have student.num_register_tokens")
+        return None
+    if s["num_register_tokens"]:
+        return ("config key 'student.num_register_tokens' is for DINOv2 backbones; with student.pos_embed_type=rope "
+                "set student.n_storage_tokens")
+    if s["ffn_layer"] not in _DINOV3_FFN:
+        return (f"config key 'student.ffn_layer' = {s['ffn_layer']} is not a DINOv3 FFN: choose one of "
+                f"{', '.join(_DINOV3_FFN)}")
+    if s["attn_impl"] != "sdpa":
+        return "config key 'student.attn_impl' = xformers: DINOv3 (student.pos_embed_type=rope) backbones use sdpa"
+    if not s["drop_path_uniform"]:
+        return ("config key 'student.drop_path_uniform' is false: DINOv3 (student.pos_embed_type=rope) uses the same "
+                "drop path rate in every block (official); set it true")
+    periods = (s["pos_embed_rope_min_period"], s["pos_embed_rope_max_period"])
+    if s["pos_embed_rope_base"] is None and None in periods:
+        return ("config key 'student.pos_embed_rope_base' is null: set both student.pos_embed_rope_min_period and "
+                "pos_embed_rope_max_period (or a base)")
+    if s["pos_embed_rope_base"] is not None and periods != (None, None):
+        return ("config key 'student.pos_embed_rope_min_period' / max_period is set with pos_embed_rope_base: the "
+                "periods come from one or the other; set pos_embed_rope_base=null to use min/max")
+    return None
+
+
 def run_iterations(cfg: Any) -> int:
     """The run's number of iterations: train.max_iterations, if set, caps optim.epochs * OFFICIAL_EPOCH_LENGTH
     (a mapping of sections: the plain values or the DictConfig)."""
@@ -374,7 +428,8 @@ def _gram_weight_schedule(cfg: dict) -> str | None:
 
 # Rules over several keys, checked after every key passed on its own; each gives its error or None.
 RELATIONS: tuple[Callable[[dict], str | None], ...] = (
-    _no_checkpoint_period, _crops_not_in_patches, _gram_options, _gram_starts_after_the_run, _gram_weight_schedule)
+    _no_checkpoint_period, _crops_not_in_patches, _backbone_family, _gram_options, _gram_starts_after_the_run,
+    _gram_weight_schedule)
 
 
 # --- reading the declaration ------------------------------------------------------------------------------------

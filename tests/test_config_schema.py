@@ -111,7 +111,8 @@ def test_every_choice_is_enforced(leaf):
     message = _one_line_naming(leaf.key, [f"{leaf.key}=not_a_choice"])
     assert "must be one of " + ", ".join(typing.get_args(leaf.base)) in message
     for choice in typing.get_args(leaf.base):
-        cfg = load_config("smoke/cpu_tiny", [f"{leaf.key}={choice}"])
+        family = ["student.pos_embed_type=rope"] if (leaf.key, choice) in DINOV3_ONLY_CHOICES else []
+        cfg = load_config("smoke/cpu_tiny", [f"{leaf.key}={choice}", *family])
         assert _default(OmegaConf.to_container(cfg), leaf.key) == choice
 
 
@@ -122,6 +123,11 @@ def _outside(rule: schema.Range) -> list:
         if bound is not None:
             out.append(bound + step)
     return out
+
+
+# choices of the DINOv3 backbone only (schema._backbone_family): valid with student.pos_embed_type=rope
+DINOV3_ONLY_CHOICES = {("student.arch", a) for a in ("vit_so400m", "vit_huge2", "vit_7b")} | {
+    ("student.ffn_layer", f) for f in ("swiglu32", "swiglu64", "swiglu128")}
 
 
 @pytest.mark.parametrize("leaf", RANGES, ids=[leaf.key for leaf in RANGES])
@@ -195,9 +201,16 @@ def test_choices_follow_what_the_code_builds():
     from dinotrain.models.layers import FFN_LAYERS
     from dinotrain.models.vision_transformer import ARCH_SIZES
 
+    from dinotrain.models.dinov3 import DINOV3_ARCH_SIZES, ROPE_DTYPES
+    from dinotrain.models.dinov3_layers import FFN_ALIGN, NORM_EPS
+    from dinotrain.models.rope import NORMALIZE_COORDS
+
     student = typing.get_type_hints(schema.Student)
-    assert set(typing.get_args(student["arch"])) == set(ARCH_SIZES)
-    assert set(typing.get_args(student["ffn_layer"])) == set(FFN_LAYERS)
+    assert set(typing.get_args(student["arch"])) == set(ARCH_SIZES) | set(DINOV3_ARCH_SIZES)
+    assert set(typing.get_args(student["ffn_layer"])) == set(FFN_LAYERS) | set(FFN_ALIGN)
+    assert set(typing.get_args(student["norm_layer"])) == set(NORM_EPS)
+    assert set(typing.get_args(student["pos_embed_rope_dtype"])) == set(ROPE_DTYPES)
+    assert set(typing.get_args(student["pos_embed_rope_normalize_coords"])) == set(NORMALIZE_COORDS)
     assert set(typing.get_args(typing.get_type_hints(schema.ComputePrecision)["dtype"])) == {"auto", *DTYPES}
     from dinotrain.losses.gram import RESIZE_METHODS, TOKENS_USED
 

@@ -107,6 +107,15 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
 
 
+@torch.no_grad()
+def copy_params(dst: nn.Module, src: nn.Module) -> None:
+    """dst's parameters = src's, shard by shard (both sharded alike); buffers are constants of the architecture."""
+    d_params = [local(p) for p in dst.parameters()]
+    s_params = [local(p).detach() for p in src.parameters()]
+    assert len(d_params) == len(s_params)
+    torch._foreach_copy_(d_params, s_params)
+
+
 def clip_grad_norm(module: nn.Module, max_norm: float) -> torch.Tensor:
     """Clip the gradient norm of one module (sharded grads included); returns the total norm."""
     params = [p for p in module.parameters() if p.grad is not None]

@@ -110,6 +110,21 @@ DINOV3_PRESETS: dict[str, dict] = {
 }
 
 
+# Sizes by the official `student.arch` names (`dinov3/models/vision_transformer.py`: vit_small ... vit_7b), as
+# (embed_dim, depth, num_heads, ffn_ratio); `vit_tiny` (DeiT-Tiny) is ours, for smoke runs and tests. Training
+# builds a DINOv3 backbone from these and the `student.*` keys (`train/ssl.py`), like the official `build_model`.
+DINOV3_ARCH_SIZES: dict[str, tuple[int, int, int, float]] = {
+    "vit_tiny": (192, 12, 3, 4.0),
+    "vit_small": (384, 12, 6, 4.0),
+    "vit_base": (768, 12, 12, 4.0),
+    "vit_large": (1024, 24, 16, 4.0),
+    "vit_so400m": (1152, 27, 18, 3.777777778),
+    "vit_huge2": (1280, 32, 20, 4.0),
+    "vit_giant2": (1536, 40, 24, 4.0),
+    "vit_7b": (4096, 40, 32, 3.0),
+}
+
+
 class Dinov3VisionTransformer(nn.Module):
     """DINOv3 ViT returning the CLS token, storage tokens and patch tokens; RoPE, so any image size."""
 
@@ -309,6 +324,16 @@ def build_dinov3(name: str, **overrides) -> Dinov3VisionTransformer:
     if name not in DINOV3_PRESETS:
         raise ValueError(f"unknown DINOv3 model {name!r}; choose one of {sorted(DINOV3_PRESETS)}")
     return Dinov3VisionTransformer(**{**DINOV3_PRESETS[name], **overrides})
+
+
+def dinov3_arch(arch: str, **kwargs) -> Dinov3VisionTransformer:
+    """Backbone by official `student.arch` name (`vit_large`, ...; see `DINOV3_ARCH_SIZES`); `kwargs` (Dinov3Spec
+    fields, `drop_path_rate`) win over the arch's sizes, e.g. `depth` or `ffn_ratio`."""
+    if arch not in DINOV3_ARCH_SIZES:
+        raise ValueError(f"unknown DINOv3 arch {arch!r}; choose one of {sorted(DINOV3_ARCH_SIZES)}")
+    embed_dim, depth, num_heads, ffn_ratio = DINOV3_ARCH_SIZES[arch]
+    sizes = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, ffn_ratio=ffn_ratio)
+    return Dinov3VisionTransformer(**{**sizes, **kwargs})
 
 
 def dinov3_from_spec(spec: Dinov3Spec, **kwargs) -> Dinov3VisionTransformer:

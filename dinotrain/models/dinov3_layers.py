@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from dinotrain.models.layers import LayerScale, Mlp, add_residual_on_subset
 from dinotrain.models.rope import apply_rope
@@ -111,6 +112,7 @@ class Dinov3Block(nn.Module):
         self.mlp = ffn_class(dim, ffn_hidden, bias=ffn_bias)
         self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
         self.drop_path_rate = drop_path
+        self.checkpointing = False  # recompute activations in backward (set by the FSDP wrapper, as DINOv2 blocks)
 
     def _attn_branch(self, rope: tuple[Tensor, Tensor] | None) -> Callable[[Tensor], Tensor]:
         return lambda x: self.ls1(self.attn(self.norm1(x), rope))
@@ -137,4 +139,6 @@ class Dinov3Block(nn.Module):
         ropes = list(rope) if rope is not None else [None] * len(x)
         if len(ropes) != len(x):
             raise ValueError(f"{len(x)} token tensors but {len(ropes)} RoPE tables")
+        if self.checkpointing and torch.is_grad_enabled():  # RNG state kept, so drop path redraws the same subsets
+            return checkpoint(self._forward_list, x, ropes, use_reentrant=False)
         return self._forward_list(x, ropes)

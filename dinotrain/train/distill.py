@@ -53,6 +53,9 @@ class Distillation:
     def __init__(self, cfg, run_dir: Path, env: DistEnv, newest_extra: dict | None, allow_config_change: bool = False):
         """Checks of the students and the teacher, before the dataset and the models are built."""
         self.cfg, self.run_dir, self.env = cfg, run_dir, env
+        if cfg.gram.use_loss:
+            raise ConfigError("config key 'gram.use_loss' is true: Gram anchoring is a part of pretraining (dinotrain "
+                              "train); distillation does not use it (official), set gram.use_loss=false")
         self.allow_config_change = allow_config_change
         self.student_cfgs = student_configs(cfg)
         self._check_students(newest_extra)

@@ -8,7 +8,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-_EMBEDDING_PARAMS = ("pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens")
+_EMBEDDING_PARAMS = ("pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens", "storage_tokens")
 
 
 def layer_id(name: str, num_layers: int) -> int:

@@ -1,9 +1,13 @@
-"""`dinotrain train`: DINOv2 self-supervised pretraining as an objective of the one loop.
+"""`dinotrain train`: DINOv2 / DINOv3 self-supervised pretraining as an objective of the one loop.
 
-One learner: the student and its EMA teacher (`train/ssl.py`), from scratch or from pretrained weights
-(`student.pretrained_weights`; backbone-only weights get their heads from the head warm-up first). A
-checkpoint holds the meta-architecture, the optimizer and the grad scaler; the run leaves the teacher
-backbone in the official hub layout (`RunDir.teacher_backbone`).
+One learner: the student and its EMA teacher (`train/ssl.py`; a DINOv3 backbone with `student.pos_embed_type:
+rope`), from scratch or from pretrained weights (`student.pretrained_weights`; backbone-only weights get their
+heads from the head warm-up first). With `gram.use_loss` (DINOv3's Gram anchoring) the meta-architecture also holds
+the Gram teacher; at each iteration `gram_at` (`train/gram_schedule.py`, a pure function of config and iteration)
+says whether it takes the EMA teacher's weights before the forward, whether the Gram loss counts and its weight,
+so a resumed run does exactly what the uninterrupted one did. A checkpoint holds the meta-architecture (Gram
+teacher included), the optimizer and the grad scaler; the run leaves the teacher backbone in the official hub
+layout (`RunDir.teacher_backbone`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from omegaconf import DictConfig
 
 from dinotrain.distributed.checkpoint import Parts, resume_point
 from dinotrain.distributed.env import DistEnv, all_ranks
+from dinotrain.train.gram_schedule import gram_at
 from dinotrain.train.learner import build_learner
 from dinotrain.train.rundir import RunDir
 from dinotrain.train.schedules import build_schedules, scaled_lr
@@ -36,16 +41,24 @@ class Pretraining:
         """The networks (from pretrained weights with heads, unless resuming: the checkpoint has everything)."""
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # same init on every rank
-        model = SSLMetaArch(cfg)
+        model = SSLMetaArch(cfg, with_gram=bool(cfg.gram.use_loss))
         if cfg.student.pretrained_weights and not resuming:
             from dinotrain.train.head_warmup import pretrained_with_heads
 
             model.load_student_backbone(pretrained_with_heads(cfg, self.run_dir, self.env, dataset))
+        if model.gram_teacher is not None and cfg.gram.ckpt and not resuming:
+            from dinotrain.weights.resolve import open_weights
+
+            model.load_gram_teacher(open_weights(cfg.gram.ckpt), cfg.gram.ckpt)
         schedules = build_schedules(cfg, scaled_lr(cfg, global_batch))
         self.learners = [build_learner(model, cfg, schedules, dtype, self.env.device)]
 
     def losses(self, batch: dict, it: int, micro: int):
-        return ssl_losses(self.learners[0], batch)
+        gram = gram_at(self.cfg, it) if self.cfg.gram.use_loss else None
+        if gram is not None and gram.refresh and micro == 0:
+            self.learners[0].model.refresh_gram_teacher()
+            log.info("the Gram teacher takes the EMA teacher's weights before iteration %d (counted from 0)", it)
+        return ssl_losses(self.learners[0], batch, gram)
 
     def parts(self) -> Parts:
         return {"": (self.learners[0].model, self.learners[0].optimizer)}

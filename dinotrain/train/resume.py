@@ -30,7 +30,11 @@ ARCH_KEYS = ("student.arch", "student.depth", "student.patch_size", "student.ffn
              "student.num_register_tokens", "student.qkv_bias", "student.proj_bias", "student.ffn_bias",
              "crops.global_crops_size", "dino.head_n_prototypes", "dino.head_bottleneck_dim", "dino.head_nlayers",
              "dino.head_hidden_dim", "dino.norm_last_layer", "ibot.separate_head", "ibot.head_n_prototypes",
-             "ibot.head_bottleneck_dim", "ibot.head_nlayers", "ibot.head_hidden_dim", "ibot.norm_last_layer")
+             "ibot.head_bottleneck_dim", "ibot.head_nlayers", "ibot.head_hidden_dim", "ibot.norm_last_layer",
+             "student.pos_embed_type", "student.ffn_ratio", "student.n_storage_tokens", "student.mask_k_bias",
+             "student.untie_cls_and_patch_norms", "student.untie_global_and_local_cls_norm",
+             # what a checkpoint holds: a Gram teacher or not
+             "gram.use_loss", "gram.ema_teacher")
 # Keys whose change turns the continued run into another experiment.
 GUARDED_KEYS = ("train.dataset_path", "train.centering")
 
