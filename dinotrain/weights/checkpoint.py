@@ -14,18 +14,30 @@ from torch import Tensor
 
 from dinotrain.distributed.checkpoint import EXTRA, read_extra
 from dinotrain.distributed.checkpoint_files import read_metadata, read_tensors
+from dinotrain.models.dinov3 import Dinov3Spec
 from dinotrain.models.vision_transformer import ViTSpec
 from dinotrain.train.rundir import RunDir
+from dinotrain.weights.dinov3_layouts import infer_dinov3_spec
 from dinotrain.weights.state_dict import Weights, infer_spec
 
 HEADS = ("dino_head", "ibot_head")
 
 
-def run_spec(backbone: dict[str, Tensor], config: dict) -> ViTSpec:
+# DINOv3 settings that weights do not hold, read from a DINOv3 run's `student.*` config
+_DINOV3_RUN_KEYS = ("norm_layer", "pos_embed_rope_normalize_coords", "pos_embed_rope_shift_coords",
+                    "pos_embed_rope_jitter_coords", "pos_embed_rope_rescale_coords", "pos_embed_rope_dtype")
+
+
+def run_spec(backbone: dict[str, Tensor], config: dict) -> ViTSpec | Dinov3Spec:
     """The spec of a run's backbone: shapes from the tensors, position-embedding interpolation (not stored in
-    weights) from the run's `student.*` config when it has one."""
-    spec = infer_spec(backbone)
+    weights; for DINOv3 the norm eps and RoPE settings) from the run's `student.*` config when it has one."""
     student = config.get("student") or {}
+    if "rope_embed.periods" in backbone:
+        spec = infer_dinov3_spec(backbone)
+        if student.get("pos_embed_type") == "rope":
+            spec = dataclasses.replace(spec, **{k: student[k] for k in _DINOV3_RUN_KEYS})
+        return spec
+    spec = infer_spec(backbone)
     if "interpolate_offset" in student:
         spec = dataclasses.replace(spec, interpolate_offset=float(student["interpolate_offset"]),
                                    interpolate_antialias=bool(student["interpolate_antialias"]))

@@ -1,0 +1,125 @@
+"""DINOv3 pretraining with Gram anchoring through the one loop (real CLI runs of a few seconds).
+
+One 8-iteration run of a 2-block DINOv3 with the Gram teacher loaded from the EMA teacher before iteration 4 and
+refreshed before iteration 6 (0-based), checkpoints every 2 iterations, is shared by the checks: the losses, when
+`gram_loss` is logged, the Gram teacher in each checkpoint against the EMA teacher of the checkpoint it must have
+been copied from, and a kill -9 + resume that must end bitwise equal.
+"""
+
+import math
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dinotrain.distributed.checkpoint_files import read_tensors
+from trainruns import REPO, env, kill_tree, metrics, run_cli, wait_for
+
+# trainruns.FAST adapted to DINOv3: patch 16 needs 64-px global crops (the iBOT masks need more than a 2x2 grid)
+DINOV3_FAST = [
+    "student.pos_embed_type=rope", "student.depth=2", "student.patch_size=16", "student.n_storage_tokens=2",
+    "student.mask_k_bias=true", "student.pos_embed_rope_rescale_coords=2", "student.pos_embed_rope_dtype=fp32",
+    "student.drop_path_rate=0.1",
+    "train.batch_size_per_gpu=4", "train.num_workers=0", "train.OFFICIAL_EPOCH_LENGTH=4", "optim.epochs=2",
+    "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1", "train.log_every=1",
+    "crops.global_crops_size=64", "crops.local_crops_size=32", "crops.local_crops_number=2",
+    "dino.head_n_prototypes=64", "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16",
+    "ibot.head_n_prototypes=64", "checkpoint.period_iterations=2", "checkpoint.keep_last=10",
+]
+GRAM = ["gram.use_loss=true", "gram.it_load_ema_teacher=4", "gram.update_frequency=2", "gram.it_first_update=6"]
+LOADED, REFRESHED = 4, 6  # the iterations (counted from 0) before whose forward the Gram teacher takes the EMA's
+
+
+def _args(run_dir, overrides=()):
+    return ["train", "--config", "smoke/cpu_tiny", "--output-dir", str(run_dir), *DINOV3_FAST, *GRAM, *overrides]
+
+
+def _network(run_dir, it, name):
+    return read_tensors(run_dir / "checkpoints" / f"{it:08d}", f"model.{name}.backbone.")
+
+
+def _equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def gram_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("dinov3") / "run"
+    proc = run_cli(_args(run), timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run
+
+
+def test_a_dinov3_run_trains_and_logs_the_gram_loss_from_its_start(gram_run):
+    records = metrics(gram_run)
+    assert [r["iteration"] for r in records] == list(range(1, 9))
+    for r in records:
+        assert all(math.isfinite(r[k]) for k in ("backprop_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss"))
+        active = r["iteration"] - 1 >= LOADED  # records are numbered by iterations done
+        assert ("gram_loss" in r) == active, r
+        if active:
+            assert math.isfinite(r["gram_loss"]) and r["gram_loss"] > 0 and r["gram_loss_weight"] == 1.0
+            assert r["backprop_loss"] == pytest.approx(sum(v for k, v in r.items() if k.endswith("_term")), rel=1e-5)
+    # the DINOv3 backbone was trained: its RoPE periods and storage tokens are in the exported teacher
+    teacher = torch.load(gram_run / "teacher_backbone.pth", weights_only=True)
+    assert "rope_embed.periods" in teacher and teacher["storage_tokens"].shape[1] == 2 and "pos_embed" not in teacher
+
+
+def test_the_gram_teacher_is_refreshed_exactly_at_the_scheduled_iterations(gram_run):
+    """Checkpoint k holds the state before iteration k. The Gram teacher in checkpoint k must equal the EMA
+    teacher of the checkpoint of its last refresh before k, and differ from the EMA teacher of any other."""
+    ema = {it: _network(gram_run, it, "teacher") for it in (2, 4, 6, 8)}
+    gram = {it: _network(gram_run, it, "gram_teacher") for it in (2, 4, 6, 8)}
+    assert _equal(gram[2], gram[4])  # nothing copied before iteration 4
+    assert not any(_equal(gram[4], ema[it]) for it in (2, 4))
+    assert _equal(gram[6], ema[LOADED]) and not _equal(gram[6], ema[6])  # loaded before iteration 4, not 5
+    assert _equal(gram[8], ema[REFRESHED]) and not _equal(gram[8], ema[8])  # refreshed before 6, not after
+
+
+def test_kill_9_and_resume_with_gram_on_ends_bitwise_equal(gram_run, tmp_path):
+    run = tmp_path / "run"
+    proc = _start(run)
+    wait_for(run / "checkpoints" / f"{LOADED + 2:08d}", proc, timeout=180)  # the Gram teacher is in use
+    kill_tree(proc.pid)  # SIGKILL: no checkpoint at the stop, the run resumes from the last periodic one
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run / "teacher_backbone.pth").exists()  # killed before its end
+    resumed = run_cli(_args(run), timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (run / "resume_history.jsonl").exists()  # it resumed from a checkpoint of the killed run
+    final = torch.load(run / "teacher_backbone.pth", weights_only=True)
+    assert _equal(final, torch.load(gram_run / "teacher_backbone.pth", weights_only=True))
+    assert _equal(_network(run, 8, "gram_teacher"), _network(gram_run, 8, "gram_teacher"))
+    assert _equal(_network(run, 8, "student"), _network(gram_run, 8, "student"))
+    assert [r["iteration"] for r in metrics(run)] == list(range(1, 9))
+    assert [r["backprop_loss"] for r in metrics(run)] == [r["backprop_loss"] for r in metrics(gram_run)]
+
+
+def _start(run_dir):
+    """The shared run's command in the background (its output in run_dir.log), to be killed mid-way."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = open(str(run_dir) + ".log", "w")
+    return subprocess.Popen([sys.executable, "-m", "dinotrain", *_args(run_dir)], env=env(), stdout=log,
+                            stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+
+
+def test_a_gram_start_after_the_last_iteration_is_one_cli_line(tmp_path):
+    proc = run_cli(_args(tmp_path / "run", ["gram.it_load_ema_teacher=8"]), timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("dinotrain train: error:")]
+    assert len(errors) == 1 and "gram.it_load_ema_teacher' = 8 is after the run's last iteration 7" in errors[0]
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["student.pos_embed_type=learned"], "student.n_storage_tokens"),
+    (["student.num_register_tokens=4"], "student.num_register_tokens"),
+    (["student.ffn_layer=swiglufused"], "not a DINOv3 FFN"),
+])
+def test_backbone_family_mixups_are_one_line(overrides, words, tmp_path):
+    from dinotrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=words) as info:
+        load_config("smoke/cpu_tiny", [*DINOV3_FAST, *overrides])
+    assert "\n" not in str(info.value)
