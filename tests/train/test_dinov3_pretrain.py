@@ -123,3 +123,23 @@ def test_backbone_family_mixups_are_one_line(overrides, words, tmp_path):
     with pytest.raises(ConfigError, match=words) as info:
         load_config("smoke/cpu_tiny", [*DINOV3_FAST, *overrides])
     assert "\n" not in str(info.value)
+
+
+def test_gram_ckpt_weights_load_into_the_gram_teacher_and_a_misfit_is_one_line():
+    from dinotrain.config import load_config
+    from dinotrain.train.ssl import SSLMetaArch
+    from dinotrain.weights.state_dict import WeightsError
+
+    model = SSLMetaArch(load_config("smoke/cpu_tiny", [*DINOV3_FAST, *GRAM]), with_gram=True)
+    gram = model.gram_teacher["backbone"]
+    assert not gram.training and not any(p.requires_grad for p in gram.parameters())
+    model.train()
+    assert not gram.training  # official: the Gram teacher always runs in eval mode
+    weights = {k: torch.randn_like(v) if v.is_floating_point() and k != "rope_embed.periods" else v
+               for k, v in gram.state_dict().items()}
+    model.load_gram_teacher(weights, "gram.pth")
+    assert _equal(gram.state_dict(), weights)
+    deeper = SSLMetaArch(load_config("smoke/cpu_tiny", [*DINOV3_FAST, "student.depth=3"]))
+    with pytest.raises(WeightsError, match="'gram.ckpt' = gram.pth") as info:
+        model.load_gram_teacher(deeper.teacher["backbone"].state_dict(), "gram.pth")
+    assert "\n" not in str(info.value)
