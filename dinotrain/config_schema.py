@@ -346,8 +346,8 @@ def _backbone_family(cfg: dict) -> str | None:
         if s["arch"] in _DINOV3_ONLY_ARCHS:
             return f"config key 'student.arch' = {s['arch']} is a DINOv3 size: set student.pos_embed_type=rope"
         if s["ffn_layer"] not in ("mlp", "swiglufused", "swiglu"):
-            return (f"config key 'student.ffn_layer' = {s['ffn_layer']} is a DINOv3 FFN: set student.pos_embed_type=rope "
-                    "(DINOv2: mlp or swiglufused)")
+            return (f"config key 'student.ffn_layer' = {s['ffn_layer']} is a DINOv3 FFN: set "
+                    "student.pos_embed_type=rope (DINOv2: mlp or swiglufused)")
         if s["n_storage_tokens"]:
             return ("config key 'student.n_storage_tokens' is a DINOv3 key (student.pos_embed_type=rope); DINOv2 "
                     "backbones have student.num_register_tokens")
