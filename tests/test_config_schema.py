@@ -57,6 +57,10 @@ def _type_matches(tp, value) -> bool:
     if typing.get_origin(tp) is tuple:
         items = typing.get_args(tp)
         return isinstance(value, list) and len(value) == len(items) and all(map(_type_matches, items, value))
+    if typing.get_origin(tp) is list:
+        return isinstance(value, list) and all(_type_matches(typing.get_args(tp)[0], v) for v in value)
+    if typing.get_origin(tp) is typing.Union:  # e.g. a crop size: one int, or a list of them
+        return any(_type_matches(option, value) for option in typing.get_args(tp))
     return type(value) is tp
 
 
