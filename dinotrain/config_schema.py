@@ -178,9 +178,9 @@ class Student:
     drop_path_rate: float = key(Range(ge=0, lt=1))
     layerscale: float = key(Range(ge=0, note="0 disables LayerScale"))
     drop_path_uniform: bool = key()
+    resume_from_teacher_chkpt: str = key()
     pretrained_weights: str = key()
     pretrained_strict: bool = key()
-    resume_from_teacher_chkpt: str = key()
     ffn_layer: Literal["mlp", "swiglufused", "swiglu"] = key()
     block_chunks: int = key()
     qkv_bias: bool = key()
@@ -329,49 +329,6 @@ def _crops_not_in_patches(cfg: dict) -> str | None:
     return None
 
 
-CROP_SIZE_LISTS = ("global_crops_size", "local_crops_size", "gram_teacher_crops_size",
-                   "global_local_crop_pairs_ratios")
-
-
-def _crop_size_lists(cfg: dict) -> str | None:
-    """The high-res stage's resolutions (official `build_multi_resolution_data_loader_from_cfg`): one entry per
-    (global, local, gram) size and its ratio; a single value stands for every entry."""
-    crops = cfg["crops"]
-    lengths = {name: len(crops[name]) for name in CROP_SIZE_LISTS if isinstance(crops[name], list)}
-    if len(set(lengths.values())) > 1:
-        said = ", ".join(f"crops.{name} has {n}" for name, n in lengths.items())
-        return (f"config key 'crops.global_crops_size' and its companions list different numbers of resolutions "
-                f"({said}): give each list one entry per (global, local, gram) size tuple, or a single value")
-    ratios = crops["global_local_crop_pairs_ratios"]
-    if not isinstance(ratios, list) and max(lengths.values(), default=1) > 1:
-        return (f"config key 'crops.global_local_crop_pairs_ratios' = {ratios} must list one ratio per resolution "
-                f"({max(lengths.values())} in crops.global_crops_size and its companions), summing to 1")
-    if isinstance(ratios, list) and abs(sum(ratios) - 1.0) > 1e-6:
-        return (f"config key 'crops.global_local_crop_pairs_ratios' = {crops['global_local_crop_pairs_ratios']} "
-                f"must sum to 1 (the share of batches at each resolution); they sum to {sum(ratios):g}")
-    return None
-
-
-def _first_stage_missing(cfg: dict) -> str | None:
-    """A continuation stage (the high-res adaptation, official `student.resume_from_teacher_chkpt`) needs the run
-    of the stage before it; looked at by names and headers only, as the weights resolver does."""
-    path = cfg["student"]["resume_from_teacher_chkpt"]
-    if not path:
-        return None
-    where = f"config key 'student.resume_from_teacher_chkpt' = {path!r}"
-    if cfg["student"]["pretrained_weights"]:
-        return (f"{where} and student.pretrained_weights are both set: a continuation stage starts from its first-stage "
-                "run alone; clear one of them")
-    from dinotrain.weights.resolve import resolve  # only here: it imports torch, which loading a config need not
-
-    try:
-        resolve(path, heads=True)
-    except (FileNotFoundError, ValueError) as exc:
-        return (f"{where}: a high-res stage without a first-stage run ({str(exc).splitlines()[0]}); set it to the run "
-                "directory, checkpoint or full export of the stage it continues")
-    return None
-
-
 def run_iterations(cfg: Any) -> int:
     """The run's number of iterations: train.max_iterations, if set, caps optim.epochs * OFFICIAL_EPOCH_LENGTH
     (a mapping of sections: the plain values or the DictConfig)."""
@@ -425,10 +382,53 @@ def _gram_weight_schedule(cfg: dict) -> str | None:
     return None
 
 
+CROP_SIZE_LISTS = ("global_crops_size", "local_crops_size", "gram_teacher_crops_size",
+                   "global_local_crop_pairs_ratios")
+
+
+def _crop_size_lists(cfg: dict) -> str | None:
+    """The high-res stage's resolutions (official `build_multi_resolution_data_loader_from_cfg`): one entry per
+    (global, local, gram) size and its ratio; a single value stands for every entry."""
+    crops = cfg["crops"]
+    lengths = {name: len(crops[name]) for name in CROP_SIZE_LISTS if isinstance(crops[name], list)}
+    if len(set(lengths.values())) > 1:
+        said = ", ".join(f"crops.{name} has {n}" for name, n in lengths.items())
+        return (f"config key 'crops.global_crops_size' and its companions list different numbers of resolutions "
+                f"({said}): give each list one entry per (global, local, gram) size tuple, or a single value")
+    ratios = crops["global_local_crop_pairs_ratios"]
+    if not isinstance(ratios, list) and max(lengths.values(), default=1) > 1:
+        return (f"config key 'crops.global_local_crop_pairs_ratios' = {ratios} must list one ratio per resolution "
+                f"({max(lengths.values())} in crops.global_crops_size and its companions), summing to 1")
+    if isinstance(ratios, list) and abs(sum(ratios) - 1.0) > 1e-6:
+        return (f"config key 'crops.global_local_crop_pairs_ratios' = {crops['global_local_crop_pairs_ratios']} "
+                f"must sum to 1 (the share of batches at each resolution); they sum to {sum(ratios):g}")
+    return None
+
+
+def _first_stage_missing(cfg: dict) -> str | None:
+    """A continuation stage (the high-res adaptation, official `student.resume_from_teacher_chkpt`) needs the run
+    of the stage before it; looked at by names and headers only, as the weights resolver does."""
+    path = cfg["student"]["resume_from_teacher_chkpt"]
+    if not path:
+        return None
+    where = f"config key 'student.resume_from_teacher_chkpt' = {path!r}"
+    if cfg["student"]["pretrained_weights"]:
+        return (f"{where} and student.pretrained_weights are both set: a continuation stage starts from its first-stage "
+                "run alone; clear one of them")
+    from dinotrain.weights.resolve import resolve  # only here: it imports torch, which loading a config need not
+
+    try:
+        resolve(path, heads=True)
+    except (FileNotFoundError, ValueError) as exc:
+        return (f"{where}: a high-res stage without a first-stage run ({str(exc).splitlines()[0]}); set it to the run "
+                "directory, checkpoint or full export of the stage it continues")
+    return None
+
+
 # Rules over several keys, checked after every key passed on its own; each gives its error or None.
 RELATIONS: tuple[Callable[[dict], str | None], ...] = (
-    _no_checkpoint_period, _crops_not_in_patches, _gram_options, _gram_starts_after_the_run, _gram_weight_schedule,
-    _crop_size_lists, _first_stage_missing)
+    _no_checkpoint_period, _crops_not_in_patches, _gram_options, _gram_starts_after_the_run, _gram_weight_schedule)
+RELATIONS += (_crop_size_lists, _first_stage_missing)  # DINOv3 crops and continuation stages
 
 
 # --- reading the declaration ------------------------------------------------------------------------------------
