@@ -321,7 +321,10 @@ def _no_checkpoint_period(cfg: dict) -> str | None:
 
 def _crops_not_in_patches(cfg: dict) -> str | None:
     patch = cfg["student"]["patch_size"]
-    for name in ("global_crops_size", "local_crops_size", "gram_teacher_crops_size"):
+    # A DINOv3 (RoPE) backbone takes local crops of any side, its patch embedding dropping the rest, as official:
+    # the high-res stage's 168-px local crops with patch 16 (dinov3_vit7b16_high_res_adapt.yaml).
+    rope = cfg["student"].get("pos_embed_type") == "rope"
+    for name in ("global_crops_size", "gram_teacher_crops_size") + (() if rope else ("local_crops_size",)):
         size = cfg["crops"][name]
         for one in size if isinstance(size, list) else [] if size is None else [size]:
             if one % patch:

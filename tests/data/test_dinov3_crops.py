@@ -203,6 +203,20 @@ def test_bad_size_lists_are_one_line_errors(overrides, words):
     assert words in _one_line(overrides)
 
 
+def test_rope_backbones_take_local_crops_of_any_side_as_official():
+    """Official dinov3_vit7b16_high_res_adapt.yaml pairs 168-px local crops with patch 16 (its patch embedding
+    drops the rest); global and Gram crops stay whole patches (the mask grid, the Gram teacher's grid)."""
+    from dinotrain.config_schema import _crops_not_in_patches
+
+    cfg = {"student": {"patch_size": 16, "pos_embed_type": "rope"},
+           "crops": {"global_crops_size": [512, 768], "local_crops_size": [112, 168], "gram_teacher_crops_size": None}}
+    assert _crops_not_in_patches(cfg) is None
+    cfg["student"]["pos_embed_type"] = "learned"
+    assert "'crops.local_crops_size' = [112, 168] must be a multiple" in _crops_not_in_patches(cfg)
+    cfg["student"]["pos_embed_type"], cfg["crops"]["gram_teacher_crops_size"] = "rope", [776, 1152]
+    assert "'crops.gram_teacher_crops_size' = [776, 1152] must be a multiple" in _crops_not_in_patches(cfg)
+
+
 def test_a_continuation_stage_needs_its_first_stage_run(tmp_path):
     missing = _one_line([f"student.resume_from_teacher_chkpt={tmp_path / 'nowhere'}"])
     assert missing.startswith("config key 'student.resume_from_teacher_chkpt'")
