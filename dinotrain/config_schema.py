@@ -178,7 +178,9 @@ class Student:
     drop_path_rate: float = key(Range(ge=0, lt=1))
     layerscale: float = key(Range(ge=0, note="0 disables LayerScale"))
     drop_path_uniform: bool = key()
-    resume_from_teacher_chkpt: str = key()
+    resume_from_teacher_chkpt: str = key(if_null="a high-res stage without a first-stage run: set it to the run "
+                                                  "directory, checkpoint or full export of the stage it continues "
+                                                  "('' for a first stage)")
     pretrained_weights: str = key()
     pretrained_strict: bool = key()
     ffn_layer: Literal["mlp", "swiglufused", "swiglu"] = key()

@@ -218,6 +218,9 @@ def test_rope_backbones_take_local_crops_of_any_side_as_official():
 
 
 def test_a_continuation_stage_needs_its_first_stage_run(tmp_path):
+    required = _one_line(["student.resume_from_teacher_chkpt=null"])  # as the high-res recipe ships it
+    assert required.startswith("config key 'student.resume_from_teacher_chkpt' is required but is null: a high-res "
+                               "stage without a first-stage run"), required
     missing = _one_line([f"student.resume_from_teacher_chkpt={tmp_path / 'nowhere'}"])
     assert missing.startswith("config key 'student.resume_from_teacher_chkpt'")
     assert "a high-res stage without a first-stage run" in missing and "weights not found" in missing
