@@ -240,3 +240,17 @@ def test_crop_size_options_refuses_lists_of_other_lengths_without_a_checked_conf
                            "global_local_crop_pairs_ratios": [0.5, 0.5], "gram_teacher_crops_size": None})
     assert crop_size_options({"global_crops_size": 224, "local_crops_size": 96, "gram_teacher_crops_size": None,
                               "global_local_crop_pairs_ratios": 1.0}) == ([CropSizes(224, 96, None)], [1.0])
+
+
+def test_a_plan_measures_the_largest_size_tuple_of_the_high_res_stage():
+    from dinotrain.plan.step import synthetic_batch
+
+    cfg = load_config(None, TINY + ["crops.global_crops_size=[16,24,24]", "crops.local_crops_size=[8,8,12]",
+                                    "crops.gram_teacher_crops_size=[24,32,32]",
+                                    "crops.global_local_crop_pairs_ratios=[0.8,0.1,0.1]"])
+    batch = synthetic_batch(cfg, batch_size=2, world_size=1)
+    assert batch["collated_global_crops"].shape[-1] == 24 and batch["collated_local_crops"].shape[-1] == 12
+    assert batch["collated_gram_teacher_crops"].shape == (4, 3, 32, 32)
+    assert batch["collated_masks"].shape == (4, 36)
+    single = synthetic_batch(load_config(None, TINY), batch_size=2, world_size=1)
+    assert single["collated_global_crops"].shape[-1] == 16 and "collated_gram_teacher_crops" not in single
