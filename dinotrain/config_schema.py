@@ -78,6 +78,8 @@ POSITIVE = Range(gt=0)
 NON_NEGATIVE = Range(ge=0)
 PROBABILITY = Range(ge=0, le=1)
 ORDERED_FRACTIONS = Check(lambda v: 0 <= v[0] <= v[1] <= 1, "[min, max] with 0 <= min <= max <= 1")
+CROP_SIZES = Check(lambda v: all(s > 0 for s in v) and len(v) > 0 if isinstance(v, list) else v > 0,
+                   "a positive int or a non-empty list of positive ints (one per resolution of the high-res stage)")
 
 
 def key(rule: Range | Check | Each | None = None, *, must: str = "", if_null: str = "") -> Any:
@@ -177,6 +179,9 @@ class Student:
     drop_path_rate: float = key(Range(ge=0, lt=1))
     layerscale: float = key(Range(ge=0, note="0 disables LayerScale"))
     drop_path_uniform: bool = key()
+    resume_from_teacher_chkpt: str = key(if_null="a high-res stage without a first-stage run: set it to the run "
+                                                  "directory, checkpoint or full export of the stage it continues "
+                                                  "('' for a first stage)")
     pretrained_weights: str = key()
     pretrained_strict: bool = key()
     ffn_layer: Literal["mlp", "swiglufused", "swiglu", "swiglu32", "swiglu64", "swiglu128"] = key()
@@ -237,8 +242,14 @@ class Crops:
     global_crops_scale: tuple[float, float] = key(ORDERED_FRACTIONS)
     local_crops_number: int = key(NON_NEGATIVE)
     local_crops_scale: tuple[float, float] = key(ORDERED_FRACTIONS)
-    global_crops_size: int = key(POSITIVE)
-    local_crops_size: int = key(POSITIVE)
+    global_crops_size: Union[int, list[int]] = key(CROP_SIZES)
+    local_crops_size: Union[int, list[int]] = key(CROP_SIZES)
+    global_local_crop_pairs_ratios: Union[float, list[float]] = key(
+        Check(lambda v: all(r >= 0 for r in (v if isinstance(v, list) else [v])), "non-negative"),
+        must="a number or a list of numbers >= 0 (one per crops.global_crops_size entry, summing to 1)")
+    gram_teacher_crops_size: Optional[Union[int, list[int]]] = key(CROP_SIZES)
+    gram_teacher_no_distortions: bool = key()
+    horizontal_flips: bool = key()
     blur_kernel_size: int = key(Check(lambda k: k >= 1 and k % 2 == 1, "a positive odd number"))
     blur_probabilities: tuple[float, float, float] = key(
         Each((PROBABILITY,)), must="3 probabilities within [0, 1] (global view 1, global view 2, local views), "
@@ -328,10 +339,14 @@ def _no_checkpoint_period(cfg: dict) -> str | None:
 
 def _crops_not_in_patches(cfg: dict) -> str | None:
     patch = cfg["student"]["patch_size"]
-    for name in ("global_crops_size", "local_crops_size"):
+    # A DINOv3 (RoPE) backbone takes local crops of any side, its patch embedding dropping the rest, as official:
+    # the high-res stage's 168-px local crops with patch 16 (dinov3_vit7b16_high_res_adapt.yaml).
+    rope = cfg["student"].get("pos_embed_type") == "rope"
+    for name in ("global_crops_size", "gram_teacher_crops_size") + (() if rope else ("local_crops_size",)):
         size = cfg["crops"][name]
-        if size % patch:
-            return f"config key 'crops.{name}' = {size} must be a multiple of student.patch_size = {patch}"
+        for one in size if isinstance(size, list) else [] if size is None else [size]:
+            if one % patch:
+                return f"config key 'crops.{name}' = {size} must be a multiple of student.patch_size = {patch}"
     return None
 
 
@@ -426,10 +441,53 @@ def _gram_weight_schedule(cfg: dict) -> str | None:
     return None
 
 
+CROP_SIZE_LISTS = ("global_crops_size", "local_crops_size", "gram_teacher_crops_size",
+                   "global_local_crop_pairs_ratios")
+
+
+def _crop_size_lists(cfg: dict) -> str | None:
+    """The high-res stage's resolutions (official `build_multi_resolution_data_loader_from_cfg`): one entry per
+    (global, local, gram) size and its ratio; a single value stands for every entry."""
+    crops = cfg["crops"]
+    lengths = {name: len(crops[name]) for name in CROP_SIZE_LISTS if isinstance(crops[name], list)}
+    if len(set(lengths.values())) > 1:
+        said = ", ".join(f"crops.{name} has {n}" for name, n in lengths.items())
+        return (f"config key 'crops.global_crops_size' and its companions list different numbers of resolutions "
+                f"({said}): give each list one entry per (global, local, gram) size tuple, or a single value")
+    ratios = crops["global_local_crop_pairs_ratios"]
+    if not isinstance(ratios, list) and max(lengths.values(), default=1) > 1:
+        return (f"config key 'crops.global_local_crop_pairs_ratios' = {ratios} must list one ratio per resolution "
+                f"({max(lengths.values())} in crops.global_crops_size and its companions), summing to 1")
+    if isinstance(ratios, list) and abs(sum(ratios) - 1.0) > 1e-6:
+        return (f"config key 'crops.global_local_crop_pairs_ratios' = {crops['global_local_crop_pairs_ratios']} "
+                f"must sum to 1 (the share of batches at each resolution); they sum to {sum(ratios):g}")
+    return None
+
+
+def _first_stage_missing(cfg: dict) -> str | None:
+    """A continuation stage (the high-res adaptation, official `student.resume_from_teacher_chkpt`) needs the run
+    of the stage before it; looked at by names and headers only, as the weights resolver does."""
+    path = cfg["student"]["resume_from_teacher_chkpt"]
+    if not path:
+        return None
+    where = f"config key 'student.resume_from_teacher_chkpt' = {path!r}"
+    if cfg["student"]["pretrained_weights"]:
+        return (f"{where} and student.pretrained_weights are both set: a continuation stage starts from its first-stage "
+                "run alone; clear one of them")
+    from dinotrain.weights.resolve import resolve  # only here: it imports torch, which loading a config need not
+
+    try:
+        resolve(path, heads=True)
+    except (FileNotFoundError, ValueError) as exc:
+        return (f"{where}: a high-res stage without a first-stage run ({str(exc).splitlines()[0]}); set it to the run "
+                "directory, checkpoint or full export of the stage it continues")
+    return None
+
+
 # Rules over several keys, checked after every key passed on its own; each gives its error or None.
 RELATIONS: tuple[Callable[[dict], str | None], ...] = (
     _no_checkpoint_period, _crops_not_in_patches, _backbone_family, _gram_options, _gram_starts_after_the_run,
-    _gram_weight_schedule)
+    _gram_weight_schedule, _crop_size_lists, _first_stage_missing)
 
 
 # --- reading the declaration ------------------------------------------------------------------------------------
@@ -475,8 +533,8 @@ class Leaf:
         """The type without `Optional`."""
         if not self.optional:
             return self.type
-        (inner,) = [a for a in typing.get_args(self.type) if a is not type(None)]
-        return inner
+        inner = tuple(a for a in typing.get_args(self.type) if a is not type(None))
+        return inner[0] if len(inner) == 1 else Union[inner]
 
 
 @functools.cache
@@ -507,10 +565,19 @@ def _is_type(tp: Any, value: Any) -> bool:
     if typing.get_origin(tp) is tuple:
         items = typing.get_args(tp)
         return isinstance(value, list) and len(value) == len(items) and all(map(_is_type, items, value))
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_is_type(item, v) for v in value)
+    if typing.get_origin(tp) is Union:
+        return any(_is_type(option, value) for option in typing.get_args(tp))
     raise TypeError(f"config schema: no check for the type {tp!r}")  # a schema bug, not a user error
 
 
 def _type_words(tp: Any) -> str:
+    if typing.get_origin(tp) is Union:
+        return " or ".join(_type_words(option) for option in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {typing.get_args(tp)[0].__name__}s"
     if typing.get_origin(tp) is tuple:
         items = typing.get_args(tp)
         return f"a list of {len(items)} {items[0].__name__}s"

@@ -57,6 +57,10 @@ def _type_matches(tp, value) -> bool:
     if typing.get_origin(tp) is tuple:
         items = typing.get_args(tp)
         return isinstance(value, list) and len(value) == len(items) and all(map(_type_matches, items, value))
+    if typing.get_origin(tp) is list:
+        return isinstance(value, list) and all(_type_matches(typing.get_args(tp)[0], v) for v in value)
+    if typing.get_origin(tp) is typing.Union:  # e.g. a crop size: one int, or a list of them
+        return any(_type_matches(option, value) for option in typing.get_args(tp))
     return type(value) is tp
 
 
@@ -240,7 +244,11 @@ SHIPPED = sorted(str(p.relative_to(configs_dir()).with_suffix("")) for p in conf
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_every_shipped_config_loads(name):
-    # the full-scale recipes leave the dataset (and the distillation recipes the teacher) null on purpose
-    cfg = load_config(name, ["train.dataset_path=/data/train", "distillation.teacher=/runs/teacher"])
+def test_every_shipped_config_loads(name, tmp_path):
+    # the full-scale recipes leave the dataset (and the distillation recipes the teacher) null on purpose, and a
+    # continuation stage (the DINOv3 high-res stage) its first-stage run, which must exist
+    first_stage = tmp_path / "teacher.pth"
+    first_stage.write_bytes(b"")
+    stage = [f"student.resume_from_teacher_chkpt={first_stage}"] if name.endswith("high_res_adapt") else []
+    cfg = load_config(name, ["train.dataset_path=/data/train", "distillation.teacher=/runs/teacher", *stage])
     assert cfg.train.dataset_path == "/data/train"

@@ -120,8 +120,20 @@ class RandomResizedCropFlip:
         return img
 
 
+class SquareResize:
+    """Bicubic resize of a PIL image to `size` x `size`, nothing when it has that side already (as the official
+    dinov3 `v2.Resize` between a global crop and its Gram teacher crop, which is a no-op at the same size)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, img):
+        return img if img.size == (self.size, self.size) else img.resize((self.size, self.size),
+                                                                          Image.Resampling.BICUBIC)
+
+
 class DataAugmentationDINO:
-    """PIL image -> dict of normalised crop tensors for one DINOv2 training sample.
+    """PIL image -> dict of normalised crop tensors for one DINOv2 / DINOv3 training sample.
 
     Returns ``{"global_crops": [g1, g2], "global_crops_teacher": [g1, g2],
     "local_crops": [l1, ..., lN], "offsets": ()}``; global crops are
@@ -133,6 +145,14 @@ class DataAugmentationDINO:
     (`grayscale_probability`), by default the official 0.4/0.4/0.2/0.1, 0.8 and 0.2. With
     ``normalize=False`` the crops are uint8 pixels, to be normalised later with `mean` / `std` by
     :func:`dinotrain.data.photometric.normalize_pixels` (the training loader does that on the device).
+
+    DINOv3 (official dinov3/data/augmentations.py): with `gram_teacher_crops_size` the output also holds
+    ``"gram_teacher_crops": [t1, t2]``, the very regions of the two global crops at that side, for the Gram
+    teacher. As official, each global region is cropped once at the larger of the two sides and resized down;
+    with `gram_teacher_no_distortions` the global crop is resized first and distorted at its own side while the
+    Gram crop stays undistorted, else both are the distorted large crop, resized. Without it, nothing changes
+    (not one random draw). `horizontal_flips=False` never flips a crop (the draw is still made, as torchvision's
+    ``RandomHorizontalFlip(p=0)`` does).
     """
 
     def __init__(
@@ -150,6 +170,9 @@ class DataAugmentationDINO:
         color_jitter_probability: float = 0.8,
         grayscale_probability: float = 0.2,
         normalize: bool = True,
+        gram_teacher_crops_size: Optional[int] = None,
+        gram_teacher_no_distortions: bool = False,
+        horizontal_flips: bool = True,
     ):
         self.global_crops_scale = _check_scale("global_crops_scale", global_crops_scale)
         self.local_crops_scale = _check_scale("local_crops_scale", local_crops_scale)
@@ -165,42 +188,96 @@ class DataAugmentationDINO:
         p_global_1, p_global_2, p_local = self.blur_probabilities
         mean, std = _check_mean_std(mean, std)
 
-        self.geometric_global = RandomResizedCropFlip(self.global_crops_size, self.global_crops_scale)
-        self.geometric_local = RandomResizedCropFlip(self.local_crops_size, self.local_crops_scale)
+        gram = gram_teacher_crops_size
+        self.gram_teacher_crops_size = None if gram is None else _check_positive_int("gram_teacher_crops_size", gram)
+        self.gram_teacher_no_distortions = bool(gram_teacher_no_distortions)
+        self.horizontal_flips = bool(horizontal_flips)
+        flip = 0.5 if self.horizontal_flips else 0.0
+        region_side = max(self.global_crops_size, gram or 0)  # one crop per region, resized to each side
+        self.geometric_global = RandomResizedCropFlip(region_side, self.global_crops_scale, flip_probability=flip)
+        self.geometric_local = RandomResizedCropFlip(self.local_crops_size, self.local_crops_scale,
+                                                     flip_probability=flip)
         # The photometric steps draw their randomness exactly as torchvision's transforms do, and run
         # Pillow / OpenCV directly (dinotrain/data/photometric.py says what is bit-identical and what is not).
         colour = ColourDistortion(*_check_colour(color_jitter, color_jitter_probability, grayscale_probability))
         self.mean, self.std, self.normalize = mean, std, bool(normalize)
         to_tensor = ToNormalizedTensor(mean, std) if normalize else ToPixelTensor()
-        g_size = self.global_crops_size
-        self.global_transform_1 = Chain(colour, random_gaussian_blur(p_global_1, g_size, blur_kernel_size), to_tensor)
+        # Where the global distortions run: the global side, or (Gram crops sharing them) the larger region side.
+        g_size = region_side if gram is not None and not self.gram_teacher_no_distortions else self.global_crops_size
+        finish = (to_tensor,) if gram is None else ()  # with Gram crops, `_global_view` resizes, then converts
+        self.to_tensor = to_tensor
+        self.resize_global = SquareResize(self.global_crops_size)
+        self.resize_gram = None if gram is None else SquareResize(gram)
+        self.global_transform_1 = Chain(colour, random_gaussian_blur(p_global_1, g_size, blur_kernel_size), *finish)
         self.global_transform_2 = Chain(
             colour,
             random_gaussian_blur(p_global_2, g_size, blur_kernel_size),
             RandomSolarize(threshold=128, p=0.2),
-            to_tensor,
+            *finish,
         )
         self.local_transform = Chain(
             colour, random_gaussian_blur(p_local, self.local_crops_size, blur_kernel_size), to_tensor
         )
 
+    def _global_view(self, region, distort: Chain):
+        """(global crop, Gram teacher crop or None) of one global region, cropped at the larger side."""
+        if self.resize_gram is None:
+            return distort(region), None
+        if self.gram_teacher_no_distortions:
+            return self.to_tensor(distort(self.resize_global(region))), self.to_tensor(self.resize_gram(region))
+        distorted = distort(region)
+        return self.to_tensor(self.resize_global(distorted)), self.to_tensor(self.resize_gram(distorted))
+
     def __call__(self, image) -> dict:
-        global_1 = self.global_transform_1(self.geometric_global(image))
-        global_2 = self.global_transform_2(self.geometric_global(image))
+        global_1, gram_1 = self._global_view(self.geometric_global(image), self.global_transform_1)
+        global_2, gram_2 = self._global_view(self.geometric_global(image), self.global_transform_2)
         local = [self.local_transform(self.geometric_local(image)) for _ in range(self.local_crops_number)]
-        return {
+        out = {
             "global_crops": [global_1, global_2],
             "global_crops_teacher": [global_1, global_2],
             "local_crops": local,
             "offsets": (),
         }
+        if self.resize_gram is not None:
+            out["gram_teacher_crops"] = [gram_1, gram_2]
+        return out
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(global={self.global_crops_size}px scale={self.global_crops_scale}, "
             f"local={self.local_crops_number}x{self.local_crops_size}px scale={self.local_crops_scale}, "
-            f"blur p={list(self.blur_probabilities)})"
+            f"blur p={list(self.blur_probabilities)}"
+            + ("" if self.gram_teacher_crops_size is None else f", gram={self.gram_teacher_crops_size}px"
+               + (" undistorted" if self.gram_teacher_no_distortions else ""))
+            + ("" if self.horizontal_flips else ", no flips") + ")"
         )
+
+
+class MultiResolutionAugmentation:
+    """The high-res stage's augmentation: one `DataAugmentationDINO` per (global, local, gram) size tuple.
+
+    `select(i)` picks the sizes of the next images. The loader selects, before each sample, the tuple of the
+    global batch that sample belongs to (`dinotrain.data.resolutions.ResolutionPlan`), so a batch has one size
+    and which one is a function of the seed and the batch's position (the official code draws it per iteration
+    from a generator that restarts at every resume).
+    """
+
+    def __init__(self, augmentations: Sequence[DataAugmentationDINO]):
+        if not augmentations:
+            raise ValueError("MultiResolutionAugmentation needs at least one augmentation")
+        self.augmentations = list(augmentations)
+        self.selected = 0
+
+    def select(self, index: int) -> None:
+        if not 0 <= index < len(self.augmentations):
+            raise ValueError(f"resolution index must be in [0, {len(self.augmentations)}), got {index}")
+        self.selected = index
+
+    def __call__(self, image) -> dict:
+        return self.augmentations[self.selected](image)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(map(repr, self.augmentations))})"
 
 
 def make_eval_transform(

@@ -64,30 +64,46 @@ class GlobalMaskCollator:
     """
 
     def __init__(self, global_batch: int, n_tokens: int, grid: int, mask_ratio_tuple, mask_probability: float,
-                 seed: int, origin: int = 0):
+                 seed: int, origin: int = 0, patch_size: int | None = None):
         self.global_batch, self.n_tokens, self.seed, self.origin = global_batch, n_tokens, seed, origin
         self.mask_ratio_tuple, self.mask_probability = tuple(mask_ratio_tuple), mask_probability
-        self.mask_generator = MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid)  # as official train.py
+        # With `patch_size`, the mask grid of each batch comes from its global crops' side (the high-res stage
+        # mixes sizes); without it, every batch has `grid`.
+        self.grid, self.patch_size = grid, patch_size
+        self.mask_generators: dict[int, MaskingGenerator] = {}
+        self.mask_generator = self._mask_generator(grid) if patch_size is None else None
 
-    def _mask(self, batch_start: int, crop: int, count: int) -> torch.Tensor:
+    def _mask_generator(self, grid: int) -> MaskingGenerator:
+        if grid not in self.mask_generators:  # as official train.py
+            self.mask_generators[grid] = MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid)
+        return self.mask_generators[grid]
+
+    def _mask(self, batch_start: int, crop: int, count: int, grid: int) -> torch.Tensor:
         rng = random.Random(mix_seed(self.seed, batch_start, 6, crop))
-        return torch.from_numpy(np.asarray(self.mask_generator(count, rng=rng), dtype=bool)).flatten()
+        generate = self.mask_generator if self.patch_size is None else self._mask_generator(grid)
+        return torch.from_numpy(np.asarray(generate(count, rng=rng), dtype=bool)).flatten()
 
     def __call__(self, items: list) -> dict:
         offsets = [p - self.origin for p, _, _ in items]
         step = offsets[0] // self.global_batch
         assert all(o // self.global_batch == step for o in offsets), "a batch must not straddle global batches"
         batch_start = self.origin + step * self.global_batch  # a global batch is named by its first sample
-        counts = mask_counts(2 * self.global_batch, self.mask_ratio_tuple, self.mask_probability, self.n_tokens,
+        samples = [s for _, s, _ in items]
+        global_crops = stack_views(samples, "global_crops")
+        grid = self.grid if self.patch_size is None else global_crops.shape[-1] // self.patch_size
+        n_tokens = self.n_tokens if self.patch_size is None else grid * grid
+        counts = mask_counts(2 * self.global_batch, self.mask_ratio_tuple, self.mask_probability, n_tokens,
                              random.Random(mix_seed(self.seed, batch_start, 4)))
         slots = [(p - self.origin) % self.global_batch for p, _, _ in items]
-        samples = [s for _, s, _ in items]
         crops = [v * self.global_batch + j for v in range(2) for j in slots]
-        masks = torch.stack([self._mask(batch_start, c, counts[c]) for c in crops])
+        masks = torch.stack([self._mask(batch_start, c, counts[c], grid) for c in crops])
         mask_indices, masks_weight = mask_targets(masks)
+        gram = {"collated_gram_teacher_crops": stack_views(samples, "gram_teacher_crops")} \
+            if "gram_teacher_crops" in samples[0][0] else {}
         return {
-            "collated_global_crops": stack_views(samples, "global_crops"),
+            "collated_global_crops": global_crops,
             "collated_local_crops": stack_views(samples, "local_crops"),
+            **gram,
             "collated_masks": masks,
             "mask_indices_list": mask_indices,
             "masks_weight": masks_weight,

@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dinotrain.data.augmentations import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO
+from dinotrain.data.augmentations import (IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO,
+                                          MultiResolutionAugmentation)
 from dinotrain.data.collate import GlobalMaskCollator
 from dinotrain.data.datasets import ImageFolderDataset
 from dinotrain.data.photometric import normalize_pixels
+from dinotrain.data.resolutions import ResolutionPlan, crop_size_options
 from dinotrain.data.samplers import InfiniteShardedSampler
 from dinotrain.data.seeds import mix_seed
 from dinotrain.data.tiny import ensure_tiny_dataset
@@ -60,14 +62,16 @@ class SeededSamples(Dataset):
     unreadable images skipped for this position.
     """
 
-    def __init__(self, dataset: Dataset, seed: int, max_attempts: int = 64):
-        self.dataset, self.seed, self.max_attempts = dataset, seed, max_attempts
+    def __init__(self, dataset: Dataset, seed: int, max_attempts: int = 64, plan: ResolutionPlan | None = None):
+        self.dataset, self.seed, self.max_attempts, self.plan = dataset, seed, max_attempts, plan
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: tuple[int, int]):
         position, index = key
+        if self.plan is not None:  # the high-res stage: this sample gets the sizes of its global batch
+            self.dataset.transform.select(self.plan.index_at(position))  # type: ignore[attr-defined]
         for attempt in range(self.max_attempts):
             if attempt:
                 index = mix_seed(self.seed, position, 5, attempt) % len(self)
@@ -98,14 +102,32 @@ def build_train_dataset(cfg: DictConfig, index_cache_dir: str | Path | None = No
     Its crops are uint8: `to_device` normalises them where the model runs, so the workers skip that pass and
     hand over (and the GPU receives) a quarter of the bytes of float32 crops.
     """
-    aug = DataAugmentationDINO(
-        tuple(cfg.crops.global_crops_scale), tuple(cfg.crops.local_crops_scale), cfg.crops.local_crops_number,
-        global_crops_size=cfg.crops.global_crops_size, local_crops_size=cfg.crops.local_crops_size,
-        blur_kernel_size=cfg.crops.blur_kernel_size, blur_probabilities=tuple(cfg.crops.blur_probabilities),
-        color_jitter=tuple(cfg.crops.color_jitter), color_jitter_probability=cfg.crops.color_jitter_probability,
-        grayscale_probability=cfg.crops.grayscale_probability, normalize=False,
-    )
-    return ImageFolderDataset(resolve_dataset_root(cfg), transform=aug, index_cache_dir=index_cache_dir)
+    return ImageFolderDataset(resolve_dataset_root(cfg), transform=build_train_augmentation(cfg),
+                              index_cache_dir=index_cache_dir)
+
+
+def build_train_augmentation(cfg: DictConfig) -> DataAugmentationDINO | MultiResolutionAugmentation:
+    """The multi-crop augmentation of `cfg.crops`; with size lists (the high-res stage) one per size tuple."""
+    c = cfg.crops
+    options, _ = crop_size_options(OmegaConf.to_container(c))
+    augs = [DataAugmentationDINO(
+        tuple(c.global_crops_scale), tuple(c.local_crops_scale), c.local_crops_number,
+        global_crops_size=sizes.global_size, local_crops_size=sizes.local_size,
+        blur_kernel_size=c.blur_kernel_size, blur_probabilities=tuple(c.blur_probabilities),
+        color_jitter=tuple(c.color_jitter), color_jitter_probability=c.color_jitter_probability,
+        grayscale_probability=c.grayscale_probability, normalize=False,
+        gram_teacher_crops_size=sizes.gram_size, gram_teacher_no_distortions=c.gram_teacher_no_distortions,
+        horizontal_flips=c.horizontal_flips,
+    ) for sizes in options]
+    return augs[0] if len(augs) == 1 else MultiResolutionAugmentation(augs)
+
+
+def resolution_plan(cfg: DictConfig, world_size: int, origin: int) -> ResolutionPlan | None:
+    """Which size tuple each global batch gets (None with a single one: nothing to choose)."""
+    options, ratios = crop_size_options(OmegaConf.to_container(cfg.crops))
+    if len(options) == 1:
+        return None
+    return ResolutionPlan(ratios, cfg.train.seed, cfg.train.batch_size_per_gpu * world_size, origin)
 
 
 def build_train_loader(cfg: DictConfig, rank: int, world_size: int, start_position: int,
@@ -113,12 +135,18 @@ def build_train_loader(cfg: DictConfig, rank: int, world_size: int, start_positi
     """Infinite loader of this rank's micro-batches, resuming at `start_position` of the global stream."""
     dataset = dataset if dataset is not None else build_train_dataset(cfg)
     batch = cfg.train.batch_size_per_gpu
-    grid = cfg.crops.global_crops_size // cfg.student.patch_size
-    collate = GlobalMaskCollator(batch * world_size, grid * grid, grid, cfg.ibot.mask_ratio_min_max,
-                                 cfg.ibot.mask_sample_probability, cfg.train.seed, origin=start_position)
+    plan = resolution_plan(cfg, world_size, start_position)
+    if plan is None:
+        grid = cfg.crops.global_crops_size // cfg.student.patch_size
+        collate = GlobalMaskCollator(batch * world_size, grid * grid, grid, cfg.ibot.mask_ratio_min_max,
+                                     cfg.ibot.mask_sample_probability, cfg.train.seed, origin=start_position)
+    else:  # the mask grid follows each batch's global crop size
+        collate = GlobalMaskCollator(batch * world_size, 0, 0, cfg.ibot.mask_ratio_min_max,
+                                     cfg.ibot.mask_sample_probability, cfg.train.seed, origin=start_position,
+                                     patch_size=cfg.student.patch_size)
     sampler = PositionedSampler(len(dataset), cfg.train.seed, rank, world_size, start_position)
     loader = DataLoader(
-        SeededSamples(dataset, cfg.train.seed), batch_size=batch, sampler=sampler, collate_fn=collate,
+        SeededSamples(dataset, cfg.train.seed, plan=plan), batch_size=batch, sampler=sampler, collate_fn=collate,
         num_workers=cfg.train.num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
         persistent_workers=cfg.train.num_workers > 0,
     )
@@ -128,10 +156,11 @@ def build_train_loader(cfg: DictConfig, rank: int, world_size: int, start_positi
 def first_sample(cfg: DictConfig, dataset: ImageFolderDataset, rank: int, world_size: int, start_position: int):
     """Decode this rank's next sample now, so an unusable dataset fails before any model is built."""
     sampler = PositionedSampler(len(dataset), cfg.train.seed, rank, world_size, start_position)
-    return SeededSamples(dataset, cfg.train.seed)[next(iter(sampler))]
+    plan = resolution_plan(cfg, world_size, start_position)
+    return SeededSamples(dataset, cfg.train.seed, plan=plan)[next(iter(sampler))]
 
 
-CROP_KEYS = ("collated_global_crops", "collated_local_crops")
+CROP_KEYS = ("collated_global_crops", "collated_local_crops", "collated_gram_teacher_crops")
 
 
 def to_device(batch: dict, device: torch.device, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:

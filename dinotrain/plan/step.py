@@ -11,11 +11,12 @@ import time
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from dinotrain.config import ConfigError
 from dinotrain.data.collate import GlobalMaskCollator
+from dinotrain.data.resolutions import crop_size_options
 from dinotrain.distributed.env import DistEnv
 from dinotrain.distributed.fsdp import compute_dtype
 from dinotrain.models.vision_transformer import ViTSpec
@@ -45,14 +46,21 @@ class StepProfile:
 
 def synthetic_batch(cfg: DictConfig, batch_size: int, world_size: int) -> dict:
     """This rank's batch as the run's collator makes it: crops of the configured sizes (zeros: values do not
-    matter to a plan) and the iBOT masks of the run's first global batch."""
+    matter to a plan) and the iBOT masks of the run's first global batch. With the high-res stage's size lists,
+    the largest (global, local, Gram teacher) size tuple: the one that sets the peak."""
     c = cfg.crops
-    grid = c.global_crops_size // cfg.student.patch_size
+    options, _ = crop_size_options(OmegaConf.to_container(c))
+    sizes = max(options, key=lambda o: (2 * o.global_size ** 2 + c.local_crops_number * o.local_size ** 2
+                                        + 2 * (o.gram_size or 0) ** 2))
+    grid = sizes.global_size // cfg.student.patch_size
     collate = GlobalMaskCollator(batch_size * world_size, grid * grid, grid, cfg.ibot.mask_ratio_min_max,
                                  cfg.ibot.mask_sample_probability, cfg.train.seed)
-    g = torch.zeros(3, c.global_crops_size, c.global_crops_size, dtype=torch.uint8)
-    loc = torch.zeros(3, c.local_crops_size, c.local_crops_size, dtype=torch.uint8)
+    g = torch.zeros(3, sizes.global_size, sizes.global_size, dtype=torch.uint8)
+    loc = torch.zeros(3, sizes.local_size, sizes.local_size, dtype=torch.uint8)
     sample = {"global_crops": [g, g], "local_crops": [loc] * c.local_crops_number}
+    if sizes.gram_size is not None:
+        gram = torch.zeros(3, sizes.gram_size, sizes.gram_size, dtype=torch.uint8)
+        sample["gram_teacher_crops"] = [gram, gram]
     return collate([(i, (sample, 0), 0) for i in range(batch_size)])
 
 

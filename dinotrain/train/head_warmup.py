@@ -158,10 +158,10 @@ def warm_up_heads(cfg: DictConfig, backbone: dict, spec: ViTSpec, run: RunDir, e
     return out
 
 
-def open_pretrained(path: str) -> Weights:
-    """What `student.pretrained_weights` names, read by the weights resolver with the heads it holds (a full
-    export, a run or checkpoint directory); errors name the config key."""
-    where = f"config key 'student.pretrained_weights' = {path}"
+def open_pretrained(path: str, key: str = "student.pretrained_weights") -> Weights:
+    """What `student.pretrained_weights` (or another config `key`) names, read by the weights resolver with the
+    heads it holds (a full export, a run or checkpoint directory); errors name the config key."""
+    where = f"config key '{key}' = {path}"
     try:
         return open_weights(path, heads=True)
     except FileNotFoundError as exc:
@@ -186,3 +186,17 @@ def pretrained_with_heads(cfg: DictConfig, run_dir: Path, env: DistEnv, dataset)
     out = warm_up_heads(cfg, weights.backbone, weights.spec, RunDir(run_dir), env, dataset, source=str(path),
                         build_student_arch=True)
     return open_pretrained(str(out))
+
+
+def first_stage(cfg: DictConfig) -> Weights:
+    """What a continuation stage (DINOv3's high-res adaptation) starts from: `student.resume_from_teacher_chkpt`,
+    the teacher of a first-stage run with its heads (its run directory, a checkpoint or a full export), loaded into
+    student and teacher as official `resume_from_teacher_chkpt` does."""
+    key = "student.resume_from_teacher_chkpt"
+    weights = open_pretrained(cfg.student.resume_from_teacher_chkpt, key=key)
+    if weights.heads is None:
+        raise WeightsError(f"config key '{key}' = {cfg.student.resume_from_teacher_chkpt} holds a backbone without "
+                           "DINO/iBOT heads: a continuation stage continues a first-stage run (its run directory, a "
+                           "checkpoint or a full export); start from backbone-only weights with "
+                           "student.pretrained_weights and the head warm-up instead")
+    return weights

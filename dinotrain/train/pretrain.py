@@ -46,6 +46,10 @@ class Pretraining:
             from dinotrain.train.head_warmup import pretrained_with_heads
 
             model.load_student_backbone(pretrained_with_heads(cfg, self.run_dir, self.env, dataset))
+        if cfg.student.resume_from_teacher_chkpt and not resuming:  # a continuation stage (DINOv3 high-res)
+            from dinotrain.train.head_warmup import first_stage
+
+            model.load_student_backbone(first_stage(cfg), key="student.resume_from_teacher_chkpt")
         if model.gram_teacher is not None and cfg.gram.ckpt and not resuming:
             from dinotrain.weights.resolve import open_weights
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from dinotrain.distributed.fsdp import copy_params, ema_update, reshard, shard_module
+from dinotrain.data.resolutions import nominal_global_size
 from dinotrain.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinotrain.losses.centering import teacher_targets
 from dinotrain.losses.gram import GramLoss, resize_patch_grid, select_tokens
@@ -51,23 +52,24 @@ def build_backbone(cfg: DictConfig, for_teacher: bool, spec: ViTSpec | Dinov3Spe
     """Backbone from `student.*` (or, given `spec`, with exactly those shapes, e.g. a pretrained teacher's),
     at the global crop size; the teacher gets no stochastic depth (as official)."""
     s = cfg.student
+    img_size = nominal_global_size(cfg.crops.global_crops_size)
     drop_path_rate = 0.0 if for_teacher else s.drop_path_rate
     if isinstance(spec, Dinov3Spec):
-        return dinov3_from_spec(dataclasses.replace(spec, img_size=cfg.crops.global_crops_size),
+        return dinov3_from_spec(dataclasses.replace(spec, img_size=img_size),
                                 drop_path_rate=drop_path_rate)
     if spec is None and is_dinov3(cfg):
         sizes = {k: s[k] for k in ("depth", "ffn_ratio") if s.get(k)}
-        return dinov3_arch(s.arch, patch_size=s.patch_size, img_size=cfg.crops.global_crops_size, **sizes,
+        return dinov3_arch(s.arch, patch_size=s.patch_size, img_size=img_size, **sizes,
                            drop_path_rate=drop_path_rate, layerscale_init=s.layerscale or None,
                            **{k: s[k] for k in DINOV3_KEYS})
     drop = dict(drop_path_rate=drop_path_rate, drop_path_uniform=s.drop_path_uniform, attn_impl=s.attn_impl)
     if spec is not None:
-        return vit_from_spec(dataclasses.replace(spec, img_size=cfg.crops.global_crops_size), **drop)
+        return vit_from_spec(dataclasses.replace(spec, img_size=img_size), **drop)
     sizes = {"depth": s.depth} if s.get("depth") else {}
     if s.get("ffn_ratio"):
         sizes["mlp_ratio"] = s.ffn_ratio
     return build_vit(
-        s.arch, patch_size=s.patch_size, img_size=cfg.crops.global_crops_size, **sizes, **drop,
+        s.arch, patch_size=s.patch_size, img_size=img_size, **sizes, **drop,
         init_values=s.layerscale or None, ffn_layer=s.ffn_layer, qkv_bias=s.qkv_bias, proj_bias=s.proj_bias,
         ffn_bias=s.ffn_bias, num_register_tokens=s.num_register_tokens, interpolate_antialias=s.interpolate_antialias,
         interpolate_offset=s.interpolate_offset,
@@ -140,7 +142,7 @@ class SSLMetaArch(nn.Module):
         return self
 
     # ---- set-up ------------------------------------------------------------------------------
-    def load_student_backbone(self, weights, heads: dict | None = None) -> None:
+    def load_student_backbone(self, weights, heads: dict | None = None, key: str = "student.pretrained_weights") -> None:
         """Start student and teacher from pretrained weights (before sharding).
 
         `weights`: a backbone state dict (with `heads`, optionally), or a `Weights` the caller resolved from
@@ -148,12 +150,11 @@ class SSLMetaArch(nn.Module):
         them (a full export, a run), are loaded too, into student and teacher alike, as when the official code
         continues from a full checkpoint. Weights made at another image size (e.g. the official 518-px ones in
         a 224-px run) have their position embeddings resampled to the run's grid (logged), unless
-        `student.pretrained_strict` is true. Errors name the config key `student.pretrained_weights`.
+        `student.pretrained_strict` is true. Errors name the config `key` the weights came from.
         """
         from dinotrain.weights.state_dict import Weights, WeightsError, fit_pos_embed, strip_to_backbone
 
-        key = "student.pretrained_weights"
-        source = self.cfg.student.pretrained_weights
+        source = self.cfg.student.pretrained_weights if key == "student.pretrained_weights" else ""
         if isinstance(weights, Weights):
             weights, heads, source = weights.backbone, weights.heads, weights.source
         where = f"config key '{key}'" + (f" = {source}" if source else "")

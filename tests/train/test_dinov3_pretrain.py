@@ -143,3 +143,26 @@ def test_gram_ckpt_weights_load_into_the_gram_teacher_and_a_misfit_is_one_line()
     with pytest.raises(WeightsError, match="'gram.ckpt' = gram.pth") as info:
         model.load_gram_teacher(deeper.teacher["backbone"].state_dict(), "gram.pth")
     assert "\n" not in str(info.value)
+
+
+def test_a_high_res_stage_continues_the_first_stage_at_mixed_resolutions(gram_run, tmp_path):
+    """The high-res stage (official `student.resume_from_teacher_chkpt`): student, teacher and heads start from the
+    first-stage run's teacher; each batch draws one (global, local, Gram teacher) size tuple; the Gram teacher is
+    that loaded teacher from iteration 0 and sees the larger Gram crops."""
+    stage2 = tmp_path / "stage2"
+    sizes = ["crops.global_crops_size=[64,80]", "crops.local_crops_size=[32,48]",
+             "crops.gram_teacher_crops_size=[96,112]", "crops.global_local_crop_pairs_ratios=[0.5,0.5]"]
+    proc = run_cli(_args(stage2, [f"student.resume_from_teacher_chkpt={gram_run}", "gram.it_load_ema_teacher=0",
+                                  "gram.it_first_update=1000", "train.max_iterations=2", "optim.warmup_epochs=0",
+                                  "checkpoint.period_iterations=1", *sizes]), timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first = read_tensors(gram_run / "checkpoints" / "00000008", "model.teacher.backbone.")
+    # the Gram teacher is never updated in this stage: it is the first stage's teacher, as loaded
+    assert _equal(_network(stage2, 1, "gram_teacher"), first)
+    assert all(r["gram_loss"] >= 0 for r in metrics(stage2))
+
+
+def test_a_high_res_stage_needs_its_first_stage(tmp_path):
+    missing = run_cli(_args(tmp_path / "r", [f"student.resume_from_teacher_chkpt={tmp_path / 'nothing'}"]), timeout=60)
+    assert missing.returncode == 2 and "student.resume_from_teacher_chkpt" in missing.stderr, missing.stderr
+    assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1, missing.stderr

@@ -18,8 +18,8 @@ def _trainer(tmp_path, tolerance, bad_iterations):
     real = model.compute_losses
     calls = {"n": 0}
 
-    def poisoned(batch, teacher_temp):
-        total, terms = real(batch, teacher_temp)
+    def poisoned(batch, teacher_temp, gram=None):
+        total, terms = real(batch, teacher_temp, gram)
         calls["n"] += 1
         if calls["n"] - 1 in bad_iterations:
             total = total * float("nan")
