@@ -35,7 +35,7 @@ from dinotrain.distributed.checkpoint import complete_checkpoints, is_checkpoint
 from dinotrain.models.dinov3 import Dinov3Spec
 from dinotrain.models.vision_transformer import ViTSpec
 from dinotrain.train.rundir import RunDir
-from dinotrain.weights.checkpoint import read_checkpoint
+from dinotrain.weights.checkpoint import read_checkpoint, run_spec
 from dinotrain.weights.dinov3_files import (TIMM, from_transformers_tensors, is_dinov3_config, is_dinov3_state_dict,
                                             is_timm_config, read_dinov3_tensors, read_timm_dir, read_transformers_dir)
 from dinotrain.weights.full import backbone_of_full, is_full_export, read_full
@@ -194,7 +194,19 @@ def _open(path: str | Path, which: str | None, heads: bool, checkpoint: bool) ->
         backbone, spec = read_timm_dir(source, read_config_json(source))
     else:
         kind, backbone, spec = _read_file(source, kind)
+    if isinstance(spec, Dinov3Spec) and (config := _run_config(path)):
+        spec = run_spec(backbone, config)  # what the tensors do not say (norm eps, RoPE settings): the run's config
     return Weights(source=str(source), kind=kind, backbone=backbone, spec=spec)
+
+
+def _run_config(path: str | Path) -> dict:
+    """The resolved config of the run directory `path` ({} for anything else)."""
+    run = RunDir(path)
+    if not (Path(path).is_dir() and run.config.is_file()):
+        return {}
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(run.config), resolve=True)
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, Tensor], ViTSpec | Dinov3Spec]:

@@ -166,3 +166,13 @@ def test_a_high_res_stage_needs_its_first_stage(tmp_path):
     missing = run_cli(_args(tmp_path / "r", [f"student.resume_from_teacher_chkpt={tmp_path / 'nothing'}"]), timeout=60)
     assert missing.returncode == 2 and "student.resume_from_teacher_chkpt" in missing.stderr, missing.stderr
     assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+
+
+def test_a_finished_run_is_read_with_its_own_norm_and_rope_settings(gram_run):
+    """A run's `teacher_backbone.pth` (the official layout: tensors only) does not say the norm eps or the RoPE
+    settings; read through its run directory they come from the run's config (here `norm_layer: layernorm`, eps 1e-6,
+    where a bare file is read as the released models' `layernormbf16`, eps 1e-5)."""
+    from dinotrain.weights.resolve import open_weights
+
+    assert open_weights(gram_run).spec.norm_layer == "layernorm"
+    assert open_weights(gram_run / "teacher_backbone.pth").spec.norm_layer == "layernormbf16"
