@@ -63,7 +63,10 @@ def config_changes(saved: dict, cfg: DictConfig) -> dict[str, tuple[Any, Any]]:
 def check_resume(saved: dict, cfg: DictConfig, where: Path, allow_change: bool = False) -> dict[str, tuple[Any, Any]]:
     """Refuse a resume that cannot work or would be meaningless; returns the allowed changes (to log)."""
     changes = config_changes(saved, cfg)
-    arch = [k for k in ARCH_KEYS if k in changes and changes[k][0] != changes[k][1]]  # a key new since: not a change
+    saved_keys = _leaves(saved)
+    # a key new since the checkpoint was written (e.g. student.pos_embed_type) is not a change: its default is what
+    # the older code did
+    arch = [k for k in ARCH_KEYS if k in changes and k in saved_keys]
     diffs = [f"{k}: checkpoint has {changes[k][0]!r}, config has {changes[k][1]!r}" for k in arch]
     was, now = (bool(v) for v in changes.get("student.layerscale", (True, True)))
     if was != now:  # only on/off changes shapes; the init value does not matter on resume

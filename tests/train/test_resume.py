@@ -41,3 +41,17 @@ def test_config_changes_lists_every_leaf_including_new_and_removed_keys():
     del saved["crops"]["blur_kernel_size"]
     changes = config_changes(saved, load_config("smoke/cpu_tiny"))
     assert changes == {"optim.base_lr": (0.001, 0.004), "train.retired_key": (1, None), "crops.blur_kernel_size": (None, 3)}
+
+
+def test_a_checkpoint_of_an_older_version_resumes_without_the_keys_added_since():
+    """Keys added after a checkpoint was written (the DINOv3 `student.*` keys, `gram.*`) are not architecture
+    changes: their defaults are what the older code did. A changed value of a key the checkpoint has still is."""
+    saved = _saved()
+    for section, key in (("student", "pos_embed_type"), ("student", "n_storage_tokens"), ("gram", "use_loss"),
+                         ("gram", "ema_teacher")):
+        del saved[section][key]
+    cfg = load_config("smoke/cpu_tiny")
+    changes = check_resume(saved, cfg, "ckpt")
+    assert changes["student.pos_embed_type"] == (None, "learned") and changes["gram.use_loss"] == (None, False)
+    with pytest.raises(ConfigError, match="gram.use_loss"):
+        check_resume(_saved(), load_config("smoke/cpu_tiny", ["gram.use_loss=true"]), "ckpt")
