@@ -148,9 +148,12 @@ def test_preempted_and_time_limited_job_requeues_and_ends_as_torchrun(slurm_clus
     stops = [int(i) for i in re.findall(r"stopping at iteration (\d+): ", log)]
     # the preemption, then the time limit (its signal alone) at least once: 60 iterations take ~1 min of runs
     assert len(stops) >= 2 and stops[0] >= 3 and stops == sorted(stops), log
-    for n, stopped in enumerate(stops, 1):
-        assert f"requeued {n} time(s)): resuming from iteration {stopped}" in log, log
-    assert f"requeued {len(stops)} time(s)" in out, out
+    # SLURM may also signal a run before its loop starts (its signal comes up to 60 s early): that run requeues
+    # without a checkpoint, so count requeues at least, not exactly
+    for stopped in stops:
+        assert re.search(rf"requeued \d+ time\(s\)\): resuming from iteration {stopped}\n", log), log
+    requeues = int(re.findall(r"requeued (\d+) time\(s\)", out)[-1])
+    assert requeues >= len(stops), out
     ours, theirs = metrics(run), metrics(reference)
     assert [m["iteration"] for m in ours] == [m["iteration"] for m in theirs]
     for key in ("total_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss", "backprop_loss"):
