@@ -76,6 +76,19 @@ def build_backbone(cfg: DictConfig, for_teacher: bool, spec: ViTSpec | Dinov3Spe
     )
 
 
+def _fit_backbone(state_dict: dict, target: ViTSpec | Dinov3Spec, strict: bool, what: str) -> dict:
+    """Pretrained backbone weights made to fit the run's backbone: a DINOv2 position table resampled to its grid
+    (`fit_pos_embed`); a DINOv3 backbone (RoPE: no table, any image size) only checked."""
+    from dinotrain.weights.state_dict import check_compatible, fit_pos_embed
+
+    if isinstance(target, Dinov3Spec):
+        from dinotrain.weights.dinov3_layouts import infer_dinov3_spec
+
+        check_compatible(target, dataclasses.replace(infer_dinov3_spec(state_dict), img_size=target.img_size), what)
+        return state_dict
+    return fit_pos_embed(state_dict, target, strict=strict, what=what)
+
+
 def backbone_outputs(backbone: nn.Module, crops, masks=None, select=None):
     """The backbone's training forward; with `select` (see `DinoVisionTransformer.forward_features_list`) only the
     rows a step reads leave the last block. DINOv3 backbones run in full (`patch_tokens_at` indexes them)."""
@@ -152,7 +165,7 @@ class SSLMetaArch(nn.Module):
         a 224-px run) have their position embeddings resampled to the run's grid (logged), unless
         `student.pretrained_strict` is true. Errors name the config `key` the weights came from.
         """
-        from dinotrain.weights.state_dict import Weights, WeightsError, fit_pos_embed, strip_to_backbone
+        from dinotrain.weights.state_dict import Weights, WeightsError, strip_to_backbone
 
         source = self.cfg.student.pretrained_weights if key == "student.pretrained_weights" else ""
         if isinstance(weights, Weights):
@@ -160,7 +173,7 @@ class SSLMetaArch(nn.Module):
         where = f"config key '{key}'" + (f" = {source}" if source else "")
         strict = bool(self.cfg.student.pretrained_strict)
         try:
-            state_dict = fit_pos_embed(strip_to_backbone(weights), self.student["backbone"].spec, strict=strict,
+            state_dict = _fit_backbone(strip_to_backbone(weights), self.student["backbone"].spec, strict,
                                        what=f"weights of {key}")
             if heads is not None:
                 self._check_heads(heads)

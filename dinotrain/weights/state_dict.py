@@ -215,10 +215,9 @@ def resample_pos_embed(pos_embed: Tensor, grid: int, offset: float = 0.1, antial
     return resample_positions(pos_embed, grid, grid, offset, antialias).to(pos_embed.dtype)
 
 
-def fit_pos_embed(state_dict: dict[str, Tensor], target: ViTSpec | Dinov3Spec, strict: bool = False,
+def fit_pos_embed(state_dict: dict[str, Tensor], target: ViTSpec, strict: bool = False,
                   what: str = "weights") -> dict[str, Tensor]:
-    """`state_dict` (official names, wrappers stripped) made to fit `target`'s position grid (a DINOv3 target,
-    RoPE, has none: its weights are only checked).
+    """`state_dict` (official names, wrappers stripped) made to fit `target`'s position grid.
 
     Every other architecture field must agree (a clear WeightsError lists those that do not). When
     only the image size differs, the `pos_embed` table is resampled to the target grid with
@@ -226,11 +225,6 @@ def fit_pos_embed(state_dict: dict[str, Tensor], target: ViTSpec | Dinov3Spec, s
     grids; with `strict=True` that case is refused instead. A table at the target size is returned
     untouched (the same tensor object).
     """
-    if spec_family(target) == "dinov3":  # RoPE: no table, any image size; the rest must agree
-        from dinotrain.weights.dinov3_layouts import infer_dinov3_spec
-
-        check_compatible(target, dataclasses.replace(infer_dinov3_spec(state_dict), img_size=target.img_size), what)
-        return state_dict
     found = infer_spec(state_dict)
     if target.img_size % target.patch_size:
         raise WeightsError(f"img_size {target.img_size} is not a multiple of the patch size {target.patch_size}")
