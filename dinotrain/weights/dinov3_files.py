@@ -17,7 +17,6 @@ official preset of that shape (`dinov3_layouts.infer_timm_spec`).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Mapping
 
@@ -29,8 +28,8 @@ from dinotrain.storage import replacing
 from dinotrain.weights.dinov3_layouts import (HF_MODEL_TYPE, from_timm, from_transformers, infer_dinov3_spec,
                                               infer_timm_spec, spec_from_transformers_config, to_timm, to_transformers,
                                               transformers_config)
-from dinotrain.weights.hf import (CONFIG_NAME, WEIGHTS_NAME, read_hf_tensors, reconcile_spec, spec_from_metadata,
-                                  spec_to_metadata, write_preprocessor_config)
+from dinotrain.weights.hf import (CONFIG_NAME, read_hf_tensors, reconcile_spec, spec_from_metadata,
+                                  spec_to_metadata, write_model_dir)
 from dinotrain.weights.state_dict import WeightsError, check_compatible
 
 OURS, TIMM = "ours", "timm"
@@ -136,21 +135,13 @@ def save_transformers(state_dict: Mapping[str, Tensor], spec: Dinov3Spec, dst: s
     """A directory `transformers.AutoModel.from_pretrained(dst)` loads as `DINOv3ViTModel`: `config.json`,
     `model.safetensors` (the Hub's names, our spec in the metadata) and the evaluation transform's
     `preprocessor_config.json` (as our DINOv2 exports)."""
-    from safetensors.torch import save_file
-
     dst = Path(dst)
     if dst.exists() and not dst.is_dir():
         raise ValueError(f"transformers export target {dst} exists and is not a directory; pass a directory path")
     tensors = _own_storage(to_transformers(state_dict, spec))
     dtype = str(_single_dtype(tensors)).removeprefix("torch.")
     config = {**transformers_config(spec), "torch_dtype": dtype, "dtype": dtype}
-    # each file under a temporary name until complete; `config.json` (what marks a model directory) last
-    with replacing(dst / WEIGHTS_NAME, "the transformers weights") as tmp:
-        save_file(tensors, str(tmp), metadata=spec_to_metadata(spec))
-    write_preprocessor_config(dst)
-    with replacing(dst / CONFIG_NAME, "the transformers config") as tmp:
-        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return dst
+    return write_model_dir(dst, tensors, config, spec_to_metadata(spec), "transformers")
 
 
 def save_timm(state_dict: Mapping[str, Tensor], spec: Dinov3Spec, dst: str | Path) -> Path:

@@ -318,8 +318,6 @@ def is_hf_dir(path: str | Path) -> bool:
 
 def save_hf(state_dict: dict[str, Tensor], spec: ViTSpec, dst: str | Path) -> Path:
     """Write `config.json` + `model.safetensors` (legacy Hub names) loadable by `from_pretrained(dst)`."""
-    from safetensors.torch import save_file
-
     dst = Path(dst)
     if dst.exists() and not dst.is_dir():
         raise ValueError(f"HF export target {dst} exists and is not a directory; pass a directory path")
@@ -327,12 +325,19 @@ def save_hf(state_dict: dict[str, Tensor], spec: ViTSpec, dst: str | Path) -> Pa
     if len(dtypes) != 1:
         raise ValueError(f"weights mix dtypes {sorted(map(str, dtypes))}; cast them to one dtype before exporting")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in to_hf_state_dict(state_dict, spec).items()}
-    config = hf_config(spec, dtypes.pop())
-    # each file under a temporary name until complete; `config.json` (what marks a model directory) last
-    with replacing(dst / WEIGHTS_NAME, "the Hugging Face weights") as tmp:
-        save_file(tensors, str(tmp), metadata=spec_to_metadata(spec))
+    return write_model_dir(dst, tensors, hf_config(spec, dtypes.pop()), spec_to_metadata(spec), "Hugging Face")
+
+
+def write_model_dir(dst: Path, tensors: dict[str, Tensor], config: dict, metadata: dict, what: str) -> Path:
+    """A transformers model directory (DINOv2 or DINOv3): weights, preprocessor config, then `config.json`.
+
+    Each file under a temporary name until complete; `config.json` (what marks a model directory) last."""
+    from safetensors.torch import save_file
+
+    with replacing(dst / WEIGHTS_NAME, f"the {what} weights") as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     write_preprocessor_config(dst)
-    with replacing(dst / CONFIG_NAME, "the Hugging Face config") as tmp:
+    with replacing(dst / CONFIG_NAME, f"the {what} config") as tmp:
         tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return dst
 
