@@ -32,8 +32,8 @@ setup(
         "uvicorn",  # dinotrain serve (the ASGI server)
     ],
     extras_require={
-        # transformers' DINOv3ViTModel (4.56+) and timm's dinov3 Eva: the DINOv3 parity references (tests/models)
-        "test": ["pytest>=8", "transformers>=4.56", "timm>=1.0.31"],
+        # pytest-xdist: the suite on every core (pytest.ini); transformers' DINOv3ViTModel (4.56+) and timm's dinov3 Eva: the DINOv3 parity references (tests/models)
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "transformers>=4.56", "timm>=1.0.31"],
         "xformers": ["xformers"],
     },
     entry_points={"console_scripts": ["dinotrain=dinotrain.cli:main"]},

@@ -1,7 +1,39 @@
-"""Shared pytest set-up: deterministic, single-threaded-friendly defaults for CPU tests."""
+"""Shared pytest set-up: deterministic, single-threaded-friendly defaults for CPU tests, and the order in which
+pytest-xdist hands test files to its workers (pytest.ini: one worker per core, whole files per worker)."""
+
+import os
 
 import pytest
 import torch
+
+# The files that take minutes, longest first (measured 2026-12-06 on 2 cores, BENCHMARKS.md "Test suite"). xdist
+# gives each worker whole files in collection order (`--dist loadfile --no-loadscope-reorder`): started first,
+# they run beside the many short files instead of alone at the end.
+LONGEST_FIRST = [
+    "tests/slurm/test_submit_jobs.py",
+    "tests/e2e/test_learns.py",
+    "tests/distributed/test_fsdp_training.py",
+    "tests/faults/test_stop_signals.py",
+    "tests/distill/test_distill_resume.py",
+    "tests/train/test_compiled.py",
+    "tests/distributed/test_lost_rank.py",
+    "tests/faults/test_resume_faults.py",
+    "tests/eval/test_supervised_reference.py",
+    "tests/e2e/test_train_cpu.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
+
+
+def pytest_configure(config):
+    """Under xdist, the cores are shared among the workers: torch in each worker (and the runs it starts, through
+    trainruns.threads()) uses its share, not every core (oversubscribed OpenMP threads spin and slow both)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(autouse=True)

@@ -31,6 +31,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def threads() -> int:
+    """This test process's share of the cores (all of them without xdist; pytest.ini runs one worker per core)."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
 def env() -> dict:
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     e.pop("RANK", None)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from trainruns import REPO, env, metrics
+from trainruns import REPO, env, metrics, threads
 
 pytestmark = pytest.mark.slow
 SHORT = ["train.OFFICIAL_EPOCH_LENGTH=7"]  # 12 "epochs" of 7 iterations (the recipe's schedules, compressed)
@@ -36,7 +36,7 @@ WARMUP = "train.head_warmup_iterations=25"
 
 
 def _run(args):
-    proc = subprocess.run([sys.executable, "-m", "dinotrain", *args], env=dict(env(), OMP_NUM_THREADS="2"), cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "dinotrain", *args], env=dict(env(), OMP_NUM_THREADS=str(threads())), cwd=REPO,
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
