@@ -14,6 +14,7 @@ is the same. DINOv3 backbones have no selected-rows last block: they run in full
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 import torch.distributed as dist
@@ -26,8 +27,11 @@ from dinotrain.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinotrain.losses.centering import teacher_targets
 from dinotrain.losses.gram import GramLoss, resize_patch_grid, select_tokens
 from dinotrain.models.dinov3 import Dinov3Spec, Dinov3VisionTransformer, dinov3_arch, dinov3_from_spec
+from dinotrain.models.dinov3_layers import NORM_EPS
 from dinotrain.models.heads import DINOHead
 from dinotrain.models.vision_transformer import DinoVisionTransformer, ViTSpec, build_vit, vit_from_spec
+
+log = logging.getLogger("dinotrain.train")
 
 N_GLOBAL_CROPS = 2
 # The values the official code logs and sums into its displayed `total_loss` (not the backpropagated loss).
@@ -76,17 +80,41 @@ def build_backbone(cfg: DictConfig, for_teacher: bool, spec: ViTSpec | Dinov3Spe
     )
 
 
-def _fit_backbone(state_dict: dict, target: ViTSpec | Dinov3Spec, strict: bool, what: str) -> dict:
+def _fit_backbone(state_dict: dict, target: ViTSpec | Dinov3Spec, strict: bool, what: str,
+                  found: ViTSpec | Dinov3Spec | None = None) -> dict:
     """Pretrained backbone weights made to fit the run's backbone: a DINOv2 position table resampled to its grid
-    (`fit_pos_embed`); a DINOv3 backbone (RoPE: no table, any image size) only checked."""
+    (`fit_pos_embed`); a DINOv3 backbone (RoPE: no table, any image size) checked, and what the tensors do not
+    fix compared with `found` (the weights' spec as their files say, e.g. a transformers config.json)."""
     from dinotrain.weights.state_dict import check_compatible, fit_pos_embed
 
     if isinstance(target, Dinov3Spec):
         from dinotrain.weights.dinov3_layouts import infer_dinov3_spec
 
         check_compatible(target, dataclasses.replace(infer_dinov3_spec(state_dict), img_size=target.img_size), what)
+        _warn_dinov3_numerics(state_dict, target, found, what)
         return state_dict
     return fit_pos_embed(state_dict, target, strict=strict, what=what)
+
+
+def _warn_dinov3_numerics(state_dict: dict, target: Dinov3Spec, found: ViTSpec | Dinov3Spec | None, what: str) -> None:
+    """The settings a DINOv3 state dict does not fix, but its features depend on, where `student.*` differs: the
+    LayerNorm eps (`norm_layer`: the config's is used) and the RoPE periods (the weights' are loaded, whatever
+    `pos_embed_rope_base` says). Warned, not refused: a bare `.pth` does not record its norm (the released
+    models' is assumed), so a difference there may be the assumption's."""
+    from dinotrain.models.rope import rope_periods
+
+    if isinstance(found, Dinov3Spec) and found.norm_layer != target.norm_layer:
+        log.warning("the %s have norm_layer %s (LayerNorm eps %g) but student.norm_layer is %s (eps %g): the config's "
+                    "is used, so their features differ a little from the released model's; set "
+                    "student.norm_layer=%s to keep them", what, found.norm_layer, NORM_EPS[found.norm_layer],
+                    target.norm_layer, NORM_EPS[target.norm_layer], found.norm_layer)
+    periods = state_dict.get("rope_embed.periods")
+    expected = rope_periods(target.head_dim, target.pos_embed_rope_base, target.pos_embed_rope_min_period,
+                            target.pos_embed_rope_max_period)
+    if periods is not None and not torch.allclose(periods.float(), expected, rtol=1e-2):
+        log.warning("the RoPE periods of the %s (%s) are not those of student.pos_embed_rope_base / _min_period / "
+                    "_max_period (%s): the weights' periods are loaded and used", what,
+                    [round(v, 3) for v in periods.float()[[0, -1]].tolist()], [round(v, 3) for v in expected[[0, -1]].tolist()])
 
 
 def backbone_outputs(backbone: nn.Module, crops, masks=None, select=None):
@@ -155,7 +183,8 @@ class SSLMetaArch(nn.Module):
         return self
 
     # ---- set-up ------------------------------------------------------------------------------
-    def load_student_backbone(self, weights, heads: dict | None = None, key: str = "student.pretrained_weights") -> None:
+    def load_student_backbone(self, weights, heads: dict | None = None, key: str = "student.pretrained_weights",
+                              source: str = "", spec: ViTSpec | Dinov3Spec | None = None) -> None:
         """Start student and teacher from pretrained weights (before sharding).
 
         `weights`: a backbone state dict (with `heads`, optionally), or a `Weights` the caller resolved from
@@ -163,18 +192,20 @@ class SSLMetaArch(nn.Module):
         them (a full export, a run), are loaded too, into student and teacher alike, as when the official code
         continues from a full checkpoint. Weights made at another image size (e.g. the official 518-px ones in
         a 224-px run) have their position embeddings resampled to the run's grid (logged), unless
-        `student.pretrained_strict` is true. Errors name the config `key` the weights came from.
+        `student.pretrained_strict` is true. Errors name the config `key` the weights came from (and `source`, a
+        plain state dict's path); `spec`: a plain state dict's spec as its files say (what the tensors cannot).
         """
         from dinotrain.weights.state_dict import Weights, WeightsError, strip_to_backbone
 
-        source = self.cfg.student.pretrained_weights if key == "student.pretrained_weights" else ""
+        if not source and key == "student.pretrained_weights":
+            source = self.cfg.student.pretrained_weights
         if isinstance(weights, Weights):
-            weights, heads, source = weights.backbone, weights.heads, weights.source
+            weights, heads, source, spec = weights.backbone, weights.heads, weights.source, weights.spec
         where = f"config key '{key}'" + (f" = {source}" if source else "")
         strict = bool(self.cfg.student.pretrained_strict)
         try:
             state_dict = _fit_backbone(strip_to_backbone(weights), self.student["backbone"].spec, strict,
-                                       what=f"weights of {key}")
+                                       what=f"weights of {key}", found=spec)
             if heads is not None:
                 self._check_heads(heads)
         except WeightsError as exc:
