@@ -169,6 +169,7 @@ def test_a_config_the_weights_do_not_fit_is_one_line_naming_both(sources, tmp_pa
     assert str(path) in err
     assert "depth: model has 3, weights of student.pretrained_weights have 2" in err
     assert "n_storage_tokens: model has 0, weights of student.pretrained_weights have 4" in err
+    assert err.endswith("to continue from these weights set student.depth=2 student.n_storage_tokens=4")
     assert not RunDir(tmp_path / "r").warmup_metrics.exists(), "refused before the warm-up"
 
 
@@ -249,3 +250,20 @@ def test_a_student_of_another_patch_size_is_one_line(sources, tmp_path, capsys):
                           *FAST, "student.patch_size=8", f"distillation.teacher={sources[0]['hf']}",
                           f"train.head_warmup_iterations={WARMUP}"])
     assert "student.patch_size=8" in err and "patch size 16" in err
+
+
+@pytest.mark.parametrize("preset, config, hint", [
+    ("dinov3_vitl16", "train/dinov3_vitl16",  # the official ImageNet-1k recipe trains without storage tokens
+     "student.norm_layer=layernormbf16 student.mask_k_bias=true student.n_storage_tokens=4"),
+    ("dinov3_vits16plus", "smoke/dinov3_cpu_tiny", "student.arch=vit_small student.depth=12 student.ffn_layer=swiglu "
+                                                   "student.ffn_ratio=6.0"),
+    ("dinov3_vit7b16", "train/dinov3_vit7b16", ""),
+])
+def test_the_error_says_which_student_keys_fit_a_released_model(preset, config, hint):
+    """What a user continuing from a released model (built on the meta device: shapes only) is told to set."""
+    from dinotrain.train.ssl import build_backbone, fitting_student_keys
+
+    cfg = load_config(config, ["train.dataset_path=tiny"])
+    with torch.device("meta"):
+        released, ours = build_dinov3(preset).spec, build_backbone(cfg, for_teacher=False).spec
+    assert fitting_student_keys(released, ours) == hint.split()
