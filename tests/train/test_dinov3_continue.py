@@ -133,7 +133,8 @@ def test_the_heads_come_from_the_warm_up_on_the_frozen_weights(sources, continue
     warm = [json.loads(line) for line in run.warmup_metrics.read_text().splitlines()]
     assert [r["iteration"] for r in warm] == list(range(1, WARMUP + 1))
     full = read_full(run.warmup_full)
-    assert full.config["head_warmup"]["iterations"] == WARMUP and full.config["head_warmup"]["source"] == str(paths[layout])
+    recorded = full.config["head_warmup"]
+    assert recorded["iterations"] == WARMUP and recorded["source"] == str(paths[layout])
     assert _max_abs_diff(full.backbone, open_weights(paths[layout]).backbone) == 0.0, "the warm-up moved the backbone"
     assert set(full.heads) == {"dino_head"}  # ibot.separate_head false: one shared head
     for net in ("student", "teacher"):
@@ -218,7 +219,7 @@ def test_a_dinov3_teacher_is_frozen_with_its_warm_up_heads(sources, distilled):
     assert isinstance(warm.spec, Dinov3Spec) and warm.config["head_warmup"]["iterations"] == WARMUP
     assert not requires_grad and len(calls) == 2, "frozen, one forward per step"
     assert _max_abs_diff(after_first["backbone"], given.backbone) == 0.0, "the teacher backbone changed"
-    assert _max_abs_diff(after_first["dino_head"], warm.heads["dino_head"]) == 0.0, "the teacher head is not the warm-up's"
+    assert _max_abs_diff(after_first["dino_head"], warm.heads["dino_head"]) == 0.0, "not the warm-up's head"
     student = open_weights(RunDir(run_dir).student("student"))
     assert isinstance(student.spec, Dinov3Spec) and student.spec.depth == 2
 
@@ -261,7 +262,8 @@ def test_a_student_of_another_patch_size_is_one_line(sources, tmp_path, capsys):
 ])
 def test_the_error_says_which_student_keys_fit_a_released_model(preset, config, hint):
     """What a user continuing from a released model (built on the meta device: shapes only) is told to set."""
-    from dinotrain.train.ssl import build_backbone, fitting_student_keys
+    from dinotrain.train.fit_backbone import fitting_student_keys
+    from dinotrain.train.ssl import build_backbone
 
     cfg = load_config(config, ["train.dataset_path=tiny"])
     with torch.device("meta"):
