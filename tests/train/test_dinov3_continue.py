@@ -182,14 +182,18 @@ def test_dinov3_weights_in_a_dinov2_config_is_one_line_naming_both_families(sour
 
 def test_a_norm_the_weights_do_not_have_is_warned(sources, tmp_path, capsys):
     """transformers' config.json says LayerNorm eps 1e-5 (`layernormbf16`); a config with `layernorm` (1e-6) runs
-    with its own, and says so."""
+    with its own, and says so; RoPE periods of another base than the config's are loaded from the weights, said too."""
     run = _build("smoke/dinov3_cpu_tiny", [*FAST, f"student.pretrained_weights={sources[0]['hf']}",
-                                           "student.norm_layer=layernorm", "train.head_warmup_iterations=0"],
+                                           "student.norm_layer=layernorm", "student.pos_embed_rope_base=50",
+                                           "train.head_warmup_iterations=0"],
                  tmp_path / "r")
     destroy_distributed()
     logged = capsys.readouterr().out  # (the run's log handler writes to stdout)
     assert "have norm_layer layernormbf16" in logged and "student.norm_layer is layernorm" in logged
-    assert run.objective.learners[0].model.student["backbone"].spec.norm_layer == "layernorm"
+    assert "RoPE periods of the weights of student.pretrained_weights ([1.0, 74.989])" in logged
+    student = run.objective.learners[0].model.student["backbone"]
+    assert student.spec.norm_layer == "layernorm"
+    assert torch.equal(student.rope_embed.periods, open_weights(sources[0]["hf"]).backbone["rope_embed.periods"])
 
 
 # ---- distillation from a DINOv3 teacher ------------------------------------------------------------------------------
