@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from dinotrain.distributed.fsdp import compute_dtype
+from dinotrain.models.dinov3 import Dinov3Spec
 from dinotrain.models.vision_transformer import ViTSpec
 from dinotrain.plan.fake_world import FakeWorld
 from dinotrain.plan.step import GPU, build_objective, planned_config, synthetic_batch
@@ -29,7 +30,7 @@ def _check(condition: bool, what: str) -> None:
         raise GpuPathError(what)
 
 
-def trace_on_cuda(cfg: DictConfig, command: str, world_size: int, teacher: ViTSpec | None = None) -> str:
+def trace_on_cuda(cfg: DictConfig, command: str, world_size: int, teacher: ViTSpec | Dinov3Spec | None = None) -> str:
     """One line: what of the GPU path was traced, or what failed there (a bug of the GPU path)."""
     cfg = planned_config(cfg, 2, bool(cfg.fsdp.activation_checkpointing))  # shapes, not sizes, are checked here
     dtype = compute_dtype(cfg.compute_precision.dtype, GPU)

@@ -19,6 +19,7 @@ from dinotrain.data.collate import GlobalMaskCollator
 from dinotrain.data.resolutions import crop_size_options
 from dinotrain.distributed.env import DistEnv
 from dinotrain.distributed.fsdp import compute_dtype
+from dinotrain.models.dinov3 import Dinov3Spec
 from dinotrain.models.vision_transformer import ViTSpec
 from dinotrain.plan.fake_world import FakeWorld
 from dinotrain.plan.meter import CUDA_BLOCK, StepMeter
@@ -64,13 +65,14 @@ def synthetic_batch(cfg: DictConfig, batch_size: int, world_size: int) -> dict:
     return collate([(i, (sample, 0), 0) for i in range(batch_size)])
 
 
-def teacher_spec(teacher: str) -> ViTSpec:
-    """The shapes of a distillation teacher: a preset name (`dinov2_vitg14`) or any weights `open_weights` reads
-    (read here, outside the fake world, once per plan)."""
+def teacher_spec(teacher: str) -> ViTSpec | Dinov3Spec:
+    """The shapes of a distillation teacher: a preset name (`dinov2_vitg14`, `dinov3_vit7b16`) or any weights
+    `open_weights` reads (read here, outside the fake world, once per plan)."""
+    from dinotrain.models.dinov3 import DINOV3_PRESETS
     from dinotrain.models.presets import PRESETS
     from dinotrain.plan.fake_world import FakeWorld
 
-    if teacher in PRESETS:  # built on fake tensors: a preset's shapes cost nothing
+    if teacher in PRESETS or teacher in DINOV3_PRESETS:  # built on fake tensors: a preset's shapes cost nothing
         from dinotrain.models.presets import build_preset
 
         with FakeWorld(1, "cpu"):
@@ -80,20 +82,21 @@ def teacher_spec(teacher: str) -> ViTSpec:
     return open_weights(teacher).spec
 
 
-def planned_teacher(cfg: DictConfig, spec: ViTSpec):
-    """Fake weights of a teacher with `spec`'s shapes and heads of the sizes the students' config says it has."""
-    from dinotrain.models.vision_transformer import vit_from_spec
+def planned_teacher(cfg: DictConfig, spec: ViTSpec | Dinov3Spec):
+    """Fake weights of a teacher with `spec`'s shapes (either family) and heads of the sizes the students' config
+    says it has."""
+    from dinotrain.models.presets import backbone_from_spec
     from dinotrain.train.ssl import _head
     from dinotrain.weights.state_dict import Weights
 
-    backbone = vit_from_spec(spec)
+    backbone = backbone_from_spec(spec)
     heads = {"dino_head": _head(cfg.dino, spec.embed_dim).state_dict()}
     if cfg.ibot.loss_weight > 0 and cfg.ibot.separate_head:
         heads["ibot_head"] = _head(cfg.ibot, spec.embed_dim).state_dict()
     return Weights(source="plan", kind="plan", backbone=backbone.state_dict(), spec=spec, heads=heads)
 
 
-def build_objective(cfg: DictConfig, command: str, env: DistEnv, teacher: ViTSpec | None):
+def build_objective(cfg: DictConfig, command: str, env: DistEnv, teacher: ViTSpec | Dinov3Spec | None):
     """The run's objective with its learners built (models, FSDP2, optimizers) in the current (fake) world."""
     dtype = compute_dtype(cfg.compute_precision.dtype, GPU)
     global_batch = cfg.train.batch_size_per_gpu * env.world_size * cfg.train.grad_accum_steps
@@ -179,7 +182,7 @@ def steady_state(objective, meter: StepMeter, activations: int, batch_size: int,
 
 
 def profile_step(cfg: DictConfig, command: str, world_size: int, batch_size: int, activation_checkpointing: bool,
-                 teacher: ViTSpec | None = None, device: str = "cpu") -> StepProfile:
+                 teacher: ViTSpec | Dinov3Spec | None = None, device: str = "cpu") -> StepProfile:
     """Build the run at `batch_size` images per rank in a fake world of `world_size` ranks and take a step."""
     cfg = planned_config(cfg, batch_size, activation_checkpointing)
     start = time.perf_counter()

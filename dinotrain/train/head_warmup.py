@@ -13,6 +13,7 @@ and warm-up settings come back (a restart, `--no-resume`), and usable as `studen
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -124,7 +125,7 @@ def warm_up_heads(cfg: DictConfig, backbone: dict, spec: ViTSpec, run: RunDir, e
     wcfg = OmegaConf.merge(cfg, {"student": {"drop_path_rate": 0.0, "pretrained_weights": ""}})
     torch.manual_seed(cfg.train.seed)
     model = SSLMetaArch(wcfg, spec=None if build_student_arch else spec)
-    model.load_student_backbone(backbone)
+    model.load_student_backbone(backbone, source=str(source), spec=spec)
     model.student["backbone"].requires_grad_(False)  # the optimizer gets the heads only
     accum = cfg.train.grad_accum_steps
     global_batch = cfg.train.batch_size_per_gpu * env.world_size * accum
@@ -185,7 +186,8 @@ def pretrained_with_heads(cfg: DictConfig, run_dir: Path, env: DistEnv, dataset)
         return weights
     out = warm_up_heads(cfg, weights.backbone, weights.spec, RunDir(run_dir), env, dataset, source=str(path),
                         build_student_arch=True)
-    return open_pretrained(str(out))
+    # errors name what the user gave (the warm-up may be a reused one, never checked against this config)
+    return dataclasses.replace(open_pretrained(str(out)), source=f"{path} (heads from its warm-up {out})")
 
 
 def first_stage(cfg: DictConfig) -> Weights:

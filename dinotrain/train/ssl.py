@@ -28,6 +28,7 @@ from dinotrain.losses.gram import GramLoss, resize_patch_grid, select_tokens
 from dinotrain.models.dinov3 import Dinov3Spec, Dinov3VisionTransformer, dinov3_arch, dinov3_from_spec
 from dinotrain.models.heads import DINOHead
 from dinotrain.models.vision_transformer import DinoVisionTransformer, ViTSpec, build_vit, vit_from_spec
+from dinotrain.train.fit_backbone import fit_backbone
 
 N_GLOBAL_CROPS = 2
 # The values the official code logs and sums into its displayed `total_loss` (not the backpropagated loss).
@@ -74,19 +75,6 @@ def build_backbone(cfg: DictConfig, for_teacher: bool, spec: ViTSpec | Dinov3Spe
         ffn_bias=s.ffn_bias, num_register_tokens=s.num_register_tokens, interpolate_antialias=s.interpolate_antialias,
         interpolate_offset=s.interpolate_offset,
     )
-
-
-def _fit_backbone(state_dict: dict, target: ViTSpec | Dinov3Spec, strict: bool, what: str) -> dict:
-    """Pretrained backbone weights made to fit the run's backbone: a DINOv2 position table resampled to its grid
-    (`fit_pos_embed`); a DINOv3 backbone (RoPE: no table, any image size) only checked."""
-    from dinotrain.weights.state_dict import check_compatible, fit_pos_embed
-
-    if isinstance(target, Dinov3Spec):
-        from dinotrain.weights.dinov3_layouts import infer_dinov3_spec
-
-        check_compatible(target, dataclasses.replace(infer_dinov3_spec(state_dict), img_size=target.img_size), what)
-        return state_dict
-    return fit_pos_embed(state_dict, target, strict=strict, what=what)
 
 
 def backbone_outputs(backbone: nn.Module, crops, masks=None, select=None):
@@ -155,7 +143,8 @@ class SSLMetaArch(nn.Module):
         return self
 
     # ---- set-up ------------------------------------------------------------------------------
-    def load_student_backbone(self, weights, heads: dict | None = None, key: str = "student.pretrained_weights") -> None:
+    def load_student_backbone(self, weights, heads: dict | None = None, key: str = "student.pretrained_weights",
+                              source: str = "", spec: ViTSpec | Dinov3Spec | None = None) -> None:
         """Start student and teacher from pretrained weights (before sharding).
 
         `weights`: a backbone state dict (with `heads`, optionally), or a `Weights` the caller resolved from
@@ -163,18 +152,20 @@ class SSLMetaArch(nn.Module):
         them (a full export, a run), are loaded too, into student and teacher alike, as when the official code
         continues from a full checkpoint. Weights made at another image size (e.g. the official 518-px ones in
         a 224-px run) have their position embeddings resampled to the run's grid (logged), unless
-        `student.pretrained_strict` is true. Errors name the config `key` the weights came from.
+        `student.pretrained_strict` is true. Errors name the config `key` the weights came from (and `source`, a
+        plain state dict's path); `spec`: a plain state dict's spec as its files say (what the tensors cannot).
         """
         from dinotrain.weights.state_dict import Weights, WeightsError, strip_to_backbone
 
-        source = self.cfg.student.pretrained_weights if key == "student.pretrained_weights" else ""
+        if not source and key == "student.pretrained_weights":
+            source = self.cfg.student.pretrained_weights
         if isinstance(weights, Weights):
-            weights, heads, source = weights.backbone, weights.heads, weights.source
+            weights, heads, source, spec = weights.backbone, weights.heads, weights.source, weights.spec
         where = f"config key '{key}'" + (f" = {source}" if source else "")
         strict = bool(self.cfg.student.pretrained_strict)
         try:
-            state_dict = _fit_backbone(strip_to_backbone(weights), self.student["backbone"].spec, strict,
-                                       what=f"weights of {key}")
+            state_dict = fit_backbone(strip_to_backbone(weights), self.student["backbone"].spec, strict,
+                                       what=f"weights of {key}", found=spec)
             if heads is not None:
                 self._check_heads(heads)
         except WeightsError as exc:

@@ -23,7 +23,8 @@ from dinotrain.config import ConfigError
 from dinotrain.distributed.fsdp import reshard, shard_module
 from dinotrain.losses import DINOLoss, iBOTPatchLoss
 from dinotrain.losses.centering import teacher_targets
-from dinotrain.models.vision_transformer import vit_from_spec
+from dinotrain.models.dinov3 import Dinov3Spec
+from dinotrain.models.presets import backbone_from_spec
 from dinotrain.train.ssl import teacher_logits
 from dinotrain.weights.resolve import CHECKPOINT, FULL, open_weights, resolve
 from dinotrain.weights.state_dict import Weights, WeightsError
@@ -126,7 +127,9 @@ class FrozenTeacher(nn.Module):
         from dinotrain.models.heads import head_from_state_dict
 
         assert weights.heads is not None, "a backbone-only teacher needs the head warm-up first"
-        backbone = vit_from_spec(weights.spec, attn_impl=cfg.student.attn_impl)
+        # either family (a DINOv3 teacher: RoPE, storage tokens); the student's attention kernel for a DINOv2 one
+        dinov2 = {} if isinstance(weights.spec, Dinov3Spec) else {"attn_impl": cfg.student.attn_impl}
+        backbone = backbone_from_spec(weights.spec, **dinov2)
         backbone.load_state_dict(weights.backbone, strict=True)
         self.nets = nn.ModuleDict({"backbone": backbone})
         for name, state in weights.heads.items():

@@ -126,3 +126,22 @@ def test_a_distillation_plan_runs_the_teacher_once_for_all_students():
     # what the joint step saves is one teacher forward (its last block computes only the CLS and masked rows: less
     # than a full forward, 87 % of it here); a teacher run per student would save nothing
     assert 0.75 * meter.flops <= a + b - both <= meter.flops
+
+
+def test_a_distillation_plan_takes_a_dinov3_teacher():
+    """A DINOv3 teacher (e.g. `--teacher dinov3_vit7b16`) is planned as one: one more of its blocks costs exactly
+    that block's forward arithmetic on the global crops (it built a DINOv2 ViT from the spec and failed before)."""
+    from dinotrain.models.dinov3 import Dinov3Spec
+    from dinotrain.plan.step import profile_step
+
+    cfg = load_config("smoke/distill_cpu_tiny", ["train.batch_size_per_gpu=4", "student.depth=1", "student.patch_size=16",
+                                                 "crops.global_crops_size=64", "crops.local_crops_size=32"])
+
+    def flops(depth: int) -> int:
+        spec = Dinov3Spec(embed_dim=192, depth=depth, num_heads=3, n_storage_tokens=4, mask_k_bias=True,
+                          layerscale_init=1e-5, norm_layer="layernormbf16")
+        return profile_step(cfg, "distill", 1, 4, False, teacher=spec).flops
+
+    images, tokens, dim = 2 * 4, 1 + 4 + (64 // 16) ** 2, 192  # 2 global crops per image; CLS + storage + patches
+    block = images * (2 * 12 * dim * dim * tokens + 2 * 2 * tokens * tokens * dim)  # qkv, proj, MLP 4x; QK^T, AV
+    assert flops(2) - flops(1) == block

@@ -127,6 +127,24 @@ def test_write_read_round_trip_is_bitwise(tmp_path, ibot):
         assert spec == export.spec
 
 
+def test_a_dinov3_backbone_round_trips_with_its_spec(tmp_path):
+    """A DINOv3 run's full export (or the head warm-up of DINOv3 weights) reads back as a DINOv3 backbone with the
+    recorded spec, norm and RoPE settings included (it was read as a DINOv2 one and refused)."""
+    from dinotrain.models.dinov3 import build_dinov3
+
+    torch.manual_seed(0)
+    backbone = _randomised(build_dinov3("dinov3_vits16", embed_dim=64, num_heads=1, depth=2, norm_layer="layernorm",
+                                        pos_embed_rope_dtype="bf16"))
+    heads = {"dino_head": _randomised(DINOHead(64, 50, hidden_dim=32, bottleneck_dim=16)).state_dict()}
+    export = FullExport(backbone.state_dict(), backbone.spec, heads, {})
+    back = read_full(write_full(tmp_path / "full.safetensors", export))
+    assert_identical(back.backbone, export.backbone)
+    assert back.spec == backbone.spec  # layernorm (eps 1e-6) and bf16 tables: not what the tensors imply
+    for state, spec in (backbone_of_full(tmp_path / "full.safetensors"), read_weights(tmp_path / "full.safetensors")):
+        assert_identical(state, export.backbone)
+        assert spec == backbone.spec
+
+
 def test_is_full_export_only_for_full_exports(tmp_path):
     model = build_vit("vit_tiny", patch_size=8, img_size=32, depth=2)
     hub = save_backbone(model, tmp_path / "b.pth", "hub")
