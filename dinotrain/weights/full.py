@@ -19,10 +19,12 @@ from pathlib import Path
 from torch import Tensor
 
 from dinotrain.storage import Resume, replacing
-from dinotrain.weights.hf import reconcile_spec, spec_from_metadata, spec_to_metadata
+from dinotrain.models.dinov3 import Dinov3Spec
 from dinotrain.models.heads import head_settings
-from dinotrain.weights.state_dict import WeightsError, infer_spec
 from dinotrain.models.vision_transformer import ViTSpec
+from dinotrain.weights.dinov3_layouts import infer_dinov3_spec
+from dinotrain.weights.hf import reconcile_spec, spec_from_metadata, spec_to_metadata
+from dinotrain.weights.state_dict import WeightsError, infer_spec
 
 __all__ = ["FULL_FORMAT", "FullExport", "backbone_of_full", "config_of_full", "is_full_export", "read_full",
            "write_full"]
@@ -37,7 +39,7 @@ class FullExport:
     """What a run hands to distillation / continued pretraining (all CPU tensors, official backbone names)."""
 
     backbone: dict[str, Tensor]
-    spec: ViTSpec
+    spec: ViTSpec | Dinov3Spec
     heads: dict[str, dict[str, Tensor]]  # "dino_head" and optionally "ibot_head"
     config: dict = field(default_factory=dict)  # the run's recipe config (plain containers), may be {}
 
@@ -133,17 +135,20 @@ def _read_groups(path: Path, groups: tuple[str, ...]) -> tuple[dict[str, dict[st
     return out, metadata
 
 
-def _backbone_spec(path: Path, backbone: dict[str, Tensor], metadata: dict) -> ViTSpec:
+def _backbone_spec(path: Path, backbone: dict[str, Tensor], metadata: dict) -> ViTSpec | Dinov3Spec:
+    """The recorded spec, checked against the tensors of either family (a DINOv3 backbone stores its RoPE
+    periods, in our = the official layout)."""
     if not backbone:
         raise WeightsError(f"{path} is not a full export: it has no `{BACKBONE}.*` tensors")
+    infer = infer_dinov3_spec if "rope_embed.periods" in backbone else infer_spec
     try:
-        return reconcile_spec(spec_from_metadata(metadata), infer_spec(backbone))
+        return reconcile_spec(spec_from_metadata(metadata), infer(backbone))
     except WeightsError as exc:
         raise WeightsError(f"{path}: backbone: {exc}") from exc
 
 
-def backbone_of_full(path: str | Path) -> tuple[dict[str, Tensor], ViTSpec]:
-    """The backbone state dict and ViTSpec of a full export, as `read_weights` returns them (heads not read)."""
+def backbone_of_full(path: str | Path) -> tuple[dict[str, Tensor], ViTSpec | Dinov3Spec]:
+    """The backbone state dict and spec of a full export, as `read_weights` returns them (heads not read)."""
     path = Path(path)
     groups, metadata = _read_groups(path, (BACKBONE,))
     return groups[BACKBONE], _backbone_spec(path, groups[BACKBONE], metadata)
