@@ -107,7 +107,7 @@ def test_the_run_read_from_its_directory_is_what_embed_gives(run, tmp_path):
     assert max(_diff(embedded, ours).values()) <= TOL
 
 
-def test_hub_pth_through_torch_hub_and_in_the_official_layout(run, exports, images, reference, caplog):
+def test_hub_pth_through_torch_hub_and_in_the_official_layout(run, exports, images, reference):
     hub = torch.load(exports["hub"], weights_only=True)
     # the official layout: the official names (ours), no wrapper, RoPE periods and the masked key bias stored
     assert hub.keys() == torch.load(run / "teacher_backbone.pth", weights_only=True).keys()
