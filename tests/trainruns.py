@@ -21,6 +21,27 @@ FAST = [
 ]
 
 
+# FAST adapted to DINOv3 (a 2-block ViT-Tiny/16 with RoPE, 2 storage tokens, masked key bias): patch 16 needs
+# 64-px global crops (the iBOT masks need more than a 2x2 grid). 8 iterations, a checkpoint every 2.
+DINOV3_FAST = [
+    "student.pos_embed_type=rope", "student.depth=2", "student.patch_size=16", "student.n_storage_tokens=2",
+    "student.mask_k_bias=true", "student.pos_embed_rope_rescale_coords=2", "student.pos_embed_rope_dtype=fp32",
+    "student.drop_path_rate=0.1",
+    "train.batch_size_per_gpu=4", "train.num_workers=0", "train.OFFICIAL_EPOCH_LENGTH=4", "optim.epochs=2",
+    "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1", "train.log_every=1",
+    "crops.global_crops_size=64", "crops.local_crops_size=32", "crops.local_crops_number=2",
+    "dino.head_n_prototypes=64", "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16",
+    "ibot.head_n_prototypes=64", "checkpoint.period_iterations=2", "checkpoint.keep_last=10",
+]
+# Gram anchoring: the Gram teacher takes the EMA teacher's weights before iteration 4 (counted from 0), again before 6.
+GRAM = ["gram.use_loss=true", "gram.it_load_ema_teacher=4", "gram.update_frequency=2", "gram.it_first_update=6"]
+
+
+def dinov3_args(run_dir: Path, overrides=()) -> list[str]:
+    """`train` arguments of the few-second DINOv3 run with Gram anchoring (DINOV3_FAST + GRAM) in `run_dir`."""
+    return ["train", "--config", "smoke/cpu_tiny", "--output-dir", str(run_dir), *DINOV3_FAST, *GRAM, *overrides]
+
+
 # 20 iterations with a checkpoint every 5: long enough to be disturbed mid-way (a signal, a killed worker or rank).
 LONG = ["optim.epochs=5", "checkpoint.period_iterations=5"]
 

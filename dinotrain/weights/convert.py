@@ -25,7 +25,7 @@ from torch import Tensor
 from dinotrain.models.dinov3 import Dinov3Spec, Dinov3VisionTransformer, dinov3_from_spec
 from dinotrain.models.vision_transformer import DinoVisionTransformer, ViTSpec, vit_from_spec
 from dinotrain.storage import replacing
-from dinotrain.weights.dinov3_files import save_timm, save_transformers
+from dinotrain.weights.dinov3_files import save_timm, save_transformers, warn_unrecorded_settings
 from dinotrain.weights.hf import save_hf, spec_to_metadata
 from dinotrain.weights.resolve import open_weights, read_weights
 from dinotrain.weights.state_dict import (DINOV2, DINOV3, Weights, WeightsError, check_compatible, family_mismatch,
@@ -41,6 +41,8 @@ def write_weights(state_dict: dict[str, Tensor], spec: ViTSpec | Dinov3Spec, dst
         raise ValueError(f"unknown target format {to!r}; choose one of {FORMATS}")
     dst = Path(dst)
     dinov3 = isinstance(spec, Dinov3Spec)
+    if dinov3 and to in ("hub", "timm"):
+        warn_unrecorded_settings(state_dict, spec, dst, to)
     if to == "timm":
         if not dinov3:
             raise ValueError("the timm format is written for DINOv3 backbones (timm's dinov3 Eva); timm loads "

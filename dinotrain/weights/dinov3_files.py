@@ -17,6 +17,7 @@ official preset of that shape (`dinov3_layouts.infer_timm_spec`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Mapping
 
@@ -32,7 +33,13 @@ from dinotrain.weights.hf import (CONFIG_NAME, read_hf_tensors, reconcile_spec, 
                                   spec_to_metadata, write_model_dir)
 from dinotrain.weights.state_dict import WeightsError, check_compatible
 
+log = logging.getLogger("dinotrain.weights")
+
 OURS, TIMM = "ours", "timm"
+# Settings that change what a backbone computes at evaluation but that a bare state dict cannot say: whoever builds
+# a model for the official `.pth` (torch.hub's `dinov3_*`) or timm's file (timm's `Eva`) builds the released
+# models' values (`infer_dinov3_spec`).
+_EVAL_SETTINGS_NOT_IN_TENSORS = ("norm_layer", "pos_embed_rope_normalize_coords", "pos_embed_rope_dtype")
 # What timm's tensors (and transformers' config) do not hold, taken from our recorded spec when there is one.
 _UNSTORED_IN_TIMM = ("num_heads", "untie_global_and_local_cls_norm")
 
@@ -120,6 +127,19 @@ def read_timm_dir(src: str | Path, config: Mapping) -> tuple[dict[str, Tensor], 
 
 
 # ---- writing --------------------------------------------------------------------------------------------
+def warn_unrecorded_settings(state_dict: Mapping[str, Tensor], spec: Dinov3Spec, dst: Path, layout: str) -> None:
+    """Warn (one line) when `spec` computes otherwise than the released models' settings a consumer of a bare
+    `layout` file assumes. Why: a run trained with `norm_layer: layernorm` (eps 1e-6, the official default config)
+    exported as a `.pth` gives torch.hub's / timm's model (eps 1e-5) another CLS token (measured 3e-2 on a tiny run)."""
+    assumed = infer_dinov3_spec(state_dict)
+    differ = [f"{f}={getattr(spec, f)!r} (they assume {getattr(assumed, f)!r})" for f in _EVAL_SETTINGS_NOT_IN_TENSORS
+              if getattr(spec, f) != getattr(assumed, f)]
+    if differ:
+        log.warning("%s: the %s file cannot record this backbone's %s: build its consumer with them (e.g. "
+                    "torch.hub.load(..., norm_layer='layernorm'); timm: norm_layer=partial(LayerNorm, eps=1e-6)) or "
+                    "its features differ; --to hf / --to safetensors record them", dst, layout, ", ".join(differ))
+
+
 def _single_dtype(tensors: Mapping[str, Tensor]) -> torch.dtype:
     dtypes = {v.dtype for v in tensors.values()}
     if len(dtypes) != 1:

@@ -190,6 +190,11 @@ def _hf_unsupported(spec: Dinov3Spec) -> list[str]:
     return problems
 
 
+def _float(value: float | None) -> float | None:
+    """A float field as a float: a run's config may give `2` for 2.0, which transformers' strict config refuses."""
+    return None if value is None else float(value)
+
+
 def transformers_config(spec: Dinov3Spec) -> dict:
     """The `config.json` contents of a `DINOv3ViTModel` computing what a backbone of `spec` computes (eval)."""
     problems = _hf_unsupported(spec)
@@ -202,11 +207,12 @@ def transformers_config(spec: Dinov3Spec) -> dict:
         "intermediate_size": spec.ffn_hidden, "use_gated_mlp": gated, "hidden_act": "silu" if gated else "gelu",
         "patch_size": spec.patch_size, "image_size": spec.img_size, "num_channels": spec.in_chans,
         "num_register_tokens": spec.n_storage_tokens, "layer_norm_eps": NORM_EPS[spec.norm_layer],
-        "layerscale_value": spec.layerscale_init,
+        "layerscale_value": _float(spec.layerscale_init),
         "query_bias": spec.qkv_bias, "key_bias": spec.qkv_bias and not spec.mask_k_bias, "value_bias": spec.qkv_bias,
         "proj_bias": spec.proj_bias, "mlp_bias": spec.ffn_bias,
-        "rope_theta": spec.pos_embed_rope_base, "pos_embed_shift": spec.pos_embed_rope_shift_coords,
-        "pos_embed_jitter": spec.pos_embed_rope_jitter_coords, "pos_embed_rescale": spec.pos_embed_rope_rescale_coords,
+        "rope_theta": _float(spec.pos_embed_rope_base), "pos_embed_shift": _float(spec.pos_embed_rope_shift_coords),
+        "pos_embed_jitter": _float(spec.pos_embed_rope_jitter_coords),
+        "pos_embed_rescale": _float(spec.pos_embed_rope_rescale_coords),
         "attention_dropout": 0.0, "drop_path_rate": 0.0, "initializer_range": 0.02,
     }
 

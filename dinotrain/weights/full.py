@@ -19,13 +19,12 @@ from pathlib import Path
 from torch import Tensor
 
 from dinotrain.storage import Resume, replacing
-from dinotrain.weights.dinov3_files import looks_like_ours
+from dinotrain.models.dinov3 import Dinov3Spec
+from dinotrain.models.heads import head_settings
+from dinotrain.models.vision_transformer import ViTSpec
 from dinotrain.weights.dinov3_layouts import infer_dinov3_spec
 from dinotrain.weights.hf import reconcile_spec, spec_from_metadata, spec_to_metadata
-from dinotrain.models.heads import head_settings
 from dinotrain.weights.state_dict import WeightsError, infer_spec
-from dinotrain.models.dinov3 import Dinov3Spec
-from dinotrain.models.vision_transformer import ViTSpec
 
 __all__ = ["FULL_FORMAT", "FullExport", "backbone_of_full", "config_of_full", "is_full_export", "read_full",
            "write_full"]
@@ -137,12 +136,13 @@ def _read_groups(path: Path, groups: tuple[str, ...]) -> tuple[dict[str, dict[st
 
 
 def _backbone_spec(path: Path, backbone: dict[str, Tensor], metadata: dict) -> ViTSpec | Dinov3Spec:
+    """The recorded spec, checked against the tensors of either family (a DINOv3 backbone stores its RoPE
+    periods, in our = the official layout)."""
     if not backbone:
         raise WeightsError(f"{path} is not a full export: it has no `{BACKBONE}.*` tensors")
+    infer = infer_dinov3_spec if "rope_embed.periods" in backbone else infer_spec
     try:
-        if looks_like_ours(backbone):  # a DINOv3 backbone (e.g. the head warm-up of released DINOv3 weights)
-            return reconcile_spec(spec_from_metadata(metadata), infer_dinov3_spec(backbone))
-        return reconcile_spec(spec_from_metadata(metadata), infer_spec(backbone))
+        return reconcile_spec(spec_from_metadata(metadata), infer(backbone))
     except WeightsError as exc:
         raise WeightsError(f"{path}: backbone: {exc}") from exc
 

@@ -15,25 +15,12 @@ import pytest
 import torch
 
 from dinotrain.distributed.checkpoint_files import read_tensors
-from trainruns import REPO, env, kill_tree, metrics, run_cli, wait_for
+from trainruns import DINOV3_FAST, GRAM, REPO, dinov3_args, env, kill_tree, metrics, run_cli, wait_for
 
-# trainruns.FAST adapted to DINOv3: patch 16 needs 64-px global crops (the iBOT masks need more than a 2x2 grid)
-DINOV3_FAST = [
-    "student.pos_embed_type=rope", "student.depth=2", "student.patch_size=16", "student.n_storage_tokens=2",
-    "student.mask_k_bias=true", "student.pos_embed_rope_rescale_coords=2", "student.pos_embed_rope_dtype=fp32",
-    "student.drop_path_rate=0.1",
-    "train.batch_size_per_gpu=4", "train.num_workers=0", "train.OFFICIAL_EPOCH_LENGTH=4", "optim.epochs=2",
-    "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1", "train.log_every=1",
-    "crops.global_crops_size=64", "crops.local_crops_size=32", "crops.local_crops_number=2",
-    "dino.head_n_prototypes=64", "dino.head_hidden_dim=32", "dino.head_bottleneck_dim=16",
-    "ibot.head_n_prototypes=64", "checkpoint.period_iterations=2", "checkpoint.keep_last=10",
-]
-GRAM = ["gram.use_loss=true", "gram.it_load_ema_teacher=4", "gram.update_frequency=2", "gram.it_first_update=6"]
 LOADED, REFRESHED = 4, 6  # the iterations (counted from 0) before whose forward the Gram teacher takes the EMA's
 
 
-def _args(run_dir, overrides=()):
-    return ["train", "--config", "smoke/cpu_tiny", "--output-dir", str(run_dir), *DINOV3_FAST, *GRAM, *overrides]
+_args = dinov3_args
 
 
 def _network(run_dir, it, name):
