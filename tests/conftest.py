@@ -10,16 +10,18 @@ import torch
 # gives each worker whole files in collection order (`--dist loadfile --no-loadscope-reorder`): started first,
 # they run beside the many short files instead of alone at the end.
 LONGEST_FIRST = [
-    "tests/slurm/test_submit_jobs.py",
     "tests/e2e/test_learns.py",
+    "tests/slurm/test_submit_jobs.py",
     "tests/distributed/test_fsdp_training.py",
     "tests/faults/test_stop_signals.py",
-    "tests/distill/test_distill_resume.py",
     "tests/train/test_compiled.py",
-    "tests/distributed/test_lost_rank.py",
     "tests/faults/test_resume_faults.py",
-    "tests/eval/test_supervised_reference.py",
     "tests/e2e/test_train_cpu.py",
+    "tests/distill/test_distill_resume.py",
+    "tests/distributed/test_lost_rank.py",
+    "tests/distill/test_distill.py",
+    "tests/distributed/test_dinov3_resume_world_size.py",
+    "tests/eval/test_supervised_reference.py",
 ]
 
 
