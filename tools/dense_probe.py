@@ -64,6 +64,8 @@ def _patch_labels(greys: torch.Tensor, labels: torch.Tensor, patch: int, ink_fra
 
 
 def _linear_probe(balanced: bool):
+    """Standardised logistic regression: the L2-normalised tokens are tiny per coordinate, and scikit-learn's
+    default regularisation would otherwise underfit them."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -77,8 +79,7 @@ def probe(model, train, val, ink_fraction: float, max_train_patches: int) -> dic
     accuracy per ink patch, in percent."""
     from sklearn.metrics import balanced_accuracy_score
 
-    scores, feats, ink, digit = {}, {}, {}, {}
-    pooled = {}
+    scores, feats, ink, digit, pooled = {}, {}, {}, {}, {}
     for name, (images, greys, labels) in (("train", train), ("val", val)):
         tokens = _patch_tokens(model, images)
         pooled[name] = tokens.mean(dim=1)
