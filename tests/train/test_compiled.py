@@ -115,9 +115,10 @@ def test_a_compile_failure_is_one_line_naming_the_option(tmp_path, capsys, monke
 
     torch._dynamo.reset()  # nothing compiled, and an empty kernel cache: the C++ compiler has to run
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    monkeypatch.setattr(inductor.cpp, "cxx", (None, "/nonexistent/g++"))
     capsys.readouterr()
-    _train(tmp_path / "run", "train.max_iterations=1", *COMPILED, expect=2)
+    # inductor's own patch: monkeypatch's undo deletes a config entry (`cpp.cxx does not exist` for later tests)
+    with inductor.patch({"cpp.cxx": (None, "/nonexistent/g++")}):
+        _train(tmp_path / "run", "train.max_iterations=1", *COMPILED, expect=2)
     err = capsys.readouterr().err
     ours = [line for line in err.splitlines() if line.startswith("dinotrain")]
     assert len(ours) == 1 and ours[0].startswith("dinotrain train: error: torch.compile failed ("), err
