@@ -33,9 +33,10 @@ def pytest_collection_modifyitems(config, items):
 def pytest_configure(config):
     """Under xdist, the cores are shared among the workers: torch in each worker (and the runs it starts, through
     trainruns.threads()) uses its share, not every core (oversubscribed OpenMP threads spin and slow both)."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    from trainruns import threads
+
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        torch.set_num_threads(threads())
 
 
 @pytest.fixture(autouse=True)

@@ -25,6 +25,7 @@ from dinotrain.train.rundir import RunDir
 from dinotrain.train.run import TrainingRun
 from dinotrain.weights.full import read_full
 from dinotrain.weights.resolve import open_weights
+from trainruns import max_abs_diff
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -85,11 +86,6 @@ def _backbone_state(module) -> dict:
     return full_state_dict(module)
 
 
-def _max_abs_diff(got: dict, want: dict) -> float:
-    assert got.keys() == want.keys()
-    return max(float((got[k].float() - want[k].float()).abs().max()) for k in want)
-
-
 @pytest.fixture(scope="module")
 def continued(sources, tmp_path_factory):
     """Per layout: a 4-iteration continued pretraining through a 3-iteration head warm-up; what the networks held
@@ -116,7 +112,7 @@ def test_student_and_teacher_start_as_the_given_weights(sources, continued, layo
     given = open_weights(paths[layout])
     assert isinstance(given.spec, Dinov3Spec) and given.kind == {"hf": "hf", "timm": "timm", "pth": "hub"}[layout]
     for net in ("student", "teacher"):
-        assert _max_abs_diff(at_start[net]["backbone"], given.backbone) == 0.0, f"{net} backbone is not the weights"
+        assert max_abs_diff(at_start[net]["backbone"], given.backbone) == 0.0, f"{net} backbone is not the weights"
     # and computes what the library that wrote them computes (an independent reference for the conversion)
     x = torch.randn(2, 3, 64, 48)
     with torch.no_grad():
@@ -135,10 +131,10 @@ def test_the_heads_come_from_the_warm_up_on_the_frozen_weights(sources, continue
     full = read_full(run.warmup_full)
     recorded = full.config["head_warmup"]
     assert recorded["iterations"] == WARMUP and recorded["source"] == str(paths[layout])
-    assert _max_abs_diff(full.backbone, open_weights(paths[layout]).backbone) == 0.0, "the warm-up moved the backbone"
+    assert max_abs_diff(full.backbone, open_weights(paths[layout]).backbone) == 0.0, "the warm-up moved the backbone"
     assert set(full.heads) == {"dino_head"}  # ibot.separate_head false: one shared head
     for net in ("student", "teacher"):
-        assert _max_abs_diff(at_start[net]["dino_head"], full.heads["dino_head"]) == 0.0, f"{net} head"
+        assert max_abs_diff(at_start[net]["dino_head"], full.heads["dino_head"]) == 0.0, f"{net} head"
     records = [json.loads(line) for line in run.metrics.read_text().splitlines()]
     assert [r["iteration"] for r in records] == [1, 2, 3, 4]
     assert run.teacher_backbone.is_file()
@@ -222,8 +218,8 @@ def test_a_dinov3_teacher_is_frozen_with_its_warm_up_heads(sources, distilled):
     warm = read_full(RunDir(run_dir).warmup_full)
     assert isinstance(warm.spec, Dinov3Spec) and warm.config["head_warmup"]["iterations"] == WARMUP
     assert not requires_grad and len(calls) == 2, "frozen, one forward per step"
-    assert _max_abs_diff(after_first["backbone"], given.backbone) == 0.0, "the teacher backbone changed"
-    assert _max_abs_diff(after_first["dino_head"], warm.heads["dino_head"]) == 0.0, "not the warm-up's head"
+    assert max_abs_diff(after_first["backbone"], given.backbone) == 0.0, "the teacher backbone changed"
+    assert max_abs_diff(after_first["dino_head"], warm.heads["dino_head"]) == 0.0, "not the warm-up's head"
     student = open_weights(RunDir(run_dir).student("student"))
     assert isinstance(student.spec, Dinov3Spec) and student.spec.depth == 2
 
