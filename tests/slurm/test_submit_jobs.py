@@ -18,7 +18,7 @@ from trainruns import FAST, REPO, env, kill_tree, max_abs_diff, metrics, run_cli
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 # 40 iterations of the few-second smoke run (~30-40 s on 2 processes): long enough to be preempted mid-way and then
-# to meet a 1-minute time limit at least once (SLURM signals ~20 s into each run of such a job: alone a run does ~25
+# to meet a 1-minute time limit once (SLURM signals ~20 s into each run of such a job: alone a run does ~25
 # iterations, beside other tests ~8). Checkpoints only when stopped and at the end.
 RUN = [*FAST, "optim.epochs=10", "checkpoint.period_iterations=1000"]
 DISTILL = [*FAST, "student.depth=2", "optim.epochs=10", "checkpoint.period_iterations=1000"]
@@ -96,6 +96,16 @@ def wait_for_iteration(run_dir: Path, iteration: int, sub: Submission, timeout: 
         time.sleep(0.2)
 
 
+def wait_for_stops(run_dir: Path, count: int, sub: Submission, timeout: float = 300) -> None:
+    """Until the run's log shows `count` checkpointed stops (each run of the job appends to one log.txt)."""
+    deadline = time.time() + timeout
+    log = run_dir / "log.txt"
+    while len(re.findall(r"stopping at iteration \d+: ", log.read_text() if log.is_file() else "")) < count:
+        assert sub.proc.poll() is None, f"submit ended before {count} stops:\n{sub.text()}"
+        assert time.time() < deadline, f"not {count} stops in {timeout} s:\n{sub.text()}"
+        time.sleep(0.5)
+
+
 def task_pid(job_id: str, rank: int) -> int:
     """The process of one task of a job (the submitit runner with SLURM_PROCID=rank)."""
     for proc in Path("/proc").glob("[0-9]*"):
@@ -140,6 +150,10 @@ def test_preempted_and_time_limited_job_requeues_and_ends_as_torchrun(slurm_clus
     job_id = sub.wait_job_id()
     wait_for_iteration(run, 3, sub)
     submitit.SlurmJob(run / "slurm", job_id, tasks=[0, 1])._interrupt()  # what SLURM sends before preemption
+    wait_for_stops(run, 2, sub)  # the preemption, then the 1-minute limit at least once
+    # Then the rest in one run: beside other tests a 1-minute run may spend its time importing torch and requeue
+    # without a step, so a job that must finish within 1-minute runs can use up its requeues (CI saw it).
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"], check=True, capture_output=True)
     rc, out = sub.wait(timeout=400)
     assert rc == 0, out
     assert re.search(r"job \d+ completed: iteration 40", out), out
