@@ -1,7 +1,5 @@
 """End to end: `dinotrain train` on the built-in dataset, on CPU, as a user runs it."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,7 +8,7 @@ from dinotrain.distributed.checkpoint import complete_checkpoints
 from dinotrain.distributed.checkpoint_files import read_tensors
 from dinotrain.weights.convert import load_backbone
 
-from trainruns import REPO, env, metrics, train
+from trainruns import metrics, run_cli, train
 
 KEYS = {"iteration", "total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss",
         "lr", "wd", "mom", "teacher_temp", "images_per_s"}
@@ -47,8 +45,7 @@ def test_train_writes_the_run_directory(tmp_path):
 
 
 def _cli(args, tmp_path):
-    return subprocess.run([sys.executable, "-m", "dinotrain", *args], env=env(), capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
+    return run_cli(args)
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):

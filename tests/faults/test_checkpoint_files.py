@@ -9,7 +9,6 @@ import pathlib
 import pickle
 import shutil
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from dinotrain.distributed.checkpoint_files import (
     validate_checkpoint,
 )
 
-from trainruns import FAST, REPO, env
+from trainruns import FAST, run_cli
 
 
 def read_teacher_backbone(ckpt_dir):
@@ -96,8 +95,7 @@ class _Exec:
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dinotrain", *map(str, args)], env=env(), capture_output=True,
-                          text=True, cwd=REPO, timeout=120)
+    return run_cli([str(a) for a in args])
 
 
 # ---- item 4: a checkpoint never runs code -------------------------------------------------------------
