@@ -4,17 +4,20 @@ behind `embed`, `eval` and `serve` (`--runtime`, `--precision`), decided once an
 | runtime / precision | what runs                                                              | CLS cosine to fp32 |
 |---------------------|------------------------------------------------------------------------|--------------------|
 | torch fp32          | the backbone as it is                                                  | 1                  |
-| torch bf16          | the backbone under CPU/CUDA bf16 autocast (matmuls bf16, norms fp32)   | >= 0.9999 measured |
-| onnx fp32           | the backbone exported (`weights/onnx_export.py`) on onnxruntime's CPU  | 1 - 1e-7           |
-| onnx int8           | that graph, its MLP MatMuls dynamically quantized to int8 (onnxruntime) | see BENCHMARKS.md  |
+| torch bf16          | the backbone under CPU/CUDA bf16 autocast (matmuls bf16, norms fp32)   | 0.99995            |
+| onnx fp32           | the backbone exported (`weights/onnx_export.py`) on onnxruntime's CPU  | 1.000000           |
+| onnx int8           | that graph, its MLP MatMuls dynamically quantized to int8 (onnxruntime) | 0.9989 (< 0.999)   |
+
+(worst over 32-256 images, random-weight ViT-S/14 and ViT-B/14 at 224 px: BENCHMARKS.md)
 
 `auto` picks the fastest path measured to stay within 0.999 CLS cosine of fp32 on the machine it runs on: bf16 only
-where the CPU multiplies bf16 natively with AMX (`amx_bf16` in /proc/cpuinfo), fp32 otherwise. Measured
-(BENCHMARKS.md): without native bf16 (this project's AMD EPYC: neither AMX nor AVX512-BF16) bf16 autocast runs
-~5x slower than fp32, since every bf16 product is emulated. `--precision bf16` on a CPU without native bf16
-(`amx_bf16` or `avx512_bf16`) is a one-line error rather than a silent 5x slowdown. An `.onnx` file as weights
+where the CPU multiplies bf16 natively with AMX (`amx_bf16` in /proc/cpuinfo), torch fp32 otherwise. Measured
+(BENCHMARKS.md) on this project's AMD EPYC (neither AMX nor AVX512-BF16): bf16 autocast runs at ~0.15x of fp32
+(every bf16 product emulated); onnxruntime fp32 at 1.13x of torch fp32 for ViT-S/14 but 0.99x for ViT-B/14, not
+enough to export a graph in memory by default; int8 at 1.3-1.8x but below 0.999 cosine, so never automatic. `--precision bf16` on a CPU without native bf16
+(`amx_bf16` or `avx512_bf16`) is a one-line error rather than a silent ~6x slowdown. An `.onnx` file as weights
 runs on onnxruntime (`--runtime torch` with it is an error); other weights with `--runtime onnx` are exported to
-ONNX in memory first (about a second for ViT-S/B).
+ONNX in memory first (2.5-7 s for ViT-S/B on this 2-core machine).
 """
 
 from __future__ import annotations
@@ -103,7 +106,7 @@ def choose(precision: str = "auto", runtime: str = "auto", device: torch.device 
     if precision == "bf16":
         if native is None:
             where = "this GPU" if device.type == "cuda" else "this CPU (no amx_bf16 or avx512_bf16 flag)"
-            raise ValueError(f"--precision bf16: {where} has no native bf16; it would be emulated (measured ~5x "
+            raise ValueError(f"--precision bf16: {where} has no native bf16; it would be emulated (measured ~6x "
                              "slower than fp32): use --precision fp32 or auto")
         return Choice("torch", "bf16", f"asked for ({native})")
     if precision == "fp32":

@@ -32,7 +32,7 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """--precision / --runtime of the commands that compute features (embed, eval, serve): `dinotrain.inference`."""
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
                         help="auto (default): bf16 autocast on a CPU with AMX (native bf16 matmul), fp32 otherwise "
-                             "(measured: without native bf16, bf16 is ~5x slower); fp32; bf16 (autocast; needs "
+                             "(measured: without native bf16, bf16 is ~6x slower); fp32; bf16 (autocast; needs "
                              "amx_bf16 / avx512_bf16 or a bf16 GPU); int8 (onnxruntime dynamic quantization, CPU)")
     parser.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto",
                         help="auto (default): onnx for an .onnx --weights file or --precision int8, torch otherwise; "

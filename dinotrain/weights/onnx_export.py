@@ -14,7 +14,7 @@ Exporter: the TorchScript one (`torch.onnx.export(dynamo=False)`). Measured on t
 (ViT-S/14, 2 blocks): with `F.interpolate` it cannot export the register models' antialiased bicubic at all, and
 the dynamo exporter bakes the traced scale factor of the offset models into the graph (other sizes fail in
 onnxruntime); with the matrix resampling the TorchScript exporter keeps H and W dynamic for both families in
-about 1 s, the dynamo one still fails DINOv2 and takes ~12 s for DINOv3. `--fp16` stores the weights as float16
+about 1 s (2 blocks), the dynamo one still fails DINOv2 and takes ~12 s for DINOv3. `--fp16` stores the weights as float16
 with a Cast to float32 in front of each (half the file; the arithmetic stays float32, which onnxruntime's CPU
 kernels need).
 """
