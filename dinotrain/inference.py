@@ -13,9 +13,9 @@ behind `embed`, `eval` and `serve` (`--runtime`, `--precision`), decided once an
 `auto` picks the fastest path measured to stay within 0.999 CLS cosine of fp32 on the machine it runs on: bf16 only
 where the CPU multiplies bf16 natively with AMX (`amx_bf16` in /proc/cpuinfo), torch fp32 otherwise. Measured
 (BENCHMARKS.md) on this project's AMD EPYC (neither AMX nor AVX512-BF16): bf16 autocast runs at ~0.15x of fp32
-(every bf16 product emulated); onnxruntime fp32 at 1.13x of torch fp32 for ViT-S/14 but 0.99x for ViT-B/14, not
-enough to export a graph in memory by default; int8 at 1.3-1.8x but below 0.999 cosine, so never automatic. `--precision bf16` on a CPU without native bf16
-(`amx_bf16` or `avx512_bf16`) is a one-line error rather than a silent ~6x slowdown. An `.onnx` file as weights
+(every bf16 product emulated); onnxruntime fp32 at 0.94-1.13x of torch fp32 for ViT-S/14 and 0.99x for ViT-B/14,
+not worth exporting a graph in memory by default; int8 at 1.2-1.8x but below 0.999 cosine, so never automatic.
+`--precision bf16` on a CPU without native bf16 (`amx_bf16` or `avx512_bf16`) is a one-line error rather than a silent ~6x slowdown. An `.onnx` file as weights
 runs on onnxruntime (`--runtime torch` with it is an error); other weights with `--runtime onnx` are exported to
 ONNX in memory first (2.5-7 s for ViT-S/B on this 2-core machine).
 """
@@ -96,12 +96,16 @@ def choose(precision: str = "auto", runtime: str = "auto", device: torch.device 
         if not _has_onnxruntime():
             raise ValueError("--runtime onnx needs onnxruntime: pip install 'dinotrain[onnx]'")
         if precision == "bf16":
-            raise ValueError("--precision bf16 runs in the torch runtime: use --runtime torch, or fp32 / int8 with onnx")
+            raise ValueError("--precision bf16 runs in the torch runtime: use --runtime torch, "
+                             "or fp32 / int8 with onnx")
         if precision == "int8":
             return Choice("onnx", "int8", "asked for: onnxruntime dynamic int8 quantization of the MatMuls")
         return Choice("onnx", "fp32", "asked for" if precision == "fp32" else "onnxruntime, fp32")
     if precision == "int8":
         raise ValueError("--precision int8 runs in onnxruntime: use --runtime onnx (or auto)")
+    if precision == "fp32" or (precision == "auto" and device.type != "cpu"):
+        return Choice("torch", "fp32", "asked for" if precision == "fp32" else "auto: fp32 on a GPU (pass --precision "
+                                                                                "bf16 for autocast)")
     native = native_bf16(device, flags)
     if precision == "bf16":
         if native is None:
@@ -109,13 +113,10 @@ def choose(precision: str = "auto", runtime: str = "auto", device: torch.device 
             raise ValueError(f"--precision bf16: {where} has no native bf16; it would be emulated (measured ~6x "
                              "slower than fp32): use --precision fp32 or auto")
         return Choice("torch", "bf16", f"asked for ({native})")
-    if precision == "fp32":
-        return Choice("torch", "fp32", "asked for")
-    if device.type == "cpu" and native == "amx_bf16":
+    if native == "amx_bf16":
         return Choice("torch", "bf16", "auto: the CPU has AMX (native bf16 matmul), CLS cosine to fp32 >= 0.999")
-    why = ("auto: bf16 is used on CPUs with AMX only" if device.type == "cpu"
-           else "auto: fp32 on a GPU (pass --precision bf16 for autocast)")
-    return Choice("torch", "fp32", why + (f"; this one has {native}" if native else "; this one has no native bf16"))
+    return Choice("torch", "fp32", "auto: bf16 is used on CPUs with AMX only"
+                  + (f"; this one has {native}" if native else "; this one has no native bf16"))
 
 
 class TorchFeatures(nn.Module):
@@ -148,7 +149,11 @@ class TorchFeatures(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(super().__getattr__("backbone"), name)  # embed_dim, spec, patch_size, ...
+            backbone = self._modules.get("backbone")
+            backbone = self.__dict__.get("backbone") if backbone is None else backbone
+            if backbone is None:
+                raise
+            return getattr(backbone, name)  # embed_dim, spec, patch_size, ...
 
 
 def _mlp_matmuls(graph: bytes) -> list[str]:

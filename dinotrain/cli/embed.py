@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dinotrain.cli.common import add_backbone_arguments, add_inference_arguments
+from dinotrain.cli.common import add_backbone_arguments, add_inference_arguments, inference_options
 
 
 def add_parser(subparsers) -> None:
@@ -35,5 +35,6 @@ def run(args: argparse.Namespace) -> int:
     embed_command(args.images, args.weights, args.model, image_size=args.image_size, output=args.output,
                   batch_size=args.batch_size, workers=args.workers, normalize=args.normalize,
                   patch_mean=args.patch_mean, patch_tokens=args.patch_tokens, chunk_size=args.chunk_size,
-                  force=args.force, progress=not args.no_progress, device=getattr(args, "device", "auto"), precision=args.precision, runtime=args.runtime)
+                  force=args.force, progress=not args.no_progress, device=getattr(args, "device", "auto"),
+                  **inference_options(args))
     return 0

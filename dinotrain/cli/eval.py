@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dinotrain.cli.common import add_backbone_arguments, add_inference_arguments
+from dinotrain.cli.common import add_backbone_arguments, add_inference_arguments, inference_options
 
 
 def add_parser(subparsers) -> None:
@@ -76,7 +76,7 @@ def knn(args: argparse.Namespace) -> int:
 
     run_knn(_data(args), args.weights, args.model, ks=args.k, temperature=args.temperature, batch_size=args.batch_size,
             baseline_random=args.baseline_random, baseline_pixels=args.baseline_pixels, seed=args.seed,
-            output=args.output, precision=args.precision, runtime=args.runtime)
+            output=args.output, **inference_options(args))
     return 0
 
 
@@ -89,5 +89,5 @@ def linear(args: argparse.Namespace) -> int:
     run_linear(_data(args), args.weights, args.model, n_last_blocks=args.n_last_blocks, avgpool=args.avgpool,
                lrs=args.lrs, iterations=args.iterations, train_batch_size=args.train_batch_size,
                batch_size=args.batch_size, seed=args.seed, output=args.output, export_hf=args.export_hf,
-               precision=args.precision, runtime=args.runtime)
+               **inference_options(args))
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dinotrain.cli.common import add_backbone_arguments, add_inference_arguments
+from dinotrain.cli.common import add_backbone_arguments, add_inference_arguments, inference_options
 
 
 def add_parser(subparsers) -> None:
@@ -37,5 +37,5 @@ def run(args: argparse.Namespace) -> int:
                          max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                          url_timeout_s=args.url_timeout_s, allow_private_urls=args.allow_private_urls)
     serve(args.weights, args.model, limits, host=args.host, port=args.port, image_size=args.image_size,
-          device=getattr(args, "device", "auto"), precision=args.precision, runtime=args.runtime)
+          device=getattr(args, "device", "auto"), **inference_options(args))
     return 0

@@ -20,8 +20,8 @@ def serve(weights: str | None, model: str | None, limits: ServeLimits, *, host: 
         raise ValueError("--max-batch-size and --max-images-per-request must be >= 1, --max-wait-ms >= 0")
     backbone = open_features(weights, model, where, precision, runtime)
     app = create_app(backbone, where, limits, resize, crop, description=f"Weights: {weights or model}.")
-    print(f"serving {weights or model} ({backbone.embed_dim}-dim CLS features, crop {crop}) on {where} ({choice.runtime} "
-          f"{choice.precision}) at "
+    print(f"serving {weights or model} ({backbone.embed_dim}-dim CLS features, crop {crop}) on {where} "
+          f"({choice.runtime} {choice.precision}) at "
           f"http://{host}:{port}/score  (docs: /docs, health: /health; batches of up to "
           f"{limits.max_batch_size}, waiting up to {limits.max_wait_ms:g} ms)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
