@@ -92,3 +92,17 @@ def test_embed_runs_an_onnx_file_like_its_weights(tmp_path, capsys):
     assert code == (0 if native else 2)
     if not native:
         assert "no native bf16" in capsys.readouterr().err
+
+
+def test_eval_linear_and_serve_refuse_what_they_cannot_run(capsys, monkeypatch):
+    from dinotrain.eval.run import EvalData, run_linear
+
+    monkeypatch.setattr(inference, "_has_onnxruntime", lambda: True)
+    data = EvalData("train", "val", ["a"], 37, 32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="does not output: use --runtime torch"):
+        run_linear(data, None, "dinov2_vits14", n_last_blocks=[1], avgpool="no", iterations=1, train_batch_size=1,
+                   batch_size=1, runtime="onnx")
+    if inference.native_bf16(torch.device("cpu")) is None:  # checked before the backbone is built or a port opened
+        assert main(["serve", "--model", "dinov2_vits14", "--device", "cpu", "--precision", "bf16"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "no native bf16" in err and "\n" not in err

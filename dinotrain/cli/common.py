@@ -33,8 +33,8 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
                         help="auto (default): bf16 autocast on a CPU with AMX (native bf16 matmul), fp32 otherwise "
                              "(measured: without native bf16, bf16 is ~6x slower); fp32; bf16 (autocast; needs "
-                             "amx_bf16 / avx512_bf16 or a bf16 GPU); int8 (onnxruntime dynamic quantization of the MLPs, CPU; "
-                             "measured worst CLS cosine 0.9989, below the 0.999 auto allows)")
+                             "amx_bf16 / avx512_bf16 or a bf16 GPU); int8 (onnxruntime dynamic quantization of the "
+                             "MLPs, CPU; measured worst CLS cosine 0.9989, below the 0.999 auto allows)")
     parser.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto",
                         help="auto (default): onnx for an .onnx --weights file or --precision int8, torch otherwise; "
                              "onnx: onnxruntime on the CPU (other weights are exported to ONNX in memory first)")
