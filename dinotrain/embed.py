@@ -268,16 +268,18 @@ def _finish(out: Path, partial: Path, paths: Sequence[Path], n_chunks: int, sett
 
 def embed_command(images: Sequence[str], weights: str | None, model: str | None, *, image_size: int | None,
                   output: str | None, batch_size: int, workers: int | None, normalize: bool, patch_mean: bool,
-                  patch_tokens: bool, chunk_size: int, force: bool, progress: bool, device: str = "auto") -> None:
+                  patch_tokens: bool, chunk_size: int, force: bool, progress: bool, device: str = "auto",
+                  precision: str = "auto", runtime: str = "auto") -> None:
     """`dinotrain embed`: into an output directory (resumable, `.npy`), a JSON file of rows, or printed.
 
     Every check (sizes, paths, outputs) comes before the backbone is built."""
     from dinotrain.eval.features import eval_sizes, pick_eval_device
+    from dinotrain.inference import choose, open_features
     from dinotrain.outputs import refuse_existing
-    from dinotrain.weights.backbone import open_backbone
 
     resize, crop = eval_sizes(image_size)  # checked before any work
     where = pick_eval_device(device)
+    choose(precision, runtime, where, weights)  # a combination this machine cannot run: said before any work
     paths = list_images(images)
     to_dir = output is not None and not output.endswith(".json")
     if not to_dir and any(Path(p).is_dir() for p in images):
@@ -290,7 +292,7 @@ def embed_command(images: Sequence[str], weights: str | None, model: str | None,
                              batch_size=batch_size)
     if settings.chunk_size < 1 or settings.batch_size < 1:
         raise ValueError("--chunk-size and --batch-size must be positive")
-    backbone = open_backbone(weights, model).eval().to(where)
+    backbone = open_features(weights, model, where, precision, runtime)
     if to_dir:
         info = embed_to_directory(backbone, paths, Path(output), settings, where, workers, force=force,
                                   progress=progress)

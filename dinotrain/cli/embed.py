@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from dinotrain.cli.common import add_backbone_arguments
+from dinotrain.cli.common import add_backbone_arguments, add_inference_arguments, inference_options
 
 
 def add_parser(subparsers) -> None:
     m = subparsers.add_parser("embed", help="embed images and folders with a backbone (CLS token after the final norm)")
     m.add_argument("images", nargs="+", help="image files and folders (searched recursively)")
     add_backbone_arguments(m)
+    add_inference_arguments(m)
     m.add_argument("--image-size", type=int,
                    help="centre-crop side in pixels after a bicubic resize of the shorter side to "
                         "round(size*256/224) (default 224: resize 256, crop 224, the DINO protocol)")
@@ -34,5 +35,6 @@ def run(args: argparse.Namespace) -> int:
     embed_command(args.images, args.weights, args.model, image_size=args.image_size, output=args.output,
                   batch_size=args.batch_size, workers=args.workers, normalize=args.normalize,
                   patch_mean=args.patch_mean, patch_tokens=args.patch_tokens, chunk_size=args.chunk_size,
-                  force=args.force, progress=not args.no_progress, device=getattr(args, "device", "auto"))
+                  force=args.force, progress=not args.no_progress, device=getattr(args, "device", "auto"),
+                  **inference_options(args))
     return 0

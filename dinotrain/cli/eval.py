@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dinotrain.cli.common import add_backbone_arguments
+from dinotrain.cli.common import add_backbone_arguments, add_inference_arguments, inference_options
 
 
 def add_parser(subparsers) -> None:
@@ -12,6 +12,7 @@ def add_parser(subparsers) -> None:
     esub = e.add_subparsers(dest="eval_command", required=True)
     k = esub.add_parser("knn", help="weighted k-NN accuracy of CLS features (T=0.07)")
     add_backbone_arguments(k)
+    add_inference_arguments(k)
     k.add_argument("--train", help="labelled ImageFolder of training images")
     k.add_argument("--val", help="labelled ImageFolder of validation images")
     k.add_argument("--tiny", nargs="?", const="digits", choices=("digits", "shapes"),
@@ -34,6 +35,7 @@ def add_parser(subparsers) -> None:
     lin = esub.add_parser("linear", help="linear probes on frozen features (official DINOv2 sweep, cached features); "
                                          "exports the best head as a transformers classifier")
     add_backbone_arguments(lin)
+    add_inference_arguments(lin)
     lin.add_argument("--train", help="labelled ImageFolder of training images")
     lin.add_argument("--val", help="labelled ImageFolder of validation images")
     lin.add_argument("--tiny", nargs="?", const="digits", choices=("digits", "shapes"),
@@ -74,7 +76,7 @@ def knn(args: argparse.Namespace) -> int:
 
     run_knn(_data(args), args.weights, args.model, ks=args.k, temperature=args.temperature, batch_size=args.batch_size,
             baseline_random=args.baseline_random, baseline_pixels=args.baseline_pixels, seed=args.seed,
-            output=args.output)
+            output=args.output, **inference_options(args))
     return 0
 
 
@@ -86,5 +88,6 @@ def linear(args: argparse.Namespace) -> int:
         refuse_existing(args.export_hf, args.force)
     run_linear(_data(args), args.weights, args.model, n_last_blocks=args.n_last_blocks, avgpool=args.avgpool,
                lrs=args.lrs, iterations=args.iterations, train_batch_size=args.train_batch_size,
-               batch_size=args.batch_size, seed=args.seed, output=args.output, export_hf=args.export_hf)
+               batch_size=args.batch_size, seed=args.seed, output=args.output, export_hf=args.export_hf,
+               **inference_options(args))
     return 0

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from dinotrain.cli.common import add_backbone_arguments
+from dinotrain.cli.common import add_backbone_arguments, add_inference_arguments, inference_options
 
 
 def add_parser(subparsers) -> None:
     sv = subparsers.add_parser("serve", help="HTTP embeddings endpoint in the managed online-endpoint format "
                                              "(POST /score, GET /health, /docs)")
     add_backbone_arguments(sv)
+    add_inference_arguments(sv)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--max-batch-size", type=int, default=32, help="images per forward, across concurrent requests "
@@ -36,5 +37,5 @@ def run(args: argparse.Namespace) -> int:
                          max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                          url_timeout_s=args.url_timeout_s, allow_private_urls=args.allow_private_urls)
     serve(args.weights, args.model, limits, host=args.host, port=args.port, image_size=args.image_size,
-          device=getattr(args, "device", "auto"))
+          device=getattr(args, "device", "auto"), **inference_options(args))
     return 0

@@ -16,10 +16,20 @@ def add_parser(subparsers) -> None:
     c.set_defaults(func=run)
 
     x = subparsers.add_parser("export", help="teacher backbone of a checkpoint -> hub .pth, Hugging Face, safetensors, "
-                                             "or full (backbone + heads + config)")
-    x.add_argument("src", help="a run directory (its newest complete checkpoint) or one checkpoints/<iteration> directory")
-    x.add_argument("dst", help="output file (hub, safetensors, timm, full: a .safetensors file) or directory (hf)")
-    x.add_argument("--to", required=True, choices=["hub", "hf", "safetensors", "timm", "full"])
+                                             "full (backbone + heads + config), or ONNX")
+    x.add_argument("src", help="a run directory (its newest complete checkpoint) or one checkpoints/<iteration> "
+                               "directory; for --to onnx also any backbone weights (.pth, .safetensors, HF directory)")
+    x.add_argument("dst", help="output file (hub, safetensors, timm, full: a .safetensors file; onnx: a .onnx file) "
+                               "or directory (hf)")
+    x.add_argument("--to", required=True, choices=["hub", "hf", "safetensors", "timm", "full", "onnx"],
+                   help="onnx: one graph for any batch size and any height/width in multiples of the patch size "
+                        "(position embeddings resampled, or RoPE computed, inside the graph); input pixel_values, "
+                        "outputs cls_token, register_tokens / storage_tokens (if any), patch_tokens (docs/deployment.md)")
+    x.add_argument("--fp16", action="store_true", help="onnx: store the weights as float16 (half the file; computed "
+                                                       "in float32)")
+    x.add_argument("--opset", type=int, help="onnx: ONNX opset (default 17)")
+    x.add_argument("--example-size", type=int, default=224,
+                   help="onnx: side of the example image the graph is traced with (does not limit the sizes it takes)")
     x.add_argument("--which", help="training run: teacher (the EMA, default) or student; distillation run: the "
                                    "student's name (its EMA; default: the only student)")
     x.add_argument("--force", action="store_true", help="overwrite an existing output")
@@ -35,5 +45,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from dinotrain.weights.export import export_run
 
-    export_run(args.src, args.dst, args.to, args.which, force=args.force)
+    export_run(args.src, args.dst, args.to, args.which, force=args.force, fp16=args.fp16, opset=args.opset,
+               example_size=args.example_size)
     return 0

@@ -57,13 +57,14 @@ def write_json(path: str | None, data) -> None:
 
 def run_knn(data: EvalData, weights: str | None, model: str | None, *, ks, temperature: float, batch_size: int,
             baseline_random: bool = False, baseline_pixels: bool = False, seed: int = 0,
-            output: str | None = None) -> dict:
-    """Weighted k-NN of the backbone (and the asked-for baselines); prints one line per candidate."""
+            output: str | None = None, precision: str = "auto", runtime: str = "auto") -> dict:
+    """Weighted k-NN of the backbone (and the asked-for baselines); prints one line per candidate. The backbone's
+    features are computed as `precision` / `runtime` say (`dinotrain.inference`; the baselines in fp32 torch)."""
     from dinotrain.eval.knn import knn_line, knn_of_models
+    from dinotrain.inference import open_features
     from dinotrain.models.presets import backbone_from_spec
-    from dinotrain.weights.backbone import open_backbone
 
-    backbone = open_backbone(weights, model)
+    backbone = open_features(weights, model, data.device, precision, runtime)
     candidates = {"model": backbone}
     if baseline_random:
         torch.manual_seed(seed)
@@ -87,21 +88,29 @@ AVGPOOL = {"both": (False, True), "yes": (True,), "no": (False,)}  # --avgpool -
 
 def run_linear(data: EvalData, weights: str | None, model: str | None, *, n_last_blocks, avgpool: str,
                lrs=None, iterations: int, train_batch_size: int, batch_size: int, seed: int = 0,
-               output: str | None = None, export_hf: str | None = None) -> dict:
+               output: str | None = None, export_hf: str | None = None, precision: str = "auto",
+               runtime: str = "auto") -> dict:
     """The official linear evaluation on cached features; optionally the best head as a transformers classifier
     (the caller refuses an existing `export_hf` first, `outputs.refuse_existing`, before the data set-up)."""
     from dinotrain.eval.linear import (OFFICIAL_LRS, best_head, export_best_classifier, extract_linear_features,
                                        head_configs, linear_eval)
+    from dinotrain.inference import TorchFeatures, choose
     from dinotrain.weights.backbone import open_backbone
 
+    choice = choose(precision, runtime, data.device, weights)
+    if choice.runtime != "torch":
+        raise ValueError("eval linear reads the last blocks' class tokens, which the ONNX graph does not output: "
+                         "use --runtime torch (and torch weights)")
+    log.info("features: torch %s on %s (%s)", choice.precision, data.device, choice.why)
     backbone = open_backbone(weights, model).to(data.device)
+    features = TorchFeatures(backbone, choice.precision)
     classes = data.classes
     configs = head_configs(n_last_blocks, AVGPOOL[avgpool], backbone.spec.depth)
     n_blocks = max(c.n_blocks for c in configs)
     log.info("linear evaluation on %s: resize %d bicubic, centre crop %d", data.device, data.resize, data.crop)
-    train = extract_linear_features(backbone, data.train_root, data.crop, data.resize, n_blocks, batch_size,
+    train = extract_linear_features(features, data.train_root, data.crop, data.resize, n_blocks, batch_size,
                                     classes=classes)
-    val = extract_linear_features(backbone, data.val_root, data.crop, data.resize, n_blocks, batch_size,
+    val = extract_linear_features(features, data.val_root, data.crop, data.resize, n_blocks, batch_size,
                                   classes=classes)
     lrs = tuple(lrs) if lrs else OFFICIAL_LRS
     results, heads = linear_eval(train, val, len(classes), configs, lrs=lrs, iterations=iterations,
