@@ -254,8 +254,25 @@ def create_app(model, device: torch.device, limits: ServeLimits, resize: int = 2
         log.debug("%d image(s) embedded in %.0f ms", len(tensors), 1000 * (time.perf_counter() - started))
         return [{"image_features": f.tolist()} for f in features]
 
+    if api_key:
+        _document_bearer_key(app)
     # Added last = outermost: Observe sees every answer (the 401s too), auth runs before any body is read.
     if api_key:
         app.add_middleware(BearerAuth, key=api_key)
     app.add_middleware(Observe, metrics=metrics, drain=drain, log_requests=access_log)
     return app
+
+
+def _document_bearer_key(app: FastAPI) -> None:
+    """/docs shows that /score needs a Bearer key (and offers its "Authorize" button); the key itself is not in it."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema.setdefault("components", {})["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
+            schema["paths"]["/score"]["post"]["security"] = [{"apiKey": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
