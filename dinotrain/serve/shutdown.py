@@ -11,8 +11,8 @@ the app's lifespan shutdown. What this adds:
 - it counts what the timeout cancelled, so that `dinotrain serve` exits 0 only when every accepted request was
   answered (the batcher's queue empties before the app stops: the requests that wait on it are the in-flight ones).
 
-uvicorn re-raises the signal it caught once it is done; `serve_until_stopped` holds a no-op SIGTERM handler during
-the run so that this re-raise does not kill the process with 143 after a clean drain.
+uvicorn re-raises the signal it caught once it is done; `serve_until_stopped` holds no-op SIGTERM / SIGINT handlers
+during the run so that this re-raise does not end the process with 143 / 130 after a clean drain.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+import threading
 import time
 
 import uvicorn
@@ -63,11 +64,14 @@ class DrainingServer(uvicorn.Server):
 
 def serve_until_stopped(server: DrainingServer) -> int:
     """Run the server until a signal has drained it: 0 when every accepted request was answered, 1 otherwise."""
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # see the module docstring
+    main_thread = threading.current_thread() is threading.main_thread()  # signals exist only there (as in uvicorn)
+    signals = (signal.SIGTERM, signal.SIGINT) if main_thread else ()
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in signals}  # see the module docstring
     try:
         server.run()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig in signals:
+            signal.signal(sig, previous[sig])
     timeout = server.config.timeout_graceful_shutdown
     if server.unanswered:
         print(f"dinotrain serve: error: the drain timeout of {timeout:g} s passed with {server.unanswered} accepted "

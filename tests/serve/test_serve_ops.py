@@ -124,6 +124,7 @@ def test_auth_metrics_and_access_log_count_exactly_the_requests_sent(weights, tm
         for page in ("/docs", "/openapi.json"):
             status, text, _ = _get(server.url + page)
             assert status == 200 and KEY not in text
+        assert json.loads(text)["paths"]["/score"]["post"]["security"] == [{"apiKey": []}]  # /docs: "Authorize"
 
         status, text, headers = _get(server.url + "/metrics", auth)
         assert status == 200 and headers["Content-Type"].startswith("text/plain")
