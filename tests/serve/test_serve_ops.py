@@ -206,9 +206,11 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(weights, 
         kill_tree(server.proc.pid)
     output = server.output()
     assert code == 0 and exited < 20, (code, exited, output[-2000:])
-    before = [o for sent, o in outcomes if sent < signalled]
+    # Sent well before the signal: answered; sent after it: refused. (In between, either: a request sent just before
+    # the signal may reach the app after it.)
+    before = [o for sent, o in outcomes if sent < signalled - 0.5]
     after = [o for sent, o in outcomes if sent > signalled + 0.05]
-    assert before and set(before[: len(before) - 8]) == {200}, collections.Counter(before)
+    assert before and set(before) == {200}, collections.Counter(before)
     assert after and 200 not in after, collections.Counter(after)
     assert set(o for _, o in outcomes) <= {200, 503, "ConnectionRefusedError", "ConnectionResetError",
                                            "RemoteDisconnected"}, collections.Counter(o for _, o in outcomes)
