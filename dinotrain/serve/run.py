@@ -46,7 +46,7 @@ def serve(weights: str | None, model: str | None, limits: ServeLimits, *, host: 
     print(f"serving {weights or model} ({backbone.embed_dim}-dim CLS features, crop {crop}) on {where} at "
           f"http://{host}:{port}/score  (docs: /docs, health: /health, metrics: /metrics; batches of up to "
           f"{limits.max_batch_size}, waiting up to {limits.max_wait_ms:g} ms; "
-          f"{'API key required' if api_key else 'no API key'})", flush=True)
+          f"{'API key required' if api_key else 'no API key'})", file=sys.stderr, flush=True)  # stdout: JSON only
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=drain_timeout_s)
     server = DrainingServer(config, app.state.drain, on_drain=lambda: app.state.metrics.draining.set(1))

@@ -105,8 +105,11 @@ def server_batches(url: str, headers: dict) -> dict:
     """Images and forwards so far, from the server's /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(urllib.request.Request(url + "/metrics", headers=headers), timeout=10) as resp:
-        text = resp.read().decode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url + "/metrics", headers=headers), timeout=10) as resp:
+            text = resp.read().decode()
+    except urllib.error.HTTPError:  # a server without /metrics (older), or a key it does not take
+        return {"images": 0.0, "forwards": 0.0}
     values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
     return {"images": values.get("dinotrain_serve_batch_size_sum", 0.0),
             "forwards": values.get("dinotrain_serve_batch_size_count", 0.0)}
