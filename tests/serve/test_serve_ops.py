@@ -100,6 +100,19 @@ def test_key_sources_and_the_bearer_check(tmp_path, monkeypatch):
     assert bearer_token([]) is None
 
 
+def test_each_app_has_its_own_metrics():
+    """Two apps in one process (as tests make them): no clash in a global registry, no shared counts."""
+    import torch
+
+    from dinotrain.serve.app import ServeLimits, create_app
+
+    first, second = (create_app(torch.nn.Identity(), torch.device("cpu"), ServeLimits(max_batch_size=8))
+                     for _ in range(2))
+    first.state.metrics.images.inc(5)
+    assert _samples(first.state.metrics.render().decode())[("dinotrain_serve_images_embedded_total", frozenset())] == 5
+    assert _samples(second.state.metrics.render().decode())[("dinotrain_serve_images_embedded_total", frozenset())] == 0
+
+
 # --- a running server: auth, metrics, access log -------------------------------------------------------------------
 
 def test_auth_metrics_and_access_log_count_exactly_the_requests_sent(weights, tmp_path):
