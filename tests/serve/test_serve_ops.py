@@ -113,6 +113,48 @@ def test_each_app_has_its_own_metrics():
     assert _samples(second.state.metrics.render().decode())[("dinotrain_serve_images_embedded_total", frozenset())] == 0
 
 
+def _call(app, method: str, path: str) -> tuple[int, dict, dict]:
+    """One request straight through the ASGI app (no server): status, headers, JSON body."""
+    import asyncio
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "path": path,
+             "raw_path": path.encode(), "query_string": b"", "root_path": "", "scheme": "http",
+             "headers": [(b"content-length", b"2"), (b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 80)}
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    headers = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
+    return sent[0]["status"], headers, json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+
+def test_while_draining_new_work_gets_503_with_connection_close_and_the_probes_say_so():
+    """The moment between SIGTERM and the closing of the listening socket, which a load test rarely hits."""
+    import torch
+
+    from dinotrain.serve.app import ServeLimits, create_app
+
+    model = torch.nn.Identity()
+    model.embed_dim = 3
+    app = create_app(model, torch.device("cpu"), ServeLimits())
+    assert _call(app, "GET", "/ready")[0] == 200
+    app.state.drain.draining = True
+    status, headers, body = _call(app, "POST", "/score")
+    assert status == 503 and headers["connection"] == "close" and "shutting down" in body["detail"]
+    assert headers["x-request-id"]
+    status, _, body = _call(app, "GET", "/health")
+    assert status == 200 and body["status"] == "draining"  # liveness: alive, finishing its work
+    assert _call(app, "GET", "/ready")[0] == 503
+    got = _samples(app.state.metrics.render().decode())
+    assert got[("dinotrain_serve_requests_total", frozenset({("route", "/score"), ("status", "503")}))] == 1
+
+
 # --- a running server: auth, metrics, access log -------------------------------------------------------------------
 
 def test_auth_metrics_and_access_log_count_exactly_the_requests_sent(weights, tmp_path):
