@@ -30,6 +30,7 @@ setup(
         "matplotlib",  # dinotrain visualize and plot
         "fastapi",  # dinotrain serve (ASGI app, request models, OpenAPI page)
         "uvicorn",  # dinotrain serve (the ASGI server)
+        "prometheus_client",  # dinotrain serve: /metrics
     ],
     extras_require={
         # pytest-xdist: the suite on every core (pytest.ini); transformers' DINOv3ViTModel (4.56+) and timm's dinov3 Eva: the DINOv3 parity references (tests/models)

@@ -7,87 +7,37 @@ from __future__ import annotations
 import base64
 import io
 import json
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 from dinotrain.cli import main
-from dinotrain.data.tiny import ensure_tiny_dataset
-from dinotrain.models.vision_transformer import ViTSpec, vit_from_spec
 from dinotrain.serve.fetch import BadImageInput, UrlPolicy, address_is_internal, fetch_url
-from trainruns import REPO, env, free_port, kill_tree
+from serving import IMAGES, b64 as _b64, post, score_request as _request, start_image_server, start_server, tiny_weights
+from trainruns import kill_tree
 
 pytestmark = pytest.mark.slow
-IMAGES = sorted((ensure_tiny_dataset() / "val" / "5").glob("*.png"))[:8]
-
-
-class _Images(BaseHTTPRequestHandler):
-    port = 0
-
-    def do_GET(self):  # noqa: N802 (http.server's name)
-        if self.path.startswith("/img/"):
-            body = (ensure_tiny_dataset() / "val" / "5" / self.path[5:]).read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        elif self.path == "/slow":
-            time.sleep(3)
-            self.send_response(200)
-            self.end_headers()
-        elif self.path == "/redirect-internal":
-            self.send_response(302)
-            self.send_header("Location", f"http://127.0.0.2:{self.port}/img/{IMAGES[0].name}")
-            self.end_headers()
-        else:
-            self.send_response(404)
-            self.end_headers()
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture(scope="module")
 def image_server():
-    server = ThreadingHTTPServer(("0.0.0.0", 0), _Images)
-    _Images.port = server.server_address[1]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{_Images.port}"
+    url, server = start_image_server()
+    yield url
     server.shutdown()
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "backbone.pth"
-    torch.save(vit_from_spec(ViTSpec(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)).state_dict(), path)
-    return path
+    return tiny_weights(tmp_path_factory.mktemp("w") / "backbone.pth")
 
 
 def _start(weights, *flags):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "dinotrain", "serve", "--weights", str(weights), "--image-size", "32",
-                             "--port", str(port), *flags], env=env(), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                return proc, url
-        except OSError:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.3)
+    server = start_server(weights, *flags, log=weights.parent / f"serve-{time.monotonic_ns()}.log")
+    return server.proc, server.url
 
 
 @pytest.fixture(scope="module")
@@ -100,21 +50,7 @@ def server(weights):
 
 
 def _post(url, payload, raw: bytes | None = None):
-    body = raw if raw is not None else json.dumps(payload).encode()
-    req = urllib.request.Request(url + "/score", data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
-
-
-def _request(items, index=None):
-    return {"input_data": {"columns": ["image"], "index": index or list(range(len(items))), "data": [[x] for x in items]}}
-
-
-def _b64(path: Path) -> str:
-    return base64.b64encode(path.read_bytes()).decode()
+    return post(url, payload, raw)[:2]
 
 
 def _embed(weights, paths, tmp_path) -> torch.Tensor:
