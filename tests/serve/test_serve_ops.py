@@ -303,3 +303,30 @@ def _safe_post(url, payload):
         return post(url, payload, timeout=20)[0]
     except OSError as exc:
         return type(exc).__name__
+
+
+def test_an_onnx_graph_serves_the_torch_features_behind_the_key(weights, tmp_path):
+    """The endpoint on onnxruntime (`--weights x.onnx`): the same CLS features as the torch server within 1e-4, the
+    key and metrics as on torch, and the runtime named in its start-up line."""
+    pytest.importorskip("onnxruntime")
+    graph = tmp_path / "backbone.onnx"
+    assert main(["export", str(weights), str(graph), "--to", "onnx", "--example-size", "32"]) == 0
+    auth = {"Authorization": f"Bearer {KEY}"}
+    request = score_request([b64(p) for p in IMAGES[:3]])
+    features = {}
+    for name, path in (("torch", weights), ("onnx", graph)):
+        server = start_server(path, "--api-key-env", "DT_TEST_KEY", log=tmp_path / f"{name}.log",
+                              extra_env={"DT_TEST_KEY": KEY})
+        try:
+            assert post(server.url, request)[0] == 401
+            status, body, _ = post(server.url, request, headers=auth)
+            assert status == 200, body
+            features[name] = [row["image_features"] for row in body]
+            got = _samples(_get(server.url + "/metrics", auth)[1])
+            assert got[("dinotrain_serve_images_embedded_total", frozenset())] == 3
+        finally:
+            server.proc.send_signal(signal.SIGTERM)
+            assert server.proc.wait(timeout=30) == 0, server.output()
+        assert f"({name} fp32)" in server.output() and KEY not in server.output()
+    worst = max(abs(a - b) for row_t, row_o in zip(features["torch"], features["onnx"]) for a, b in zip(row_t, row_o))
+    assert worst <= 1e-4, worst
