@@ -235,12 +235,13 @@ class OnnxFeatures(nn.Module):
         return {"x_norm_clstoken": cls, "x_norm_regtokens": extra, "x_norm_patchtokens": patches, "masks": None}
 
 
-def _read_onnx(path: str) -> tuple[bytes, dict[str, str]]:
+def _read_onnx(path: str) -> tuple[str, dict[str, str]]:
+    """The graph's path (onnxruntime reads weights stored beside it from there) and its metadata."""
     from dinotrain.weights.onnx_export import read_onnx_metadata
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"weights not found: {path}")
-    return Path(path).read_bytes(), read_onnx_metadata(path)
+    return str(path), read_onnx_metadata(path)
 
 
 def features_model(backbone: nn.Module, choice: Choice, threads: int | None = None) -> nn.Module:
@@ -266,7 +267,10 @@ def open_features(weights: str | None, model: str | None, device: torch.device, 
             raise ValueError(f"--model does not apply to an ONNX file (--weights {weights}): its graph is fixed")
         graph, metadata = _read_onnx(weights)
         if choice.precision == "int8":
-            graph = _quantized(graph)
+            if Path(graph + ".data").exists():
+                raise ValueError(f"--precision int8: {weights} keeps its weights beside the graph (over 2 GB); "
+                                 "int8 is done in memory for graphs under 2 GB only: use fp32")
+            graph = _quantized(Path(graph).read_bytes())
         features = OnnxFeatures(graph, metadata)
     else:
         from dinotrain.weights.backbone import open_backbone

@@ -17,12 +17,17 @@ onnxruntime); with the matrix resampling the TorchScript exporter keeps H and W 
 about 1 s (2 blocks), the dynamo one still fails DINOv2 and takes ~12 s for DINOv3. `--fp16` stores the weights as float16
 with a Cast to float32 in front of each (half the file; the arithmetic stays float32, which onnxruntime's CPU
 kernels need).
+
+Weights over protobuf's 2 GB limit for one message (ViT-g/14: 4.5 GB in float32; DINOv3 ViT-7B) go into one file
+beside the graph, `<name>.onnx.data` (ONNX external data; onnxruntime reads it from the graph's folder: keep the two
+together). Such a model cannot be exported in memory for `--runtime onnx`: export it to a file first.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -82,9 +87,30 @@ def _graph_positions(model: nn.Module):
     return positions
 
 
+# protobuf refuses to serialise a message of 2 GiB or more; what the graph's nodes take besides the weights is small
+INLINE_LIMIT = 2**31 - 2**27
+
+
+def weights_bytes(model: nn.Module) -> int:
+    """What `model`'s floating-point weights take in the float32 graph."""
+    return sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point())
+
+
 def onnx_bytes(model: nn.Module, example_size: int = 224, opset: int = OPSET) -> bytes:
     """The serialised ONNX graph of `model` (eval forward, dynamic batch / height / width), traced at
-    `example_size` (which does not limit the sizes it takes)."""
+    `example_size` (which does not limit the sizes it takes). One message: up to INLINE_LIMIT of weights."""
+    if weights_bytes(model) > INLINE_LIMIT:
+        raise ValueError(f"the model's weights take {weights_bytes(model) / 1e9:.1f} GB, over protobuf's 2 GB for one "
+                         "ONNX message: export it to a file (dinotrain export --to onnx: its weights go beside the "
+                         "graph) and pass that .onnx file")
+    buffer = io.BytesIO()
+    _export(model, buffer, example_size, opset)
+    return buffer.getvalue()
+
+
+def _export(model: nn.Module, f, example_size: int, opset: int) -> None:
+    """torch.onnx.export of `model` into `f` (a buffer, or a file path: there the exporter itself puts weights over
+    2 GB into files beside it)."""
     side = check_example_size(example_size, model.patch_size)
     graph = _Graph(model).eval()
     names = output_names(model)
@@ -93,16 +119,14 @@ def onnx_bytes(model: nn.Module, example_size: int = 224, opset: int = OPSET) ->
     patched = not isinstance(model, Dinov3VisionTransformer)
     if patched:
         model.interpolate_pos_encoding = _graph_positions(model)
-    buffer = io.BytesIO()
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer notes on Python branches, the exporter's deprecation notice
-            torch.onnx.export(graph, (torch.zeros(1, 3, side, side),), buffer, dynamo=False, opset_version=opset,
+            torch.onnx.export(graph, (torch.zeros(1, 3, side, side),), f, dynamo=False, opset_version=opset,
                               input_names=[INPUT], output_names=names, dynamic_axes=axes, do_constant_folding=True)
     finally:
         if patched:
             del model.interpolate_pos_encoding
-    return buffer.getvalue()
 
 
 def _fp16_weights(proto) -> None:
@@ -145,15 +169,26 @@ def write_onnx(model: nn.Module, dst: str | Path, *, opset: int = OPSET, fp16: b
     dst = Path(dst)
     if dst.suffix != ".onnx":
         raise ValueError(f"ONNX output {dst} must end in .onnx (that is how it is recognised on load)")
-    proto = onnx.load_from_string(onnx_bytes(model.eval(), example_size, opset))
+    data = dst.with_name(dst.name + ".data")
+    with tempfile.TemporaryDirectory(dir=dst.parent if dst.parent.is_dir() else None) as scratch:
+        raw = Path(scratch) / "graph.onnx"
+        _export(model.eval(), str(raw), example_size, opset)
+        proto = onnx.load(str(raw))  # with the weights the exporter put beside it, if any
     if fp16:
         _fp16_weights(proto)
     for key, value in onnx_metadata(model, opset, fp16, source).items():
         proto.metadata_props.add(key=key, value=value)
     proto.producer_name = "dinotrain"
-    onnx.checker.check_model(proto, full_check=True)
+    external = sum(len(t.raw_data) for t in proto.graph.initializer) > INLINE_LIMIT
+    if not external:
+        onnx.checker.check_model(proto, full_check=True)
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
     with replacing(dst, "the ONNX graph") as tmp:
-        onnx.save(proto, str(tmp))
+        if external:  # the graph names `data` relative to its own folder
+            onnx.save(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+            onnx.checker.check_model(str(tmp), full_check=True)
+        else:
+            onnx.save(proto, str(tmp))
     return dst
 
 

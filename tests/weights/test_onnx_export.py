@@ -114,3 +114,32 @@ def test_command_line_export_and_bad_sizes(tmp_path, capsys):
     assert "--to onnx only" in capsys.readouterr().err
     assert main(["export", str(weights), str(tmp_path / "x.bin"), "--to", "onnx"]) == 2
     assert "must end in .onnx" in capsys.readouterr().err
+
+
+def test_weights_over_the_message_limit_go_beside_the_graph(tmp_path, monkeypatch, capsys):
+    """ViT-g/14 (4.5 GB in float32) cannot be one protobuf message: its weights go into `<name>.onnx.data`. The
+    same path, forced here on a small model by lowering the limit: the graph loads from its folder in onnxruntime
+    and in `embed`-style use (open_features), with the features of the inline export."""
+    from dinotrain import inference
+    from dinotrain.weights import onnx_export
+
+    model = _model("dinov2_vits14")
+    inline = write_onnx(model, tmp_path / "inline.onnx")
+    monkeypatch.setattr(onnx_export, "INLINE_LIMIT", 0)
+    path = write_onnx(model, tmp_path / "big.onnx")
+    data = tmp_path / "big.onnx.data"
+    assert data.is_file() and path.stat().st_size < 0.1 * inline.stat().st_size
+    assert data.stat().st_size > 0.9 * inline.stat().st_size
+    write_onnx(model, path)  # again: the data file is replaced, not appended to
+    assert data.stat().st_size < 1.1 * inline.stat().st_size
+    assert read_onnx_metadata(path)["family"] == "dinov2"
+    x = torch.randn(2, 3, 224, 168)
+    want = ort.InferenceSession(str(inline), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x.numpy()})
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x.numpy()})
+    assert all(np.array_equal(a, b) for a, b in zip(want, got))
+    features = inference.open_features(str(path), None, torch.device("cpu"))
+    assert torch.equal(features(x), torch.from_numpy(want[0]))
+    with pytest.raises(ValueError, match="over 2 GB"):
+        inference.open_features(str(path), None, torch.device("cpu"), precision="int8")
+    with pytest.raises(ValueError, match="export it to a file"):
+        onnx_export.onnx_bytes(model)
