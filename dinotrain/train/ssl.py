@@ -25,6 +25,7 @@ from dinotrain.data.resolutions import nominal_global_size
 from dinotrain.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinotrain.losses.centering import teacher_targets
 from dinotrain.losses.gram import GramLoss, resize_patch_grid, select_tokens
+from dinotrain.models.any_student import AnyStudent, build_any_student, is_any_student
 from dinotrain.models.dinov3 import Dinov3Spec, Dinov3VisionTransformer, dinov3_arch, dinov3_from_spec
 from dinotrain.models.heads import DINOHead
 from dinotrain.models.vision_transformer import DinoVisionTransformer, ViTSpec, build_vit, vit_from_spec
@@ -35,7 +36,7 @@ N_GLOBAL_CROPS = 2
 OFFICIAL_LOGGED_LOSSES = ("dino_global_crops_loss", "dino_local_crops_loss", "koleo_loss", "ibot_loss")
 
 
-Backbone = DinoVisionTransformer | Dinov3VisionTransformer
+Backbone = DinoVisionTransformer | Dinov3VisionTransformer | AnyStudent
 # `student.*` keys passed as they are to the DINOv3 backbone (official names, as official `build_model` passes them)
 DINOV3_KEYS = ("qkv_bias", "proj_bias", "ffn_bias", "mask_k_bias", "norm_layer", "n_storage_tokens", "ffn_layer",
                "untie_cls_and_patch_norms", "untie_global_and_local_cls_norm", "pos_embed_rope_base",
@@ -55,6 +56,8 @@ def build_backbone(cfg: DictConfig, for_teacher: bool, spec: ViTSpec | Dinov3Spe
     s = cfg.student
     img_size = nominal_global_size(cfg.crops.global_crops_size)
     drop_path_rate = 0.0 if for_teacher else s.drop_path_rate
+    if spec is None and is_any_student(s.arch):
+        return build_any_student(cfg)
     if isinstance(spec, Dinov3Spec):
         return dinov3_from_spec(dataclasses.replace(spec, img_size=img_size),
                                 drop_path_rate=drop_path_rate)
@@ -79,8 +82,8 @@ def build_backbone(cfg: DictConfig, for_teacher: bool, spec: ViTSpec | Dinov3Spe
 
 def backbone_outputs(backbone: nn.Module, crops, masks=None, select=None):
     """The backbone's training forward; with `select` (see `DinoVisionTransformer.forward_features_list`) only the
-    rows a step reads leave the last block. DINOv3 backbones run in full (`patch_tokens_at` indexes them)."""
-    if select is None or isinstance(backbone, Dinov3VisionTransformer):
+    rows a step reads leave the last block. DINOv3 backbones and other architectures' students run in full (`patch_tokens_at` indexes them)."""
+    if select is None or isinstance(backbone, (Dinov3VisionTransformer, AnyStudent)):
         return backbone(crops, masks, is_training=True)
     return backbone(crops, masks, is_training=True, select_patches=select)
 
