@@ -108,6 +108,23 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 
 
 @torch.no_grad()
+def follow_buffers(teacher: nn.Module, student: nn.Module) -> None:
+    """The teacher's floating buffers = the student's, averaged over ranks (BatchNorm running statistics: each
+    rank's come from its own batches; the EMA model is exported and evaluated with them, as timm's ModelEma
+    carries them). Buffers are never sharded by FSDP2."""
+    t_bufs = [b for b in teacher.buffers() if b.is_floating_point()]
+    s_bufs = [b for b in student.buffers() if b.is_floating_point()]
+    assert len(t_bufs) == len(s_bufs)
+    if not s_bufs:
+        return
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for b in s_bufs:
+            dist.all_reduce(b, op=dist.ReduceOp.SUM)
+            b.div_(dist.get_world_size())
+    torch._foreach_copy_(t_bufs, s_bufs)
+
+
+@torch.no_grad()
 def copy_params(dst: nn.Module, src: nn.Module) -> None:
     """dst's parameters = src's, shard by shard (both sharded alike); buffers are constants of the architecture."""
     d_params = [local(p) for p in dst.parameters()]

@@ -195,6 +195,19 @@ class AnyStudent(nn.Module):
                               f"stride {self.stride} (its last feature map would be under one pixel); use larger "
                               "crops")
 
+    def load_model_state(self, state: dict, where: str) -> None:
+        """The wrapped model's own weights (its library's names, a `model.` prefix or not; a classifier the
+        student does not build is left out): every weight of the student must be there (one line otherwise)."""
+        state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+        own = self.model.state_dict()
+        missing = [k for k in own if k not in state]
+        wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or wrong:
+            what = (f"{len(missing)} of its weights are missing (e.g. {missing[0]})" if missing else
+                    f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}, the model {tuple(own[wrong[0]].shape)}")
+            raise ConfigError(f"{where}: not weights of {self.arch}: {what}")
+        self.model.load_state_dict({k: state[k] for k in own}, strict=True)
+
     def export_state_dict(self, state: dict | None = None) -> dict:
         """The wrapped model's own state dict (no `model.` prefix, none of our adapter): what
         `timm.create_model(name, num_classes=0, checkpoint_path=...)` or torchvision's `load_state_dict` reads."""

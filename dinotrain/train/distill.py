@@ -34,6 +34,7 @@ from dinotrain.train.learner import build_learner
 from dinotrain.train.resume import check_resume
 from dinotrain.train.rundir import RunDir
 from dinotrain.train.schedules import build_schedules, scaled_lr
+from dinotrain.models.any_student import AnyStudent
 from dinotrain.train.ssl import SSLMetaArch
 from dinotrain.train.teacher import (KEY, FrozenTeacher, all_tensors, check_student_fits, fingerprint, read_teacher,
                                      resolve_source)
@@ -160,7 +161,10 @@ class Distillation:
             torch.manual_seed(_name_seed(cfg.train.seed, name))  # same init on every rank, whoever else is there
             model = SSLMetaArch(scfg)
             if scfg.student.pretrained_weights and not resuming:
-                model.load_student_backbone(open_pretrained(scfg.student.pretrained_weights))
+                if isinstance(model.student["backbone"], AnyStudent):  # the model's own file, its library's names
+                    model.load_any_student(scfg.student.pretrained_weights)
+                else:
+                    model.load_student_backbone(open_pretrained(scfg.student.pretrained_weights))
             # No masking in distillation: the mask token is never used, so it is not trained (and has no
             # optimizer state that a checkpoint would miss).
             if model.student["backbone"].mask_token is not None:

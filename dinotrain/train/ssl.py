@@ -20,7 +20,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from dinotrain.distributed.fsdp import copy_params, ema_update, reshard, shard_module
+from dinotrain.distributed.fsdp import copy_params, ema_update, follow_buffers, reshard, shard_module
 from dinotrain.data.resolutions import nominal_global_size
 from dinotrain.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinotrain.losses.centering import teacher_targets
@@ -179,6 +179,14 @@ class SSLMetaArch(nn.Module):
             nets["backbone"].load_state_dict(state_dict, strict=True)
             for name, head in (heads or {}).items():
                 nets[name].load_state_dict(head, strict=True)
+
+    def load_any_student(self, path: str) -> None:
+        """Student and teacher from a timm / torchvision model's own weights file (before sharding)."""
+        from dinotrain.weights.state_dict import read_state_dict
+
+        state = read_state_dict(path)
+        for nets in (self.student, self.teacher):
+            nets["backbone"].load_model_state(state, f"config key 'student.pretrained_weights' = {path}")
 
     def _check_heads(self, heads: dict) -> None:
         """Pretrained heads must be the heads this config builds (one clear error otherwise)."""
@@ -352,6 +360,8 @@ class SSLMetaArch(nn.Module):
         """EMA of the student into the teacher; `heads_only` during the head warm-up (frozen backbones)."""
         if not heads_only:
             ema_update(self.teacher, self.student, momentum)
+            if isinstance(self.student["backbone"], AnyStudent):  # BatchNorm statistics (ViTs have none to follow)
+                follow_buffers(self.teacher["backbone"], self.student["backbone"])
             return
         for name in self.student:
             if name != "backbone":

@@ -1,0 +1,84 @@
+"""A timm CNN student next to a ViT student in one `dinotrain distill` run (in-process, 1 process fp32, seconds):
+the teacher runs once per step, the CNN's weights equal its single-student run's, a run stopped after a checkpoint
+(as by kill -9: the later files removed) resumes bitwise, and the exported CNN loads in timm with our features."""
+
+import shutil
+
+import pytest
+import torch
+
+from trainruns import in_process
+
+timm = pytest.importorskip("timm")
+
+FAST = ["train.batch_size_per_gpu=8", "train.num_workers=0", "train.OFFICIAL_EPOCH_LENGTH=4", "optim.epochs=1",
+        "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1", "train.log_every=1", "student.patch_size=8",
+        "student.depth=2", "crops.global_crops_size=32", "crops.local_crops_size=32", "crops.local_crops_number=2",
+        "dino.head_n_prototypes=256", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
+        "ibot.head_n_prototypes=256", "checkpoint.period_iterations=2", "checkpoint.keep_last=10"]
+BOTH = "distillation.students={vit: {student: {arch: vit_tiny}}, cnn: {student: {arch: timm/resnet18}}}"
+CNN = "distillation.students={cnn: {student: {arch: timm/resnet18}}}"
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _distill(out, teacher, students):
+    return _ok(in_process(["distill", "--config", "smoke/distill_cpu_tiny", "--output-dir", str(out), *FAST,
+                           f"distillation.teacher={teacher}", students]))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from dinotrain.train.teacher import FrozenTeacher
+
+    root = tmp_path_factory.mktemp("anystudent")
+    _ok(in_process(["train", "--config", "smoke/cpu_tiny", "--output-dir", str(root / "teacher"), *FAST]))
+    calls = []
+    original = FrozenTeacher.targets
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    FrozenTeacher.targets = counted
+    try:
+        _distill(root / "both", root / "teacher", BOTH)
+    finally:
+        FrozenTeacher.targets = original
+    _distill(root / "cnn", root / "teacher", CNN)
+    return root, len(calls)
+
+
+def _student(run, name):
+    return torch.load(run / "students" / f"{name}.pth", weights_only=True)
+
+
+def test_one_teacher_forward_per_step_for_both_students(runs):
+    assert runs[1] == 4  # 4 iterations, 1 micro-batch each
+
+
+def test_the_cnn_trains_as_it_would_alone(runs):
+    root, _ = runs
+    both, alone = _student(root / "both", "cnn"), _student(root / "cnn", "cnn")
+    assert both.keys() == alone.keys()
+    assert all(torch.equal(both[k], alone[k]) for k in both)
+    # and it did train: BatchNorm statistics followed the student (the EMA model is exported with them)
+    assert not torch.equal(both["model.bn1.running_mean"], torch.zeros_like(both["model.bn1.running_mean"]))
+
+
+def test_a_run_stopped_after_a_checkpoint_resumes_bitwise(runs, tmp_path):
+    root, _ = runs
+    run = tmp_path / "cut"
+    shutil.copytree(root / "both", run)
+    ckpts = sorted((run / "checkpoints").iterdir())
+    assert [c.name for c in ckpts][-2:] == ["00000002", "00000004"], ckpts
+    shutil.rmtree(ckpts[-1])  # what a kill -9 between iterations 2 and 4 leaves behind
+    shutil.rmtree(run / "students")
+    proc = _distill(run, root / "teacher", BOTH)
+    assert "(from 2)" in proc.stdout + proc.stderr
+    for name in ("cnn", "vit"):
+        a, b = _student(root / "both", name), _student(run, name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
