@@ -22,13 +22,18 @@ line. FSDP2 shards each stage (`blocks`, a plain list so that state-dict names s
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinotrain.config import ConfigError
+
+
+class StudentArchError(ValueError):
+    """A `student.*` / `crops.*` setting this student cannot take; one line, as `dinotrain.config.ConfigError` (not
+    imported: the config's schema reads weights, whose reader builds these students)."""
 
 SOURCES = ("timm", "torchvision")
 KEY = "config key 'student.arch'"
@@ -50,10 +55,10 @@ def _available(source: str) -> list[str]:
     return torchvision.models.list_models()
 
 
-def _unknown(source: str, name: str) -> ConfigError:
+def _unknown(source: str, name: str) -> StudentArchError:
     close = difflib.get_close_matches(name, _available(source), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(f'{source}/{c}' for c in close)}?" if close else ""
-    return ConfigError(f"{KEY} = {source}/{name}: {source} has no model of that name{hint}")
+    return StudentArchError(f"{KEY} = {source}/{name}: {source} has no model of that name{hint}")
 
 
 def _build_timm(name: str) -> nn.Module:
@@ -75,6 +80,18 @@ def _build_torchvision(name: str) -> nn.Module:
     return torchvision.models.get_model(name, weights=None)
 
 
+@dataclasses.dataclass(frozen=True)
+class AnySpec:
+    """What builds a student of another architecture again: its `student.arch` and the patch grid it was trained
+    on (exports carry it; the widths come from the library's model)."""
+
+    arch: str
+    patch_size: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 class AnyStudent(nn.Module):
     """A timm / torchvision model as a distillation student (see the module docstring). The wrapped model is
     `self.model`, with its own parameter names (`model.` prefixed), what `export_state_dict` gives back."""
@@ -82,7 +99,7 @@ class AnyStudent(nn.Module):
     def __init__(self, arch: str, patch_size: int):
         super().__init__()
         if not is_any_student(arch):
-            raise ConfigError(f"{KEY} = {arch}: expected timm/<name> or torchvision/<name>")
+            raise StudentArchError(f"{KEY} = {arch}: expected timm/<name> or torchvision/<name>")
         self.arch = arch
         self.source, self.name = arch.split("/", 1)
         self.model = _build_timm(self.name) if self.source == "timm" else _build_torchvision(self.name)
@@ -103,6 +120,10 @@ class AnyStudent(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 3, 1, 1))
 
     # ---- what the rest of dinotrain reads -------------------------------------------------------------------
+    @property
+    def spec(self) -> AnySpec:
+        return AnySpec(self.arch, self.patch_size)
+
     @property
     def blocks(self) -> list[nn.Module]:
         """The stages FSDP2 shards one by one (not registered: the model's own names stay the state dict's)."""
@@ -188,10 +209,10 @@ class AnyStudent(nn.Module):
             _, fmap = self._probe(size)
         except (RuntimeError, ValueError, AssertionError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ConfigError(f"{KEY} = {self.arch} cannot take {what} = {size} px crops ({first}); use larger crops"
+            raise StudentArchError(f"{KEY} = {self.arch} cannot take {what} = {size} px crops ({first}); use larger crops"
                               ) from None
         if size < self.stride or (fmap is not None and min(fmap.shape[-2:]) < 1):
-            raise ConfigError(f"{KEY} = {self.arch} cannot take {what} = {size} px crops: smaller than its total "
+            raise StudentArchError(f"{KEY} = {self.arch} cannot take {what} = {size} px crops: smaller than its total "
                               f"stride {self.stride} (its last feature map would be under one pixel); use larger "
                               "crops")
 
@@ -205,7 +226,7 @@ class AnyStudent(nn.Module):
         if missing or wrong:
             what = (f"{len(missing)} of its weights are missing (e.g. {missing[0]})" if missing else
                     f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}, the model {tuple(own[wrong[0]].shape)}")
-            raise ConfigError(f"{where}: not weights of {self.arch}: {what}")
+            raise StudentArchError(f"{where}: not weights of {self.arch}: {what}")
         self.model.load_state_dict({k: state[k] for k in own}, strict=True)
 
     def export_state_dict(self, state: dict | None = None) -> dict:
@@ -240,7 +261,7 @@ def _torchvision_stages(model: nn.Module, arch: str) -> nn.Sequential:
     elif isinstance(getattr(model, "features", None), nn.Sequential) and hasattr(model, "avgpool"):
         stages = list(model.features)  # convnext, mobilenet, efficientnet, vgg, ...
     else:
-        raise ConfigError(f"{KEY} = {arch}: this torchvision model has no feature map dinotrain can read (supported: "
+        raise StudentArchError(f"{KEY} = {arch}: this torchvision model has no feature map dinotrain can read (supported: "
                           "resnet / resnext / wide_resnet / regnet and models with .features + .avgpool such as "
                           "convnext, mobilenet, efficientnet); use its timm counterpart")
     seq = _Unregistered(stages)
@@ -267,7 +288,7 @@ def build_any_student(cfg) -> AnyStudent:
     feature map when the iBOT loss needs patch tokens (one line each)."""
     model = AnyStudent(cfg.student.arch, cfg.student.patch_size)
     if cfg.ibot.loss_weight > 0 and not model.has_feature_map:
-        raise ConfigError(f"{KEY} = {model.arch} gives no spatial feature map for the iBOT loss: set "
+        raise StudentArchError(f"{KEY} = {model.arch} gives no spatial feature map for the iBOT loss: set "
                           "ibot.loss_weight=0 (DINO + KoLeo on its pooled features only)")
     sizes = cfg.crops.global_crops_size
     for size in sizes if isinstance(sizes, (list, tuple)) or hasattr(sizes, "__len__") else [sizes]:

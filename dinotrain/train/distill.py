@@ -222,8 +222,12 @@ class Distillation:
                          f"lr {last[f'{name}/lr']:.2e}" for name in self.names)
 
     def finish(self) -> None:
-        """Each student's EMA backbone as an official hub state dict: `RunDir.student(name)`."""
+        """Each student's EMA backbone as an official hub state dict, or a timm / torchvision student's in its
+        library's layout (`weights/any_student.py`): `RunDir.student(name)`."""
         resume = partial(resume_point, self.run_dir)
         for name, learner in zip(self.names, self.learners):  # a failed write on rank 0 stops every rank
-            all_ranks(partial(learner.write_ema_backbone, RunDir(self.run_dir).student(name),
+            run = RunDir(self.run_dir)
+            backbone = learner.model.student["backbone"]
+            path = run.any_student(name) if isinstance(backbone, AnyStudent) else run.students / f"{name}.pth"
+            all_ranks(partial(learner.write_ema_backbone, path,
                               f"student {name} (EMA backbone)", self.env.is_main, resume), self.env)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dinotrain.config import ConfigError
+from dinotrain.models.any_student import StudentArchError  # a ValueError: one line from the CLI
 from dinotrain.models.any_student import AnyStudent, build_any_student
 
 timm = pytest.importorskip("timm")
@@ -97,18 +97,18 @@ def _cfg(arch, ibot=1.0, global_size=64, local_size=32, local_number=2):
 
 
 def test_unknown_names_are_one_line_with_a_did_you_mean():
-    with pytest.raises(ConfigError, match=r"timm has no model of that name; did you mean timm/resnet18") as e:
+    with pytest.raises(StudentArchError, match=r"timm has no model of that name; did you mean timm/resnet18") as e:
         AnyStudent("timm/resnet81", 16)
     assert "\n" not in str(e.value)
-    with pytest.raises(ConfigError, match=r"did you mean torchvision/resnet50"):
+    with pytest.raises(StudentArchError, match=r"did you mean torchvision/resnet50"):
         AnyStudent("torchvision/resnet05", 16)
 
 
 def test_crops_smaller_than_the_stride_are_refused():
-    with pytest.raises(ConfigError, match=r"timm/resnet18 cannot take crops.local_crops_size = 16 px crops: smaller "
+    with pytest.raises(StudentArchError, match=r"timm/resnet18 cannot take crops.local_crops_size = 16 px crops: smaller "
                                           r"than its total stride 32"):
         build_any_student(_cfg("timm/resnet18", local_size=16))
-    with pytest.raises(ConfigError, match=r"vit_tiny_patch16_224 cannot take crops.global_crops_size = 72 px"):
+    with pytest.raises(StudentArchError, match=r"vit_tiny_patch16_224 cannot take crops.global_crops_size = 72 px"):
         build_any_student(_cfg("timm/vit_tiny_patch16_224", global_size=72))
     build_any_student(_cfg("timm/resnet18", local_size=16, local_number=0))  # no local crops: not checked
 
@@ -120,7 +120,7 @@ def test_no_spatial_map_with_ibot_is_one_line(monkeypatch):
 
     monkeypatch.setattr(tr.ResNet, "forward_features", lambda self, x: x.mean((-2, -1)))
     monkeypatch.setattr(tr.ResNet, "forward_head", lambda self, x, pre_logits=False: x)
-    with pytest.raises(ConfigError, match=r"gives no spatial feature map for the iBOT loss: set ibot.loss_weight=0"):
+    with pytest.raises(StudentArchError, match=r"gives no spatial feature map for the iBOT loss: set ibot.loss_weight=0"):
         build_any_student(_cfg("timm/resnet18"))
     assert not build_any_student(_cfg("timm/resnet18", ibot=0.0)).has_feature_map
 

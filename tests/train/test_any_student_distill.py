@@ -53,7 +53,10 @@ def runs(tmp_path_factory):
 
 
 def _student(run, name):
-    return torch.load(run / "students" / f"{name}.pth", weights_only=True)
+    from dinotrain.train.rundir import RunDir
+    from dinotrain.weights.resolve import open_weights
+
+    return open_weights(RunDir(run).student(name)).backbone
 
 
 def test_one_teacher_forward_per_step_for_both_students(runs):
@@ -66,7 +69,7 @@ def test_the_cnn_trains_as_it_would_alone(runs):
     assert both.keys() == alone.keys()
     assert all(torch.equal(both[k], alone[k]) for k in both)
     # and it did train: BatchNorm statistics followed the student (the EMA model is exported with them)
-    assert not torch.equal(both["model.bn1.running_mean"], torch.zeros_like(both["model.bn1.running_mean"]))
+    assert not torch.equal(both["bn1.running_mean"], torch.zeros_like(both["bn1.running_mean"]))
 
 
 def test_a_run_stopped_after_a_checkpoint_resumes_bitwise(runs, tmp_path):
@@ -82,3 +85,21 @@ def test_a_run_stopped_after_a_checkpoint_resumes_bitwise(runs, tmp_path):
     for name in ("cnn", "vit"):
         a, b = _student(root / "both", name), _student(run, name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_the_exported_cnn_loads_in_timm_by_name_with_our_features(runs):
+    """`students/cnn.safetensors` in timm's layout: timm.create_model(checkpoint_path=...) gives the features
+    `dinotrain embed` (through the resolver) computes, within 1e-5."""
+    from dinotrain.embed import EmbedSettings, embed_batches  # noqa: F401  (the command's own path below)
+    from dinotrain.weights.backbone import open_backbone
+
+    root, _ = runs
+    path = root / "both" / "students" / "cnn.safetensors"
+    assert path.is_file() and not (root / "both" / "students" / "cnn.pth").exists()
+    theirs = timm.create_model("resnet18", num_classes=0, checkpoint_path=str(path)).eval()
+    ours = open_backbone(str(path), None)
+    mine_from_run = open_backbone(str(root / "cnn"), None)  # a finished run with one student: its export
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(mine_from_run(x), theirs(x), rtol=0, atol=1e-5)
