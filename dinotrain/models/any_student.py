@@ -230,10 +230,14 @@ class AnyStudent(nn.Module):
         self.model.load_state_dict({k: state[k] for k in own}, strict=True)
 
     def export_state_dict(self, state: dict | None = None) -> dict:
-        """The wrapped model's own state dict (no `model.` prefix, none of our adapter): what
-        `timm.create_model(name, num_classes=0, checkpoint_path=...)` or torchvision's `load_state_dict` reads."""
-        state = self.state_dict() if state is None else state
-        return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        """The wrapped model's own state dict (see the module-level `export_state_dict`)."""
+        return export_state_dict(self.state_dict() if state is None else state)
+
+
+def export_state_dict(state: dict) -> dict:
+    """An `AnyStudent` state dict as the wrapped model's own (no `model.` prefix, none of our iBOT adapter): what
+    `timm.create_model(name, num_classes=0, checkpoint_path=...)` or torchvision's `load_state_dict` reads."""
+    return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
 
 
 def _vit_grid(model: nn.Module, size) -> tuple[int, int]:

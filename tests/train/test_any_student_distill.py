@@ -103,3 +103,27 @@ def test_the_exported_cnn_loads_in_timm_by_name_with_our_features(runs):
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-5)
         torch.testing.assert_close(mine_from_run(x), theirs(x), rtol=0, atol=1e-5)
+
+
+def test_a_checkpoint_reads_and_exports_the_cnn_student(runs, tmp_path):
+    """The last checkpoint's `cnn` student is the exported one (the EMA), read through the resolver with its trained
+    iBOT adapter; `dinotrain export --to timm --which cnn` writes what timm loads; `--to hf` is one line."""
+    from dinotrain.weights.backbone import open_backbone
+    from dinotrain.weights.convert import backbone_from_weights
+    from dinotrain.weights.resolve import open_weights
+
+    root, _ = runs
+    ckpt = sorted((root / "both" / "checkpoints").iterdir())[-1]
+    from_ckpt = backbone_from_weights(open_weights(ckpt, "cnn"))
+    exported = open_backbone(str(root / "both" / "students" / "cnn.safetensors"), None)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(from_ckpt(x), exported(x))
+    assert not torch.equal(from_ckpt.patch_norm.weight, torch.ones_like(from_ckpt.patch_norm.weight))  # trained
+    out = tmp_path / "cnn.safetensors"
+    _ok(in_process(["export", str(root / "both"), str(out), "--to", "timm", "--which", "cnn"]))
+    theirs = timm.create_model("resnet18", num_classes=0, checkpoint_path=str(out)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), exported(x), rtol=0, atol=1e-5)
+    proc = in_process(["export", str(root / "both"), str(tmp_path / "hf"), "--to", "hf", "--which", "cnn"])
+    assert proc.returncode == 2 and "exports --to timm" in proc.stderr.strip().splitlines()[-1]
