@@ -92,9 +92,13 @@ def run_linear(data: EvalData, weights: str | None, model: str | None, *, n_last
     (the caller refuses an existing `export_hf` first, `outputs.refuse_existing`, before the data set-up)."""
     from dinotrain.eval.linear import (OFFICIAL_LRS, best_head, export_best_classifier, extract_linear_features,
                                        head_configs, linear_eval)
+    from dinotrain.models.any_student import AnySpec
     from dinotrain.weights.backbone import open_backbone
 
     backbone = open_backbone(weights, model).to(data.device)
+    if isinstance(backbone.spec, AnySpec):
+        raise ValueError(f"--weights {weights}: a {backbone.spec.arch} student; the linear evaluation reads a ViT's "
+                         "last blocks' tokens, not implemented for other architectures (use `eval knn`)")
     classes = data.classes
     configs = head_configs(n_last_blocks, AVGPOOL[avgpool], backbone.spec.depth)
     n_blocks = max(c.n_blocks for c in configs)
