@@ -35,6 +35,7 @@ setup(
         # pytest-xdist: the suite on every core (pytest.ini); transformers' DINOv3ViTModel (4.56+) and timm's dinov3 Eva: the DINOv3 parity references (tests/models)
         "test": ["pytest>=8", "pytest-xdist>=3.6", "transformers>=4.56", "timm>=1.0.31"],
         "xformers": ["xformers"],
+        "students": ["timm>=1.0.31"],  # distillation students of other architectures (student.arch: timm/<name>)
     },
     entry_points={"console_scripts": ["dinotrain=dinotrain.cli:main"]},
 )

@@ -45,11 +45,18 @@ def is_any_student(arch: str) -> bool:
     return isinstance(arch, str) and arch.split("/", 1)[0] in SOURCES and "/" in arch
 
 
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise StudentArchError(f"{KEY} = timm/...: timm is not installed (pip install 'dinotrain[students]' or "
+                               "pip install timm)") from None
+    return timm
+
+
 def _available(source: str) -> list[str]:
     if source == "timm":
-        import timm
-
-        return timm.list_models()
+        return _timm().list_models()
     import torchvision
 
     return torchvision.models.list_models()
@@ -62,8 +69,7 @@ def _unknown(source: str, name: str) -> StudentArchError:
 
 
 def _build_timm(name: str) -> nn.Module:
-    import timm
-
+    timm = _timm()
     if name not in timm.list_models():
         raise _unknown("timm", name)
     try:  # ViTs take any multiple of their patch (timm's flag; CNNs have no such argument)

@@ -3,6 +3,7 @@ the teacher runs once per step, the CNN's weights equal its single-student run's
 (as by kill -9: the later files removed) resumes bitwise, and the exported CNN loads in timm with our features."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +128,27 @@ def test_a_checkpoint_reads_and_exports_the_cnn_student(runs, tmp_path):
         torch.testing.assert_close(theirs(x), exported(x), rtol=0, atol=1e-5)
     proc = in_process(["export", str(root / "both"), str(tmp_path / "hf"), "--to", "hf", "--which", "cnn"])
     assert proc.returncode == 2 and "exports --to timm" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_dinotrain_embed_gives_timms_pooled_features(runs, tmp_path):
+    """`dinotrain embed --weights RUN` (the run's only student) = timm's model on the same preprocessed images."""
+    import numpy as np
+
+    from dinotrain.data.tiny import ensure_tiny_dataset
+    from dinotrain.data.augmentations import make_eval_transform
+    from dinotrain.eval.features import eval_sizes
+    from PIL import Image
+
+    root, _ = runs
+    images = sorted((Path(ensure_tiny_dataset()) / "val").rglob("*.png"))[:4]
+    out = tmp_path / "emb"
+    _ok(in_process(["embed", "--weights", str(root / "cnn"), "--image-size", "32", "--output", str(out),
+                    "--no-progress", *map(str, images)]))
+    ours = torch.from_numpy(np.load(out / "embeddings.npy"))
+    theirs = timm.create_model("resnet18", num_classes=0,
+                               checkpoint_path=str(root / "cnn" / "students" / "cnn.safetensors")).eval()
+    resize, crop = eval_sizes(32)  # what `embed --image-size 32` preprocesses with
+    transform = make_eval_transform(resize_size=resize, crop_size=crop)
+    batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in images])
+    with torch.no_grad():
+        torch.testing.assert_close(ours, theirs(batch), rtol=0, atol=1e-5)
