@@ -142,6 +142,14 @@ class AnyStudent(nn.Module):
                 return list(getattr(m, attr))
         return [getattr(m, f"layer{i}") for i in range(1, 5) if hasattr(m, f"layer{i}")]
 
+    def set_checkpointing(self, enabled: bool) -> bool:
+        """Activation checkpointing through timm's own switch (per stage / block); False where the model has none
+        (torchvision), so the caller can say so."""
+        if self.source == "timm" and hasattr(self.model, "set_grad_checkpointing"):
+            self.model.set_grad_checkpointing(enabled)
+            return True
+        return not enabled
+
     def _probe(self, size: int) -> tuple[Tensor, Tensor | None]:
         """The model's outputs on one blank `size`-px image, in eval mode (no batch statistics, no randomness)."""
         was = self.training

@@ -226,6 +226,12 @@ class SSLMetaArch(nn.Module):
         """FSDP2 on every network, student, teacher and Gram teacher alike (so EMA and Gram refresh pair shards
         one to one); one process in fp32 keeps plain modules (`fsdp_needed`) unless `plain_if_unneeded` is False."""
         f = self.cfg.fsdp
+        backbone = self.student["backbone"]
+        if isinstance(backbone, AnyStudent) and not backbone.set_checkpointing(bool(f.activation_checkpointing)):
+            import logging
+
+            logging.getLogger("dinotrain.train").warning(
+                "fsdp.activation_checkpointing: %s has no checkpointing switch; it runs without", backbone.arch)
         for nets in (self.student, self.teacher) + ((self.gram_teacher,) if self.gram_teacher is not None else ()):
             for name, module in nets.items():
                 shard_module(module, dtype, reshard_after_forward=f.reshard_after_forward,

@@ -134,3 +134,20 @@ def test_export_state_dict_loads_in_timm_with_equal_features(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), s(x), rtol=0, atol=1e-5)
+
+
+def test_activation_checkpointing_uses_timms_switch_and_keeps_the_gradients():
+    torch.manual_seed(0)
+    s = AnyStudent("timm/convnext_atto", patch_size=16).train()
+    x = torch.randn(2, 3, 64, 64)
+
+    def grad():
+        s.zero_grad()
+        out = s(x, is_training=True)
+        (out["x_norm_clstoken"].sum() + out["x_norm_patchtokens"].sum()).backward()
+        return s.model.stem[0].weight.grad.clone()
+
+    plain = grad()
+    assert s.set_checkpointing(True) and s.model.stages[0].grad_checkpointing
+    torch.testing.assert_close(grad(), plain)
+    assert not AnyStudent("torchvision/resnet18", 16).set_checkpointing(True)  # no switch: the caller warns

@@ -19,6 +19,7 @@ FAST = ["train.batch_size_per_gpu=8", "train.num_workers=0", "train.OFFICIAL_EPO
         "ibot.head_n_prototypes=256", "checkpoint.period_iterations=2", "checkpoint.keep_last=10"]
 BOTH = "distillation.students={vit: {student: {arch: vit_tiny}}, cnn: {student: {arch: timm/resnet18}}}"
 CNN = "distillation.students={cnn: {student: {arch: timm/resnet18}}}"
+VIT = "distillation.students={vit: {student: {arch: vit_tiny}}}"
 
 
 def _ok(proc):
@@ -50,6 +51,7 @@ def runs(tmp_path_factory):
     finally:
         FrozenTeacher.targets = original
     _distill(root / "cnn", root / "teacher", CNN)
+    _distill(root / "vit", root / "teacher", VIT)
     return root, len(calls)
 
 
@@ -64,8 +66,10 @@ def test_one_teacher_forward_per_step_for_both_students(runs):
     assert runs[1] == 4  # 4 iterations, 1 micro-batch each
 
 
-def test_the_cnn_trains_as_it_would_alone(runs):
+def test_each_student_trains_as_it_would_alone(runs):
     root, _ = runs
+    both, alone = _student(root / "both", "vit"), _student(root / "vit", "vit")
+    assert all(torch.equal(both[k], alone[k]) for k in both)
     both, alone = _student(root / "both", "cnn"), _student(root / "cnn", "cnn")
     assert both.keys() == alone.keys()
     assert all(torch.equal(both[k], alone[k]) for k in both)
