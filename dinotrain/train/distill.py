@@ -29,12 +29,12 @@ from dinotrain.config import ConfigError, student_configs
 from dinotrain.data.seeds import mix_seed
 from dinotrain.distributed.checkpoint import Parts, resume_point
 from dinotrain.distributed.env import DistEnv, all_ranks, from_main, gathered
+from dinotrain.models.any_student import AnyStudent
 from dinotrain.train.head_warmup import open_pretrained, reusable, warm_up_heads
 from dinotrain.train.learner import build_learner
 from dinotrain.train.resume import check_resume
 from dinotrain.train.rundir import RunDir
 from dinotrain.train.schedules import build_schedules, scaled_lr
-from dinotrain.models.any_student import AnyStudent
 from dinotrain.train.ssl import SSLMetaArch
 from dinotrain.train.teacher import (KEY, FrozenTeacher, all_tensors, check_student_fits, fingerprint, read_teacher,
                                      resolve_source)

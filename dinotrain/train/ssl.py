@@ -14,6 +14,7 @@ is the same. DINOv3 backbones have no selected-rows last block: they run in full
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 import torch.distributed as dist
@@ -82,7 +83,8 @@ def build_backbone(cfg: DictConfig, for_teacher: bool, spec: ViTSpec | Dinov3Spe
 
 def backbone_outputs(backbone: nn.Module, crops, masks=None, select=None):
     """The backbone's training forward; with `select` (see `DinoVisionTransformer.forward_features_list`) only the
-    rows a step reads leave the last block. DINOv3 backbones and other architectures' students run in full (`patch_tokens_at` indexes them)."""
+    rows a step reads leave the last block. DINOv3 backbones and students of other architectures run in full
+    (`patch_tokens_at` indexes them)."""
     if select is None or isinstance(backbone, (Dinov3VisionTransformer, AnyStudent)):
         return backbone(crops, masks, is_training=True)
     return backbone(crops, masks, is_training=True, select_patches=select)
@@ -228,8 +230,6 @@ class SSLMetaArch(nn.Module):
         f = self.cfg.fsdp
         backbone = self.student["backbone"]
         if isinstance(backbone, AnyStudent) and not backbone.set_checkpointing(bool(f.activation_checkpointing)):
-            import logging
-
             logging.getLogger("dinotrain.train").warning(
                 "fsdp.activation_checkpointing: %s has no checkpointing switch; it runs without", backbone.arch)
         for nets in (self.student, self.teacher) + ((self.gram_teacher,) if self.gram_teacher is not None else ()):
