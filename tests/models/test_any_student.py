@@ -151,3 +151,14 @@ def test_activation_checkpointing_uses_timms_switch_and_keeps_the_gradients():
     assert s.set_checkpointing(True) and s.model.stages[0].grad_checkpointing
     torch.testing.assert_close(grad(), plain)
     assert not AnyStudent("torchvision/resnet18", 16).set_checkpointing(True)  # no switch: the caller warns
+
+
+def test_export_state_dict_loads_in_torchvision_strictly_with_equal_features():
+    torch.manual_seed(0)
+    s = AnyStudent("torchvision/resnet18", patch_size=16).eval()
+    theirs = torchvision.models.get_model("resnet18")
+    theirs.load_state_dict(s.export_state_dict(), strict=True)  # the classifier is kept (frozen, untrained)
+    theirs.fc = torch.nn.Identity()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.eval()(x), s(x), rtol=0, atol=1e-5)
