@@ -162,3 +162,20 @@ def test_export_state_dict_loads_in_torchvision_strictly_with_equal_features():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(theirs.eval()(x), s(x), rtol=0, atol=1e-5)
+
+
+def test_pretrained_weights_are_the_models_own_file():
+    """timm's own state dict (with its classifier, which the student does not build) loads; another model's is one
+    line naming what is missing."""
+    torch.manual_seed(1)
+    theirs = timm.create_model("resnet18").eval()  # with its 1000-class fc
+    s = AnyStudent("timm/resnet18", patch_size=16).eval()
+    s.load_model_state(theirs.state_dict(), "config key 'student.pretrained_weights' = r18.pth")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(s(x), theirs.forward_head(theirs.forward_features(x), pre_logits=True))
+    where = "config key 'student.pretrained_weights' = r18d.pth"
+    with pytest.raises(StudentArchError, match=r"r18d.pth: not weights of timm/resnet18: 16 of its weights are "
+                                               r"missing \(e.g. conv1.weight\)") as e:
+        s.load_model_state(timm.create_model("resnet18d").state_dict(), where)
+    assert "\n" not in str(e.value)
