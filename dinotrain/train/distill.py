@@ -172,8 +172,14 @@ class Distillation:
             schedules = build_schedules(scfg, scaled_lr(scfg, global_batch))
             self.learners.append(build_learner(model, scfg, schedules, dtype, self.env.device, prefix=f"{name}/"))
             n_params = sum(p.numel() for p in model.student["backbone"].parameters())
-            log.info("student %s: %s/%d, depth %d, %.1fM backbone parameters", name, scfg.student.arch,
-                     scfg.student.patch_size, len(model.student["backbone"].blocks), n_params / 1e6)
+            backbone = model.student["backbone"]
+            if isinstance(backbone, AnyStudent):
+                log.info("student %s: %s, %d stages, features %d-d, last map (stride %d) resampled to the patch-%d "
+                         "grid, %.1fM backbone parameters", name, backbone.arch, len(backbone.blocks),
+                         backbone.embed_dim, backbone.stride, backbone.patch_size, n_params / 1e6)
+            else:
+                log.info("student %s: %s/%d, depth %d, %.1fM backbone parameters", name, scfg.student.arch,
+                         scfg.student.patch_size, len(backbone.blocks), n_params / 1e6)
 
     @property
     def names(self) -> list[str]:
