@@ -367,7 +367,7 @@ class SSLMetaArch(nn.Module):
         if not heads_only:
             ema_update(self.teacher, self.student, momentum)
             if isinstance(self.student["backbone"], AnyStudent):  # BatchNorm statistics (ViTs have none to follow)
-                follow_buffers(self.teacher["backbone"], self.student["backbone"])
+                follow_buffers(self.teacher["backbone"], self.student["backbone"], momentum)
             return
         for name in self.student:
             if name != "backbone":

@@ -73,7 +73,7 @@ def test_each_student_trains_as_it_would_alone(runs):
     both, alone = _student(root / "both", "cnn"), _student(root / "cnn", "cnn")
     assert both.keys() == alone.keys()
     assert all(torch.equal(both[k], alone[k]) for k in both)
-    # and it did train: BatchNorm statistics followed the student (the EMA model is exported with them)
+    # and it did train: the EMA followed the BatchNorm statistics (the EMA model is exported with them)
     assert not torch.equal(both["bn1.running_mean"], torch.zeros_like(both["bn1.running_mean"]))
 
 
