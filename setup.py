@@ -39,6 +39,7 @@ setup(
         # dinotrain export --to onnx, --runtime onnx / --precision int8 of embed, eval and serve
         "onnx": ["onnx>=1.16", "onnxruntime>=1.17"],
         "xformers": ["xformers"],
+        "students": ["timm>=1.0.31"],  # distillation students of other architectures (student.arch: timm/<name>)
     },
     entry_points={"console_scripts": ["dinotrain=dinotrain.cli:main"]},
 )

@@ -74,6 +74,11 @@ class Each:
         return "a list whose items are " + ", ".join(rule.text for rule in self.rules)
 
 
+VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2", "vit_so400m", "vit_huge2", "vit_7b")
+STUDENT_ARCH_WORDS = (f"one of {', '.join(VIT_ARCHS)}, or timm/<name> or torchvision/<name> (a distillation "
+                      "student of another architecture)")
+STUDENT_ARCH = Check(lambda v: v in VIT_ARCHS or v.split("/", 1)[0] in ("timm", "torchvision") and "/" in v,
+                     STUDENT_ARCH_WORDS)
 POSITIVE = Range(gt=0)
 NON_NEGATIVE = Range(ge=0)
 PROBABILITY = Range(ge=0, le=1)
@@ -171,8 +176,7 @@ class Train:
 
 @dataclass
 class Student:
-    arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2", "vit_so400m", "vit_huge2",
-                  "vit_7b"] = key()
+    arch: str = key(STUDENT_ARCH, must=STUDENT_ARCH_WORDS)
     depth: Optional[int] = key(POSITIVE, must="null (the arch's own depth) or a positive int (number of "
                                               "transformer blocks)")
     patch_size: int = key(POSITIVE)

@@ -210,7 +210,7 @@ def test_choices_follow_what_the_code_builds():
     from dinotrain.models.rope import NORMALIZE_COORDS
 
     student = typing.get_type_hints(schema.Student)
-    assert set(typing.get_args(student["arch"])) == set(ARCH_SIZES) | set(DINOV3_ARCH_SIZES)
+    assert set(schema.VIT_ARCHS) == set(ARCH_SIZES) | set(DINOV3_ARCH_SIZES)  # + timm/<name>, torchvision/<name>
     assert set(typing.get_args(student["ffn_layer"])) == set(FFN_LAYERS) | set(FFN_ALIGN)
     assert set(typing.get_args(student["norm_layer"])) == set(NORM_EPS)
     assert set(typing.get_args(student["pos_embed_rope_dtype"])) == set(ROPE_DTYPES)

@@ -95,6 +95,7 @@ def run_linear(data: EvalData, weights: str | None, model: str | None, *, n_last
     from dinotrain.eval.linear import (OFFICIAL_LRS, best_head, export_best_classifier, extract_linear_features,
                                        head_configs, linear_eval)
     from dinotrain.inference import TorchFeatures, choose
+    from dinotrain.models.any_student import AnySpec
     from dinotrain.weights.backbone import open_backbone
 
     choice = choose(precision, runtime, data.device, weights)
@@ -103,6 +104,9 @@ def run_linear(data: EvalData, weights: str | None, model: str | None, *, n_last
                          "use --runtime torch (and torch weights)")
     log.info("features: torch %s on %s (%s)", choice.precision, data.device, choice.why)
     backbone = open_backbone(weights, model).to(data.device)
+    if isinstance(backbone.spec, AnySpec):
+        raise ValueError(f"--weights {weights}: a {backbone.spec.arch} student; the linear evaluation reads a ViT's "
+                         "last blocks' tokens, not implemented for other architectures (use `eval knn`)")
     features = TorchFeatures(backbone, choice.precision)
     classes = data.classes
     configs = head_configs(n_last_blocks, AVGPOOL[avgpool], backbone.spec.depth)

@@ -6,6 +6,7 @@ RoPE) are `DINOV3_PRESETS` in `dinov3.py`. `build_preset` builds either by name,
 
 from __future__ import annotations
 
+from dinotrain.models.any_student import AnySpec, AnyStudent
 from dinotrain.models.dinov3 import DINOV3_PRESETS, Dinov3Spec, Dinov3VisionTransformer, build_dinov3, dinov3_from_spec
 from dinotrain.models.vision_transformer import ARCH_SIZES, DinoVisionTransformer, ViTSpec, build_vit, vit_from_spec
 
@@ -45,6 +46,8 @@ def build_preset(name: str, **overrides) -> DinoVisionTransformer | Dinov3Vision
 def backbone_from_spec(spec: ViTSpec | Dinov3Spec, **kwargs) -> DinoVisionTransformer | Dinov3VisionTransformer:
     """A backbone of either family with exactly the architecture `spec` describes, at random init; `kwargs` are
     constructor-only settings (`drop_path_rate`, ...)."""
+    if isinstance(spec, AnySpec):  # a timm / torchvision student (random init, as its library makes it)
+        return AnyStudent(spec.arch, spec.patch_size).eval()
     if isinstance(spec, Dinov3Spec):
         return dinov3_from_spec(spec, **kwargs)
     return vit_from_spec(spec, **kwargs)

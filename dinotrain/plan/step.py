@@ -106,6 +106,14 @@ def build_objective(cfg: DictConfig, command: str, env: DistEnv, teacher: ViTSpe
         if teacher is None:
             raise ConfigError("a distillation plan needs its teacher: set distillation.teacher=PATH (only its shapes "
                               "are used) or pass --teacher with a preset name such as dinov2_vitg14")
+        from dinotrain.config import student_configs
+        from dinotrain.models.any_student import is_any_student
+
+        others = [f"{name} ({scfg.student.arch})" for name, scfg in student_configs(cfg).items()
+                  if is_any_student(scfg.student.arch)]
+        if others:  # timm / torchvision initialisers read values, which fake tensors do not have
+            raise ConfigError(f"dinotrain plan does not size students of other architectures yet: {', '.join(others)}"
+                              "; plan the ViT students alone, or measure a few steps of the run")
         objective = Distillation.with_teacher(cfg, env, planned_teacher(cfg, teacher))
     else:
         from dinotrain.train.pretrain import Pretraining

@@ -29,6 +29,7 @@ from dinotrain.config import ConfigError, student_configs
 from dinotrain.data.seeds import mix_seed
 from dinotrain.distributed.checkpoint import Parts, resume_point
 from dinotrain.distributed.env import DistEnv, all_ranks, from_main, gathered
+from dinotrain.models.any_student import AnyStudent
 from dinotrain.train.head_warmup import open_pretrained, reusable, warm_up_heads
 from dinotrain.train.learner import build_learner
 from dinotrain.train.resume import check_resume
@@ -160,7 +161,10 @@ class Distillation:
             torch.manual_seed(_name_seed(cfg.train.seed, name))  # same init on every rank, whoever else is there
             model = SSLMetaArch(scfg)
             if scfg.student.pretrained_weights and not resuming:
-                model.load_student_backbone(open_pretrained(scfg.student.pretrained_weights))
+                if isinstance(model.student["backbone"], AnyStudent):  # the model's own file, its library's names
+                    model.load_any_student(scfg.student.pretrained_weights)
+                else:
+                    model.load_student_backbone(open_pretrained(scfg.student.pretrained_weights))
             # No masking in distillation: the mask token is never used, so it is not trained (and has no
             # optimizer state that a checkpoint would miss).
             if model.student["backbone"].mask_token is not None:
@@ -168,8 +172,14 @@ class Distillation:
             schedules = build_schedules(scfg, scaled_lr(scfg, global_batch))
             self.learners.append(build_learner(model, scfg, schedules, dtype, self.env.device, prefix=f"{name}/"))
             n_params = sum(p.numel() for p in model.student["backbone"].parameters())
-            log.info("student %s: %s/%d, depth %d, %.1fM backbone parameters", name, scfg.student.arch,
-                     scfg.student.patch_size, len(model.student["backbone"].blocks), n_params / 1e6)
+            backbone = model.student["backbone"]
+            if isinstance(backbone, AnyStudent):
+                log.info("student %s: %s, %d stages, features %d-d, last map (stride %d) resampled to the patch-%d "
+                         "grid, %.1fM backbone parameters", name, backbone.arch, len(backbone.blocks),
+                         backbone.embed_dim, backbone.stride, backbone.patch_size, n_params / 1e6)
+            else:
+                log.info("student %s: %s/%d, depth %d, %.1fM backbone parameters", name, scfg.student.arch,
+                         scfg.student.patch_size, len(backbone.blocks), n_params / 1e6)
 
     @property
     def names(self) -> list[str]:
@@ -218,8 +228,12 @@ class Distillation:
                          f"lr {last[f'{name}/lr']:.2e}" for name in self.names)
 
     def finish(self) -> None:
-        """Each student's EMA backbone as an official hub state dict: `RunDir.student(name)`."""
+        """Each student's EMA backbone as an official hub state dict, or a timm / torchvision student's in its
+        library's layout (`weights/any_student.py`): `RunDir.student(name)`."""
         resume = partial(resume_point, self.run_dir)
         for name, learner in zip(self.names, self.learners):  # a failed write on rank 0 stops every rank
-            all_ranks(partial(learner.write_ema_backbone, RunDir(self.run_dir).student(name),
+            run = RunDir(self.run_dir)
+            backbone = learner.model.student["backbone"]
+            path = run.any_student(name) if isinstance(backbone, AnyStudent) else run.students / f"{name}.pth"
+            all_ranks(partial(learner.write_ema_backbone, path,
                               f"student {name} (EMA backbone)", self.env.is_main, resume), self.env)

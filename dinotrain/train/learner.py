@@ -17,10 +17,12 @@ from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from dinotrain.distributed.checkpoint import full_state_dict
 from dinotrain.distributed.fsdp import clip_grad_norm, set_gradient_sync
+from dinotrain.models.any_student import AnyStudent
 from dinotrain.storage import Resume, replacing
 from dinotrain.train.optim import apply_schedules, build_optimizer
 from dinotrain.train.schedules import Schedules
 from dinotrain.train.ssl import SSLMetaArch
+from dinotrain.weights.any_student import write_any_student
 
 log = logging.getLogger("dinotrain.train")
 
@@ -75,10 +77,14 @@ class Learner:
     def write_ema_backbone(self, path: Path, what: str, is_main: bool, resume: Resume | None = None) -> Path:
         """The EMA backbone, gathered from every rank, written atomically by rank 0 (official hub layout:
         the artifact later steps use). A full disk is one StorageError naming `resume` (see `storage.py`)."""
-        state = full_state_dict(self.model.teacher["backbone"])
+        backbone = self.model.teacher["backbone"]
+        state = full_state_dict(backbone)
         if is_main:
             with replacing(path, f"the {what}", resume) as tmp:
-                torch.save(state, tmp)
+                if isinstance(backbone, AnyStudent):  # its library's layout, a .safetensors naming the architecture
+                    write_any_student(backbone.export_state_dict(state), backbone.spec, tmp)
+                else:
+                    torch.save(state, tmp)
             log.info("%s written to %s", what, path)
         return path
 

@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from dinotrain.config import ConfigError
 from dinotrain.distributed.checkpoint import Parts, resume_point
 from dinotrain.distributed.env import DistEnv, all_ranks
+from dinotrain.models.any_student import is_any_student
 from dinotrain.train.gram_schedule import gram_at
 from dinotrain.train.learner import build_learner
 from dinotrain.train.rundir import RunDir
@@ -36,6 +38,9 @@ class Pretraining:
     def __init__(self, cfg: DictConfig, run_dir: Path, env: DistEnv, newest_extra: dict | None,
                  allow_config_change: bool = False):
         self.cfg, self.run_dir, self.env = cfg, run_dir, env
+        if is_any_student(cfg.student.arch):  # its exports, k-NN, resume are checked for distillation only
+            raise ConfigError(f"config key 'student.arch' = {cfg.student.arch}: students of other architectures are "
+                              "trained by `dinotrain distill` from a frozen teacher; `dinotrain train` pretrains ViTs")
 
     def build(self, dataset, dtype: torch.dtype, global_batch: int, resuming: bool) -> None:
         """The networks (from pretrained weights with heads, unless resuming: the checkpoint has everything)."""

@@ -104,11 +104,19 @@ class RunDir:
         return self.root / _STUDENTS
 
     def student(self, name: str) -> Path:
-        return self.students / f"{name}.pth"
+        """A finished student's export: a ViT's hub `.pth`, or (written instead) a timm / torchvision student's
+        `.safetensors` in its library's layout (`weights/any_student.py`)."""
+        other = self.any_student(name)
+        return other if other.is_file() else self.students / f"{name}.pth"
+
+    def any_student(self, name: str) -> Path:
+        return self.students / f"{name}.safetensors"
 
     def finished_students(self) -> list[str]:
         """Names of the students a finished distillation run exported, sorted."""
-        return sorted(p.stem for p in self.students.glob("*.pth")) if self.students.is_dir() else []
+        if not self.students.is_dir():
+            return []
+        return sorted({p.stem for pattern in ("*.pth", "*.safetensors") for p in self.students.glob(pattern)})
 
     @property
     def head_warmup(self) -> Path:

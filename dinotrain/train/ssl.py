@@ -14,17 +14,19 @@ is the same. DINOv3 backbones have no selected-rows last block: they run in full
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from dinotrain.distributed.fsdp import copy_params, ema_update, reshard, shard_module
+from dinotrain.distributed.fsdp import copy_params, ema_update, follow_buffers, reshard, shard_module
 from dinotrain.data.resolutions import nominal_global_size
 from dinotrain.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinotrain.losses.centering import teacher_targets
 from dinotrain.losses.gram import GramLoss, resize_patch_grid, select_tokens
+from dinotrain.models.any_student import AnyStudent, build_any_student, is_any_student
 from dinotrain.models.dinov3 import Dinov3Spec, Dinov3VisionTransformer, dinov3_arch, dinov3_from_spec
 from dinotrain.models.heads import DINOHead
 from dinotrain.models.vision_transformer import DinoVisionTransformer, ViTSpec, build_vit, vit_from_spec
@@ -35,7 +37,7 @@ N_GLOBAL_CROPS = 2
 OFFICIAL_LOGGED_LOSSES = ("dino_global_crops_loss", "dino_local_crops_loss", "koleo_loss", "ibot_loss")
 
 
-Backbone = DinoVisionTransformer | Dinov3VisionTransformer
+Backbone = DinoVisionTransformer | Dinov3VisionTransformer | AnyStudent
 # `student.*` keys passed as they are to the DINOv3 backbone (official names, as official `build_model` passes them)
 DINOV3_KEYS = ("qkv_bias", "proj_bias", "ffn_bias", "mask_k_bias", "norm_layer", "n_storage_tokens", "ffn_layer",
                "untie_cls_and_patch_norms", "untie_global_and_local_cls_norm", "pos_embed_rope_base",
@@ -55,6 +57,8 @@ def build_backbone(cfg: DictConfig, for_teacher: bool, spec: ViTSpec | Dinov3Spe
     s = cfg.student
     img_size = nominal_global_size(cfg.crops.global_crops_size)
     drop_path_rate = 0.0 if for_teacher else s.drop_path_rate
+    if spec is None and is_any_student(s.arch):
+        return build_any_student(cfg)
     if isinstance(spec, Dinov3Spec):
         return dinov3_from_spec(dataclasses.replace(spec, img_size=img_size),
                                 drop_path_rate=drop_path_rate)
@@ -79,8 +83,9 @@ def build_backbone(cfg: DictConfig, for_teacher: bool, spec: ViTSpec | Dinov3Spe
 
 def backbone_outputs(backbone: nn.Module, crops, masks=None, select=None):
     """The backbone's training forward; with `select` (see `DinoVisionTransformer.forward_features_list`) only the
-    rows a step reads leave the last block. DINOv3 backbones run in full (`patch_tokens_at` indexes them)."""
-    if select is None or isinstance(backbone, Dinov3VisionTransformer):
+    rows a step reads leave the last block. DINOv3 backbones and students of other architectures run in full
+    (`patch_tokens_at` indexes them)."""
+    if select is None or isinstance(backbone, (Dinov3VisionTransformer, AnyStudent)):
         return backbone(crops, masks, is_training=True)
     return backbone(crops, masks, is_training=True, select_patches=select)
 
@@ -177,6 +182,14 @@ class SSLMetaArch(nn.Module):
             for name, head in (heads or {}).items():
                 nets[name].load_state_dict(head, strict=True)
 
+    def load_any_student(self, path: str) -> None:
+        """Student and teacher from a timm / torchvision model's own weights file (before sharding)."""
+        from dinotrain.weights.state_dict import read_state_dict
+
+        state = read_state_dict(path)
+        for nets in (self.student, self.teacher):
+            nets["backbone"].load_model_state(state, f"config key 'student.pretrained_weights' = {path}")
+
     def _check_heads(self, heads: dict) -> None:
         """Pretrained heads must be the heads this config builds (one clear error otherwise)."""
         from dinotrain.models.heads import head_settings
@@ -215,6 +228,10 @@ class SSLMetaArch(nn.Module):
         """FSDP2 on every network, student, teacher and Gram teacher alike (so EMA and Gram refresh pair shards
         one to one); one process in fp32 keeps plain modules (`fsdp_needed`) unless `plain_if_unneeded` is False."""
         f = self.cfg.fsdp
+        backbone = self.student["backbone"]
+        if isinstance(backbone, AnyStudent) and not backbone.set_checkpointing(bool(f.activation_checkpointing)):
+            logging.getLogger("dinotrain.train").warning(
+                "fsdp.activation_checkpointing: %s has no checkpointing switch; it runs without", backbone.arch)
         for nets in (self.student, self.teacher) + ((self.gram_teacher,) if self.gram_teacher is not None else ()):
             for name, module in nets.items():
                 shard_module(module, dtype, reshard_after_forward=f.reshard_after_forward,
@@ -349,6 +366,8 @@ class SSLMetaArch(nn.Module):
         """EMA of the student into the teacher; `heads_only` during the head warm-up (frozen backbones)."""
         if not heads_only:
             ema_update(self.teacher, self.student, momentum)
+            if isinstance(self.student["backbone"], AnyStudent):  # BatchNorm statistics (ViTs have none to follow)
+                follow_buffers(self.teacher["backbone"], self.student["backbone"], momentum)
             return
         for name in self.student:
             if name != "backbone":

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from dinotrain.distributed.checkpoint import EXTRA, read_extra
 from dinotrain.distributed.checkpoint_files import read_metadata, read_tensors
+from dinotrain.models.any_student import AnySpec, is_any_student
 from dinotrain.models.dinov3 import Dinov3Spec
 from dinotrain.models.vision_transformer import ViTSpec
 from dinotrain.train.rundir import RunDir
@@ -32,6 +33,8 @@ def run_spec(backbone: dict[str, Tensor], config: dict) -> ViTSpec | Dinov3Spec:
     """The spec of a run's backbone: shapes from the tensors, position-embedding interpolation (not stored in
     weights; for DINOv3 the norm eps and RoPE settings) from the run's `student.*` config when it has one."""
     student = config.get("student") or {}
+    if is_any_student(student.get("arch", "")):  # a timm / torchvision student: its library builds it by name
+        return AnySpec(student["arch"], int(student["patch_size"]))
     if "rope_embed.periods" in backbone:
         spec = infer_dinov3_spec(backbone)
         if student.get("pos_embed_type") == "rope":

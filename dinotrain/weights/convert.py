@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from dinotrain.models.any_student import AnySpec, AnyStudent
 from dinotrain.models.dinov3 import Dinov3Spec, Dinov3VisionTransformer, dinov3_from_spec
 from dinotrain.models.vision_transformer import DinoVisionTransformer, ViTSpec, vit_from_spec
 from dinotrain.storage import replacing
@@ -93,6 +94,13 @@ def backbone_from_weights(weights: Weights, strict_pos_embed: bool = False, **kw
     embeddings to the new grid (logged), unless `strict_pos_embed=True`, which refuses instead (DINOv3's RoPE
     takes any size as it is).
     """
+    if isinstance(weights.spec, AnySpec):  # a timm / torchvision student: its library builds it
+        model = AnyStudent(weights.spec.arch, weights.spec.patch_size)
+        if any(k.startswith("model.") for k in weights.backbone):  # a checkpoint's: with the trained iBOT adapter
+            model.load_state_dict(weights.backbone, strict=True)
+        else:  # an export: the library's layout
+            model.load_model_state(weights.backbone, weights.source)
+        return model.eval()
     spec_class = type(weights.spec)
     spec_fields = {f.name for f in dataclasses.fields(spec_class)}
     wanted = dataclasses.replace(weights.spec, **{k: kwargs.pop(k) for k in list(kwargs) if k in spec_fields})

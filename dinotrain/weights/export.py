@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dinotrain.models.any_student import AnySpec, export_state_dict
 from dinotrain.outputs import refuse_existing
+from dinotrain.weights.any_student import write_any_student
 from dinotrain.weights.convert import write_weights
 from dinotrain.weights.full import FullExport, write_full
 from dinotrain.weights.resolve import open_weights
@@ -20,6 +22,14 @@ def export_run(src: str | Path, dst: str | Path, to: str, which: str | None = No
     if to != "onnx" and (fp16 or opset is not None):
         raise ValueError("--fp16 and --opset apply to --to onnx only")
     found = open_weights(src, which, heads=to == "full", checkpoint=True)
+    if isinstance(found.spec, AnySpec):  # a timm / torchvision student: its library's layout is the one export
+        if to not in ("timm", "safetensors"):
+            raise ValueError(f"{found.source}: {found.label} is a {found.spec.arch} student; it exports --to timm (or "
+                             "safetensors): a .safetensors file in its library's layout (weights/any_student.py)")
+        out = Path(dst)
+        write_any_student(export_state_dict(found.backbone), found.spec, out)
+        print(f"{found.label} backbone ({found.spec.arch}) of {found.source} -> {out}")
+        return out
     if to == "onnx":
         from dinotrain.weights.convert import backbone_from_weights
         from dinotrain.weights.onnx_export import OPSET, output_names, write_onnx

@@ -14,6 +14,7 @@ warm-up, eval, embed, serve, visualize, `dinotrain export` / `convert`, the torc
 | timm's Hub directory (`config.json` architecture) | `timm`        | the directory                            |
 | a file in timm's dinov3 layout (.pth, .safetensors) | `timm`      | the file                                 |
 | any other file: a torch-saved state dict        | `hub`           | the file                                 |
+| a timm / torchvision student's `.safetensors`   | `any-student`   | the file (`weights/any_student.py`)      |
 
 Both backbone families are recognised in every format: DINOv2 / DINO v1 (`ViTSpec`) and DINOv3 (`Dinov3Spec`:
 the official `.pth` = our layout, transformers' `DINOv3ViTModel` directories, timm's dinov3 `Eva` weights; see
@@ -35,6 +36,7 @@ from dinotrain.distributed.checkpoint import complete_checkpoints, is_checkpoint
 from dinotrain.models.dinov3 import Dinov3Spec
 from dinotrain.models.vision_transformer import ViTSpec
 from dinotrain.train.rundir import RunDir
+from dinotrain.weights.any_student import any_student_metadata, read_any_student
 from dinotrain.weights.checkpoint import read_checkpoint, run_spec
 from dinotrain.weights.dinov3_files import (TIMM, from_transformers_tensors, is_dinov3_config, is_dinov3_state_dict,
                                             is_timm_config, read_dinov3_tensors, read_timm_dir, read_transformers_dir)
@@ -45,7 +47,8 @@ from dinotrain.weights.state_dict import (DINOV2, DINOV3, Weights, WeightsError,
                                           read_state_dict, spec_family, strip_to_backbone)
 
 CHECKPOINT, FULL, HUB, SAFETENSORS, HF = "checkpoint", "full", "hub", "safetensors", "hf"
-KINDS = (CHECKPOINT, FULL, HUB, SAFETENSORS, HF, TIMM)
+ANY = "any-student"  # a timm / torchvision student's export (`weights/any_student.py`)
+KINDS = (CHECKPOINT, FULL, HUB, SAFETENSORS, HF, TIMM, ANY)
 
 
 def _finished_export(run: RunDir) -> Path | None:
@@ -59,17 +62,21 @@ def _finished_export(run: RunDir) -> Path | None:
     return run.student(students[0]) if students else None
 
 
+def _export_kind(exported: Path) -> str:
+    return ANY if exported.suffix == ".safetensors" else HUB
+
+
 def _pin_run(run: RunDir, which: str | None, heads: bool, checkpoint: bool) -> tuple[Path, str]:
     """A run directory's newest complete checkpoint; or its finished export, when that holds what is asked
     (a backbone, no particular network, not the checkpoint explicitly) or when there is no checkpoint."""
     export_first = which is None and not heads and not checkpoint
     if export_first and (exported := _finished_export(run)) is not None:
-        return exported, HUB
+        return exported, _export_kind(exported)
     found = complete_checkpoints(run)
     if found:
         return found[-1], CHECKPOINT
     if which is None and not checkpoint and (exported := _finished_export(run)) is not None:
-        return exported, HUB  # heads asked for, but the checkpoints are gone: the backbone alone
+        return exported, _export_kind(exported)  # heads asked for, but the checkpoints are gone: the backbone alone
     first = "a run writes its first one after checkpoint.period_iterations"
     if checkpoint:
         raise FileNotFoundError(f"{run} is neither a checkpoint directory nor a run directory with a complete "
@@ -99,6 +106,8 @@ def resolve(path: str | Path, which: str | None = None, *, heads: bool = False,
                                     f"directory (it has no {CONFIG_NAME})")
         return path, TIMM if is_timm_config(read_config_json(path)) else HF
     if path.suffix == ".safetensors":
+        if any_student_metadata(path) is not None:
+            return path, ANY
         return path, FULL if is_full_export(path) else SAFETENSORS
     return path, HUB
 
@@ -182,6 +191,11 @@ def _open(path: str | Path, which: str | None, heads: bool, checkpoint: bool) ->
     if which not in (None, "teacher"):
         raise ValueError(f"--which {which!r}: {source} holds one backbone ({kind}); --which picks a network of a "
                          "run or checkpoint directory")
+    if kind == ANY:
+        if heads:
+            raise WeightsError(f"{source} holds a timm / torchvision student's backbone, without heads")
+        backbone, spec = read_any_student(source)
+        return Weights(source=str(source), kind=kind, backbone=backbone, spec=spec)
     if kind == FULL and heads:
         full = read_full(source)
         return Weights(source=str(source), kind=kind, backbone=full.backbone, spec=full.spec, heads=full.heads,
