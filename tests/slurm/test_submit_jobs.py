@@ -17,10 +17,11 @@ from trainruns import FAST, REPO, env, kill_tree, max_abs_diff, metrics, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
-# 40 iterations of the few-second smoke run (~30-40 s on 2 processes): long enough to be preempted mid-way and then
-# to meet a 1-minute time limit once (SLURM signals ~20 s into each run of such a job: alone a run does ~25
-# iterations, beside other tests ~8). Checkpoints only when stopped and at the end.
-RUN = [*FAST, "optim.epochs=10", "checkpoint.period_iterations=1000"]
+# 80 iterations of the few-second smoke run (~40 s on 2 processes alone): long enough to be preempted mid-way and
+# then to meet a 1-minute time limit once (SLURM signals ~45 s into each run of such a job with the signal 10 s
+# before the limit: alone a run does ~60 iterations, beside other tests ~15). Checkpoints only when stopped and at
+# the end.
+RUN = [*FAST, "optim.epochs=20", "checkpoint.period_iterations=1000"]
 DISTILL = [*FAST, "student.depth=2", "optim.epochs=10", "checkpoint.period_iterations=1000"]
 
 
@@ -141,12 +142,14 @@ def distill_reference(reference, tmp_path_factory):
 def test_preempted_and_time_limited_job_requeues_and_ends_as_torchrun(slurm_cluster, reference, submissions, tmp_path):
     """One job meets both ways SLURM stops a job, and still runs like torchrun (same world, same metrics, same
     teacher): preempted early in its first run (the signal SLURM sends before preemption), it checkpoints and
-    requeues; its real time limit (1 minute, the signal 30 s before it) stops it at least once more, each time with
+    requeues; its real time limit (1 minute, the signal 10 s before it) stops it at least once more, each time with
     a checkpoint and a requeue; its last run ends where the uninterrupted torchrun run does. (One job for both: each
     costs a whole run of ~1 min.) With a 1-minute limit every signal falls within SLURM's 60-s slack of the limit, so
     the log gives each stop as the time limit; `stop_reason` is tested on its own (tests/launch)."""
     run = tmp_path / "run"
-    sub = submissions(submit_args("train", run, RUN, "--time", "1", "--signal-delay-s", "30"), tmp_path / "submit.out")
+    # The signal 10 s before the 1-minute limit (SLURM sends it up to ~15 s early): each run has ~40 s, room for a
+    # slow start beside other tests (with 30 s, CI saw runs requeue without a step until the requeues ran out)
+    sub = submissions(submit_args("train", run, RUN, "--time", "1", "--signal-delay-s", "10"), tmp_path / "submit.out")
     job_id = sub.wait_job_id()
     wait_for_iteration(run, 3, sub)
     submitit.SlurmJob(run / "slurm", job_id, tasks=[0, 1])._interrupt()  # what SLURM sends before preemption
@@ -156,12 +159,12 @@ def test_preempted_and_time_limited_job_requeues_and_ends_as_torchrun(slurm_clus
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"], check=True, capture_output=True)
     rc, out = sub.wait(timeout=400)
     assert rc == 0, out
-    assert re.search(r"job \d+ completed: iteration 40", out), out
+    assert re.search(r"job \d+ completed: iteration 80", out), out
     assert "2 CPU process(es)" in out
     log = (run / "log.txt").read_text()
     assert "world size 2" in log
     stops = [int(i) for i in re.findall(r"stopping at iteration (\d+): ", log)]
-    # the preemption, then the time limit (its signal alone) at least once: 40 iterations take more than one run
+    # the preemption, then the time limit (its signal alone) at least once: 80 iterations take more than one run
     assert len(stops) >= 2 and stops[0] >= 3 and stops == sorted(stops), log
     # SLURM may also signal a run before its loop starts (its signal comes up to 60 s early): that run requeues
     # without a checkpoint, so count requeues at least, not exactly
