@@ -109,7 +109,8 @@ def test_model_preset_at_random_init_and_serve(monkeypatch, tmp_path):
     small = build_dinov3("dinov3_vits16", embed_dim=64, num_heads=1, depth=1).eval()
     weights = save_backbone(small, tmp_path / "w.pth", "hub")
     apps = []
-    monkeypatch.setattr("uvicorn.run", lambda app, **_: apps.append(app))
+    # the app the server would run, without serving (serve() imports serve_until_stopped at the call)
+    monkeypatch.setattr("dinotrain.serve.shutdown.serve_until_stopped", lambda server: apps.append(server.config.app))
     serve(str(weights), None, ServeLimits(max_wait_ms=0), image_size=32, device="cpu")
     body = json.dumps({"input_data": {"columns": ["image"], "index": [0],
                                       "data": [[base64.b64encode(image.read_bytes()).decode()]]}}).encode()
