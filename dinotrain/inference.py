@@ -13,7 +13,7 @@ behind `embed`, `eval` and `serve` (`--runtime`, `--precision`), decided once an
 `auto` picks the fastest path measured to stay within 0.999 CLS cosine of fp32 on the machine it runs on: bf16 only
 where the CPU multiplies bf16 natively with AMX (`amx_bf16` in /proc/cpuinfo), torch fp32 otherwise. Measured
 (BENCHMARKS.md) on this project's AMD EPYC (neither AMX nor AVX512-BF16): bf16 autocast runs at ~0.15x of fp32
-(every bf16 product emulated); onnxruntime fp32 at 0.94-1.13x of torch fp32 for ViT-S/14 and 0.99x for ViT-B/14,
+(every bf16 product emulated); onnxruntime fp32 at 0.94-1.21x of torch fp32 for ViT-S/14 and 0.99-1.01x for ViT-B/14,
 not worth exporting a graph in memory by default; int8 at 1.2-1.8x but below 0.999 cosine, so never automatic.
 `--precision bf16` on a CPU without native bf16 (`amx_bf16` or `avx512_bf16`) is a one-line error rather than a silent ~6x slowdown. An `.onnx` file as weights
 runs on onnxruntime (`--runtime torch` with it is an error); other weights with `--runtime onnx` are exported to
