@@ -35,7 +35,9 @@ setup(
     extras_require={
         # pytest-xdist: the suite on every core (pytest.ini); transformers' DINOv3ViTModel (4.56+) and timm's dinov3 Eva: the DINOv3 parity references (tests/models)
         # onnx + onnxruntime: the ONNX export and its parity tests (tests/weights/test_onnx_export.py)
-        "test": ["pytest>=8", "pytest-xdist>=3.6", "transformers>=4.56", "timm>=1.0.31", "onnx>=1.16", "onnxruntime>=1.17"],
+        # pytest-timeout: a test that hangs fails with its stack after `timeout` s (pytest.ini) instead of holding CI
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "pytest-timeout>=2.3", "transformers>=4.56", "timm>=1.0.31", "onnx>=1.16",
+                 "onnxruntime>=1.17"],
         # dinotrain export --to onnx, --runtime onnx / --precision int8 of embed, eval and serve
         "onnx": ["onnx>=1.16", "onnxruntime>=1.17"],
         "xformers": ["xformers"],
