@@ -78,16 +78,25 @@ def load(url: str, images: list[str], clients: int, seconds: float) -> dict:
                 latencies.append(time.perf_counter() - t0)
             i += clients
 
+    elapsed = run_clients(client, clients)
+    return {"images_per_s": len(latencies) / elapsed, "requests": len(latencies), **latency_ms(latencies)}
+
+
+def run_clients(client, clients: int) -> float:
+    """`client(c)` for c in range(clients), each on its own thread, until all return; the seconds it took."""
     start = time.perf_counter()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - start
+    return time.perf_counter() - start
+
+
+def latency_ms(latencies: list[float]) -> dict:
+    """p50 and p99 (nearest rank) of request latencies in seconds, in milliseconds."""
     lat = sorted(latencies)
-    return {"images_per_s": len(lat) / elapsed, "requests": len(lat), "p50_ms": 1000 * statistics.median(lat),
-            "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]}
+    return {"p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]}
 
 
 def direct(weights: Path, jpegs: list[bytes], seconds: float) -> dict:

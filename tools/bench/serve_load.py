@@ -22,7 +22,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from serve import make_images  # noqa: E402  (tools/bench/serve.py: the same JPEGs as the batching benchmark)
+from serve import latency_ms, make_images, run_clients  # noqa: E402  (tools/bench/serve.py: its JPEGs and client threads)
 
 
 def free_port() -> int:
@@ -86,19 +85,11 @@ def load(url: str, bodies: list[bytes], headers: dict, clients: int, seconds: fl
                     errors[key] = errors.get(key, 0) + 1
             i += clients
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
-    lat = sorted(latencies)
-    if not lat:
+    elapsed = run_clients(client, clients)
+    if not latencies:
         raise SystemExit(f"no request succeeded: {errors}")
-    return {"requests": len(lat), "seconds": round(elapsed, 2), "requests_per_s": len(lat) / elapsed,
-            "p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
-            "errors": errors}
+    return {"requests": len(latencies), "seconds": round(elapsed, 2), "requests_per_s": len(latencies) / elapsed,
+            **latency_ms(latencies), "errors": errors}
 
 
 def server_batches(url: str, headers: dict) -> dict:
