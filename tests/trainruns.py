@@ -42,6 +42,23 @@ def dinov3_args(run_dir: Path, overrides=()) -> list[str]:
     return ["train", "--config", "smoke/cpu_tiny", "--output-dir", str(run_dir), *DINOV3_FAST, *GRAM, *overrides]
 
 
+# 4 iterations of distillation into timm / torchvision students (tests/*/test_any_student_*; add the batch size):
+# a 2-block ViT-Tiny teacher at 32 px (patch 8), 32-px local crops (a ResNet's total stride), a checkpoint every 2.
+CNN_FAST = [
+    "train.num_workers=0", "train.OFFICIAL_EPOCH_LENGTH=4", "optim.epochs=1", "optim.warmup_epochs=1",
+    "teacher.warmup_teacher_temp_epochs=1", "train.log_every=1", "student.patch_size=8", "student.depth=2",
+    "crops.global_crops_size=32", "crops.local_crops_size=32", "crops.local_crops_number=2",
+    "dino.head_n_prototypes=256", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
+    "ibot.head_n_prototypes=256", "checkpoint.period_iterations=2", "checkpoint.keep_last=10",
+]
+
+
+def succeeded(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """`proc` (a `run_cli` / `in_process` result) after checking it exited 0; its output tails otherwise."""
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
 # 20 iterations with a checkpoint every 5: long enough to be disturbed mid-way (a signal, a killed worker or rank).
 LONG = ["optim.epochs=5", "checkpoint.period_iterations=5"]
 

@@ -8,28 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainruns import in_process
+from trainruns import CNN_FAST, in_process, succeeded
 
 timm = pytest.importorskip("timm")
 
-FAST = ["train.batch_size_per_gpu=8", "train.num_workers=0", "train.OFFICIAL_EPOCH_LENGTH=4", "optim.epochs=1",
-        "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1", "train.log_every=1", "student.patch_size=8",
-        "student.depth=2", "crops.global_crops_size=32", "crops.local_crops_size=32", "crops.local_crops_number=2",
-        "dino.head_n_prototypes=256", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
-        "ibot.head_n_prototypes=256", "checkpoint.period_iterations=2", "checkpoint.keep_last=10"]
+FAST = [*CNN_FAST, "train.batch_size_per_gpu=8"]
 BOTH = "distillation.students={vit: {student: {arch: vit_tiny}}, cnn: {student: {arch: timm/resnet18}}}"
 CNN = "distillation.students={cnn: {student: {arch: timm/resnet18}}}"
 VIT = "distillation.students={vit: {student: {arch: vit_tiny}}}"
 
 
-def _ok(proc):
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
-
-
 def _distill(out, teacher, students):
-    return _ok(in_process(["distill", "--config", "smoke/distill_cpu_tiny", "--output-dir", str(out), *FAST,
-                           f"distillation.teacher={teacher}", students]))
+    return succeeded(in_process(["distill", "--config", "smoke/distill_cpu_tiny", "--output-dir", str(out), *FAST,
+                                 f"distillation.teacher={teacher}", students]))
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +28,7 @@ def runs(tmp_path_factory):
     from dinotrain.train.teacher import FrozenTeacher
 
     root = tmp_path_factory.mktemp("anystudent")
-    _ok(in_process(["train", "--config", "smoke/cpu_tiny", "--output-dir", str(root / "teacher"), *FAST]))
+    succeeded(in_process(["train", "--config", "smoke/cpu_tiny", "--output-dir", str(root / "teacher"), *FAST]))
     calls = []
     original = FrozenTeacher.targets
 
@@ -126,7 +117,7 @@ def test_a_checkpoint_reads_and_exports_the_cnn_student(runs, tmp_path):
         assert torch.equal(from_ckpt(x), exported(x))
     assert not torch.equal(from_ckpt.patch_norm.weight, torch.ones_like(from_ckpt.patch_norm.weight))  # trained
     out = tmp_path / "cnn.safetensors"
-    _ok(in_process(["export", str(root / "both"), str(out), "--to", "timm", "--which", "cnn"]))
+    succeeded(in_process(["export", str(root / "both"), str(out), "--to", "timm", "--which", "cnn"]))
     theirs = timm.create_model("resnet18", num_classes=0, checkpoint_path=str(out)).eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), exported(x), rtol=0, atol=1e-5)
@@ -146,8 +137,8 @@ def test_dinotrain_embed_gives_timms_pooled_features(runs, tmp_path):
     root, _ = runs
     images = sorted((Path(ensure_tiny_dataset()) / "val").rglob("*.png"))[:4]
     out = tmp_path / "emb"
-    _ok(in_process(["embed", "--weights", str(root / "cnn"), "--image-size", "32", "--output", str(out),
-                    "--no-progress", *map(str, images)]))
+    succeeded(in_process(["embed", "--weights", str(root / "cnn"), "--image-size", "32", "--output", str(out),
+                          "--no-progress", *map(str, images)]))
     ours = torch.from_numpy(np.load(out / "embeddings.npy"))
     theirs = timm.create_model("resnet18", num_classes=0,
                                checkpoint_path=str(root / "cnn" / "students" / "cnn.safetensors")).eval()
