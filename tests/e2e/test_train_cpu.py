@@ -35,7 +35,7 @@ def test_train_writes_the_run_directory(tmp_path):
     assert model(x).shape == (2, 192)
 
     # the sharded checkpoint -> a Hugging Face directory that transformers loads, same features
-    proc = _cli(["export", str(run), str(tmp_path / "hf"), "--to", "hf"], tmp_path)
+    proc = run_cli(["export", str(run), str(tmp_path / "hf"), "--to", "hf"])
     assert proc.returncode == 0, proc.stderr
     from transformers import AutoModel
 
@@ -44,26 +44,22 @@ def test_train_writes_the_run_directory(tmp_path):
         assert torch.allclose(hf(pixel_values=x).last_hidden_state[:, 0], model(x), atol=1e-4)
 
 
-def _cli(args, tmp_path):
-    return run_cli(args)
-
-
 def test_missing_dataset_is_a_clear_error(tmp_path):
-    proc = _cli(["train", "--config", "smoke/cpu_tiny", "--output-dir", str(tmp_path / "r"),
-                 f"train.dataset_path={tmp_path / 'nope'}"], tmp_path)
+    proc = run_cli(["train", "--config", "smoke/cpu_tiny", "--output-dir", str(tmp_path / "r"),
+                    f"train.dataset_path={tmp_path / 'nope'}"])
     assert proc.returncode == 2
     assert "nope" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_empty_dataset_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    proc = _cli(["train", "--config", "smoke/cpu_tiny", "--output-dir", str(tmp_path / "r"),
-                 f"train.dataset_path={tmp_path / 'empty'}"], tmp_path)
+    proc = run_cli(["train", "--config", "smoke/cpu_tiny", "--output-dir", str(tmp_path / "r"),
+                    f"train.dataset_path={tmp_path / 'empty'}"])
     assert proc.returncode == 2 and "no images" in proc.stderr.lower() and "Traceback" not in proc.stderr
 
 
 def test_unknown_key_is_a_clear_error(tmp_path):
-    proc = _cli(["train", "--config", "smoke/cpu_tiny", "--output-dir", str(tmp_path / "r"), "optim.lrr=1"], tmp_path)
+    proc = run_cli(["train", "--config", "smoke/cpu_tiny", "--output-dir", str(tmp_path / "r"), "optim.lrr=1"])
     assert proc.returncode == 2 and "optim.lrr" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -8,7 +8,6 @@ import os
 import pathlib
 import pickle
 import shutil
-import subprocess
 import warnings
 from pathlib import Path
 
@@ -94,10 +93,6 @@ class _Exec:
         return exec, (f"open({str(self.marker)!r}, 'w').close()",)
 
 
-def _cli(*args) -> subprocess.CompletedProcess:
-    return run_cli([str(a) for a in args])
-
-
 # ---- item 4: a checkpoint never runs code -------------------------------------------------------------
 @pytest.mark.parametrize("payload", [_Touch, _Exec])
 def test_crafted_metadata_is_refused_and_runs_nothing(ckpt, tmp_path, payload):
@@ -113,7 +108,7 @@ def test_crafted_metadata_is_refused_and_runs_nothing(ckpt, tmp_path, payload):
         read_teacher_backbone(bad)
     assert not marker.exists()
 
-    proc = _cli("export", bad, tmp_path / "out.pth", "--to", "hub")
+    proc = run_cli(["export", bad, tmp_path / "out.pth", "--to", "hub"])
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "forbidden global" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
@@ -203,7 +198,7 @@ def test_truncated_shards_are_named(ckpt, tmp_path):
     with pytest.raises(CheckpointError, match="truncated"):
         read_teacher_backbone(bad)
 
-    proc = _cli("export", bad.parent.parent, tmp_path / "out.pth", "--to", "hub")  # a run directory
+    proc = run_cli(["export", bad.parent.parent, tmp_path / "out.pth", "--to", "hub"])  # a run directory
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "truncated" in proc.stderr, proc.stderr
     assert not (tmp_path / "out.pth").exists()
@@ -319,7 +314,7 @@ def test_read_tensors_other_prefix_and_missing_prefix(ckpt):
 
 
 def test_export_cli_writes_the_teacher_backbone(ckpt, tmp_path):
-    proc = _cli("export", ckpt, tmp_path / "out.pth", "--to", "hub")
+    proc = run_cli(["export", ckpt, tmp_path / "out.pth", "--to", "hub"])
     assert proc.returncode == 0, proc.stderr
     assert "(iteration 3)" in proc.stdout
     exported = torch.load(tmp_path / "out.pth", weights_only=True)
