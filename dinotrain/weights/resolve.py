@@ -8,7 +8,7 @@ warm-up, eval, embed, serve, visualize, `dinotrain export` / `convert`, the torc
 | a checkpoint directory (`checkpoints/<it>/`)    | `checkpoint`    | itself                                   |
 | a run directory, training or distillation       | `checkpoint`    | its newest complete checkpoint           |
 |   ... finished, when only a backbone is asked   | `hub`           | `teacher_backbone.pth` / the only student |
-| a full export (backbone + heads + config)       | `full`          | the file                                 |
+| a full export (backbone + heads + config)       | `full`          | the file (a ViT's or a timm / torchvision student's) |
 | a `.safetensors` file                           | `safetensors`   | the file                                 |
 | a Hugging Face directory (or its weights file)  | `hf`            | the directory (the file)                 |
 | timm's Hub directory (`config.json` architecture) | `timm`        | the directory                            |
@@ -106,9 +106,9 @@ def resolve(path: str | Path, which: str | None = None, *, heads: bool = False,
                                     f"directory (it has no {CONFIG_NAME})")
         return path, TIMM if is_timm_config(read_config_json(path)) else HF
     if path.suffix == ".safetensors":
-        if any_student_metadata(path) is not None:
-            return path, ANY
-        return path, FULL if is_full_export(path) else SAFETENSORS
+        if is_full_export(path):  # a timm / torchvision student's full export too (its header names the arch)
+            return path, FULL
+        return path, ANY if any_student_metadata(path) is not None else SAFETENSORS
     return path, HUB
 
 
