@@ -34,6 +34,22 @@ def run(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """3 classes of the tiny dataset, 12 train and 8 val images each: features in a second."""
+    import shutil
+
+    from dinotrain.data.tiny import ensure_tiny_dataset
+
+    root = tmp_path_factory.mktemp("small")
+    for split, n in (("train", 12), ("val", 8)):
+        for cls in ("0", "1", "2"):
+            (root / split / cls).mkdir(parents=True)
+            for p in sorted((Path(ensure_tiny_dataset()) / split / cls).glob("*.png"))[:n]:
+                shutil.copy(p, root / split / cls / p.name)
+    return root
+
+
 def _images(n=4):
     from dinotrain.data.tiny import ensure_tiny_dataset
 
@@ -63,11 +79,10 @@ def _timm_model(root):
 
 # --- eval linear ----------------------------------------------------------------------------------------------------
 
-def test_eval_linear_trains_the_pooled_head_on_the_models_pooled_features(run, tmp_path):
+def test_eval_linear_trains_the_pooled_head_on_the_models_pooled_features(run, small, tmp_path):
     """The sweep runs over the lrs with one head, `pooled`; what it caches is timm's own pooled features; its
     classifier (`--export-hf`: our format, backbone in timm's layout) predicts what was measured."""
     from dinotrain.data.datasets import ImageFolderDataset
-    from dinotrain.data.tiny import ensure_tiny_dataset
     from dinotrain.eval.features import eval_sizes
     from dinotrain.eval.linear import extract_linear_features
     from dinotrain.eval.linear_classifier import BACKBONE_FILE, read_linear_classifier
@@ -75,14 +90,15 @@ def test_eval_linear_trains_the_pooled_head_on_the_models_pooled_features(run, t
     from dinotrain.weights.backbone import open_backbone
 
     out, clf_dir = tmp_path / "linear.json", tmp_path / "clf"
-    succeeded(in_process(["eval", "linear", "--weights", str(run / "cnn"), "--tiny", "--iterations", "30",
+    succeeded(in_process(["eval", "linear", "--weights", str(run / "cnn"), "--train", str(small / "train"),
+                          "--val", str(small / "val"), "--image-size", "32", "--iterations", "30",
                           "--lrs", "0.001", "0.01", "0.1", "--output", str(out), "--device", "cpu",
                           "--export-hf", str(clf_dir)]))
     summary = json.loads(out.read_text())
     assert list(summary["results"]) == ["pooled"] and len(summary["results"]["pooled"]) == 3
     assert summary["best"]["head"] == "pooled" and 0 <= summary["best"]["accuracy"] <= 100
-    val = Path(ensure_tiny_dataset()) / "val"
-    resize, crop = eval_sizes(32)  # what `eval linear --tiny` uses
+    val = small / "val"
+    resize, crop = eval_sizes(32)  # what `eval linear --image-size 32` uses
     dataset = ImageFolderDataset(val, transform=_transform())  # the order the features come in
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
@@ -101,9 +117,10 @@ def test_eval_linear_trains_the_pooled_head_on_the_models_pooled_features(run, t
     assert accuracy == pytest.approx(measured["accuracy"], abs=1e-6)
 
 
-def test_eval_linear_refuses_block_and_avgpool_variants_of_a_cnn_in_one_line(run):
+def test_eval_linear_refuses_block_and_avgpool_variants_of_a_cnn_in_one_line(run, small):
     for flags in (["--n-last-blocks", "4"], ["--avgpool", "yes"]):
-        proc = in_process(["eval", "linear", "--weights", str(run / "cnn"), "--tiny", "--iterations", "1", *flags])
+        proc = in_process(["eval", "linear", "--weights", str(run / "cnn"), "--train", str(small / "train"), "--val",
+                           str(small / "val"), "--image-size", "32", "--iterations", "1", *flags])
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 2 and "pooled features" in last and "Traceback" not in proc.stderr, proc.stderr
 
