@@ -193,7 +193,9 @@ def _open(path: str | Path, which: str | None, heads: bool, checkpoint: bool) ->
                          "run or checkpoint directory")
     if kind == ANY:
         if heads:
-            raise WeightsError(f"{source} holds a timm / torchvision student's backbone, without heads")
+            raise WeightsError(f"{source} holds a timm / torchvision student's backbone, without heads (the head "
+                               "warm-up does not take these students yet): give its full export, `dinotrain export RUN "
+                               "OUT.safetensors --to full --which NAME`")
         backbone, spec = read_any_student(source)
         return Weights(source=str(source), kind=kind, backbone=backbone, spec=spec)
     if kind == FULL and heads:

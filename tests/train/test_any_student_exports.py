@@ -228,3 +228,11 @@ def test_serve_answers_with_the_features_embed_computes(run, tmp_path):
         theirs = _timm_model(run)(_preprocessed(paths))
     torch.testing.assert_close(served, embedded, rtol=0, atol=1e-5)
     torch.testing.assert_close(served, theirs, rtol=0, atol=1e-5)
+
+
+def test_a_cnn_backbone_without_heads_as_teacher_names_the_full_export(run, tmp_path):
+    proc = in_process(["distill", "--config", "smoke/distill_cpu_tiny", "--output-dir", str(tmp_path / "x"), *FAST,
+                       f"distillation.teacher={run / 'cnn' / 'students' / 'cnn.safetensors'}",
+                       "train.head_warmup_iterations=2", VIT])
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "--to full --which NAME" in last and "Traceback" not in proc.stderr, proc.stderr
