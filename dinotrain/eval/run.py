@@ -162,7 +162,8 @@ def run_linear(data: EvalData, weights: str | None, model: str | None, *, n_last
         lr = trained.lrs[index]
         summary["hf_classifier"] = {"path": str(out), "head": trained.config.name, "lr": lr, "accuracy": hf_acc,
                                     "format": "dinotrain" if ours else "transformers"}
-        why = f"no transformers classifier holds a {backbone.spec.arch}" if pooled else "transformers has no DINOv3 classifier class"
+        why = (f"no transformers classifier holds a {backbone.spec.arch}" if pooled else
+               "transformers has no DINOv3 classifier class")
         how = (f"dinotrain.eval.linear_classifier.read_linear_classifier + backbone.safetensors; {why}" if ours
                else "transformers.AutoModelForImageClassification.from_pretrained")
         print(f"classifier ({trained.config.name}, lr {lr:g}, {hf_acc:.2f}%) -> {out} ({how})")

@@ -8,7 +8,7 @@ warm-up, eval, embed, serve, visualize, `dinotrain export` / `convert`, the torc
 | a checkpoint directory (`checkpoints/<it>/`)    | `checkpoint`    | itself                                   |
 | a run directory, training or distillation       | `checkpoint`    | its newest complete checkpoint           |
 |   ... finished, when only a backbone is asked   | `hub`           | `teacher_backbone.pth` / the only student |
-| a full export (backbone + heads + config)       | `full`          | the file (a ViT's or a timm / torchvision student's) |
+| a full export (backbone + heads + config)       | `full`          | the file (a ViT's or a CNN student's)    |
 | a `.safetensors` file                           | `safetensors`   | the file                                 |
 | a Hugging Face directory (or its weights file)  | `hf`            | the directory (the file)                 |
 | timm's Hub directory (`config.json` architecture) | `timm`        | the directory                            |
