@@ -10,7 +10,8 @@ ours records it) and `config` = the run's recipe config as JSON. A timm / torchv
 (`models/any_student.py`) is stored as its checkpoint holds it: `backbone.model.<its library's name>` and our iBOT
 adapter `backbone.patch_norm.*` (`backbone.patch_proj.*`, `backbone.mask_token`), its `AnySpec` in the metadata
 (`weights/any_student.py`'s keys), so that it distils further as a teacher or continues as a student. The
-resolver (`resolve.py`) reads all of it (`read_full`) or, when no heads are asked for, the backbone alone (`backbone_of_full`).
+resolver (`resolve.py`) reads all of it (`read_full`) or, when no heads are asked for, the backbone alone
+(`backbone_of_full`).
 """
 
 from __future__ import annotations
