@@ -13,7 +13,7 @@ from trainruns import CNN_FAST, in_process, succeeded
 
 timm = pytest.importorskip("timm")
 
-FAST = [*CNN_FAST, "train.batch_size_per_gpu=8"]
+FAST = [*CNN_FAST, "train.batch_size_per_gpu=8", "train.OFFICIAL_EPOCH_LENGTH=2"]  # 2 iterations
 CNN = "distillation.students={cnn: {student: {arch: timm/resnet18}}}"
 VIT = "distillation.students={vit: {student: {arch: vit_tiny}}}"
 
@@ -144,6 +144,19 @@ def test_the_full_export_reads_back_with_heads_and_gives_the_checkpoints_feature
     assert torch.equal(a["x_norm_clstoken"], b["x_norm_clstoken"])
     assert torch.equal(a["x_norm_patchtokens"], b["x_norm_patchtokens"])
     assert not torch.equal(ours.patch_norm.weight, torch.ones_like(ours.patch_norm.weight))  # the trained adapter
+
+
+def test_the_full_export_exports_on_to_what_timm_loads(run, tmp_path):
+    """`--to timm` from the full export leaves the adapter and heads out: timm loads it by name, same features."""
+    from dinotrain.weights.backbone import open_backbone
+
+    out = tmp_path / "cnn.safetensors"
+    succeeded(in_process(["export", str(run / "cnn_full.safetensors"), str(out), "--to", "timm"]))
+    theirs = timm.create_model("resnet18", num_classes=0, checkpoint_path=str(out)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), open_backbone(str(run / "cnn_full.safetensors"), None)(x),
+                                   rtol=0, atol=1e-5)
 
 
 def test_a_vit_distils_from_the_cnns_full_export(run, tmp_path):
