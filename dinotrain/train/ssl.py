@@ -200,6 +200,8 @@ class SSLMetaArch(nn.Module):
                                    f"student's {arch}")
             for nets in (self.student, self.teacher):
                 nets["backbone"].load_state_dict(found.backbone, strict=True)
+            logging.getLogger("dinotrain.train").info("student %s from the full export %s (with its iBOT adapter)",
+                                                      arch, path)
             return
         state = read_state_dict(path)
         for nets in (self.student, self.teacher):

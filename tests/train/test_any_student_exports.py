@@ -187,6 +187,11 @@ def test_the_cnn_continues_from_its_full_export(run, tmp_path):
         state = nets["backbone"].state_dict()
         assert state.keys() == full.backbone.keys()
         assert all(torch.equal(state[k], full.backbone[k]) for k in state)
+    # and through `dinotrain distill`: the run starts from it (its log says so) and trains
+    full_path = run / "cnn_full.safetensors"
+    proc = _distill(tmp_path / "again", run / "teacher", "distillation.students={cnn: {student: {arch: timm/resnet18, "
+                    f"pretrained_weights: '{full_path}'}}}}}}")
+    assert f"student timm/resnet18 from the full export {full_path}" in proc.stdout + proc.stderr
     other = OmegaConf.merge(config, {"student": {"arch": "timm/resnet10t"}})
     with pytest.raises(WeightsError, match="not of the student's timm/resnet10t"):
         SSLMetaArch(other).load_any_student(str(run / "cnn_full.safetensors"))
