@@ -41,10 +41,12 @@ def add_parser(subparsers) -> None:
     lin.add_argument("--tiny", nargs="?", const="digits", choices=("digits", "shapes"),
                      help="use a built-in tiny dataset's train/val split (digits, or shapes)")
     lin.add_argument("--image-size", type=int, help="centre-crop side (as eval knn; default 224, or 32 with --tiny)")
-    lin.add_argument("--n-last-blocks", type=int, nargs="+", default=[1, 4],
-                     help="class tokens of the last N blocks (official: 1 and 4)")
-    lin.add_argument("--avgpool", choices=["both", "yes", "no"], default="both",
-                     help="append the mean patch token of the last block (official: both variants)")
+    lin.add_argument("--n-last-blocks", type=int, nargs="+",
+                     help="class tokens of the last N blocks (default, official: 1 and 4; a timm / torchvision "
+                          "backbone: its pooled features, 1 only)")
+    lin.add_argument("--avgpool", choices=["both", "yes", "no"],
+                     help="append the mean patch token of the last block (default, official: both variants; a timm / "
+                          "torchvision backbone: no)")
     lin.add_argument("--lrs", type=float, nargs="+", help="learning rates of the sweep (default: the official 13, "
                                                          "1e-5 ... 0.1, scaled by batch/256)")
     lin.add_argument("--iterations", type=int, default=12500, help="SGD steps (official: 12500)")

@@ -46,15 +46,21 @@ class LinearFeatures:
 class HeadConfig:
     n_blocks: int
     avgpool: bool
+    pooled: bool = False  # a timm / torchvision backbone: its pooled features (cached as the one "class token")
 
     @property
     def name(self) -> str:
+        if self.pooled:
+            return "pooled"
         return f"blocks{self.n_blocks}" + ("_avgpool" if self.avgpool else "")
 
     def inputs(self, feats: LinearFeatures) -> torch.Tensor:
         """The official `create_linear_input`: class tokens of the last n blocks, then the mean patch token."""
         x = feats.class_tokens[:, -self.n_blocks:].flatten(1)
         return torch.cat([x, feats.patch_mean], dim=1) if self.avgpool else x
+
+
+POOLED = HeadConfig(1, False, pooled=True)  # the one head of a timm / torchvision backbone
 
 
 def head_configs(n_last_blocks: Sequence[int], avgpool: Sequence[bool], depth: int) -> list[HeadConfig]:
@@ -66,10 +72,15 @@ def head_configs(n_last_blocks: Sequence[int], avgpool: Sequence[bool], depth: i
 
 def extract_linear_features(model, root: str | os.PathLike, crop_size: int, resize_size: int, n_blocks: int,
                             batch_size: int = 64, num_workers: int = 0, classes: Optional[Sequence[str]] = None,
-                            device: torch.device | None = None) -> LinearFeatures:
-    """Class tokens of the last `n_blocks` blocks and the mean patch token of each image (eval transform)."""
+                            device: torch.device | None = None, pooled: bool = False) -> LinearFeatures:
+    """Class tokens of the last `n_blocks` blocks and the mean patch token of each image (eval transform);
+    `pooled` (a timm / torchvision backbone): its pooled features `model(images)`, what its own classifier reads,
+    as the one class token (no patch mean: those features are already the average of its last map)."""
 
     def tokens(net, images):
+        if pooled:
+            features = net(images)
+            return features[:, None], features.new_zeros(len(features), 0)
         outputs = net.get_intermediate_layers(images, n=n_blocks, return_class_token=True, norm=True)
         return torch.stack([c for _, c in outputs], dim=1), outputs[-1][0].mean(dim=1)
 

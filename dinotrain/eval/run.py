@@ -84,16 +84,36 @@ def run_knn(data: EvalData, weights: str | None, model: str | None, *, ks, tempe
 
 
 AVGPOOL = {"both": (False, True), "yes": (True,), "no": (False,)}  # --avgpool -> the variants swept
+OFFICIAL_N_LAST_BLOCKS, OFFICIAL_AVGPOOL = (1, 4), "both"
 
 
-def run_linear(data: EvalData, weights: str | None, model: str | None, *, n_last_blocks, avgpool: str,
+def linear_heads(spec, n_last_blocks, avgpool: str | None, weights: str | None) -> list:
+    """The head variants swept: the official ones (or those asked for) on a ViT; the pooled features of a timm /
+    torchvision backbone, which has no class token per block and whose pooled features already average its last
+    map: asking for more is one line (a sweep silently without them would report heads nobody asked for)."""
+    from dinotrain.eval.linear import POOLED, head_configs
+    from dinotrain.models.any_student import AnySpec
+
+    if isinstance(spec, AnySpec):
+        if (n_last_blocks and set(n_last_blocks) != {1}) or avgpool not in (None, "no"):
+            raise ValueError(f"--weights {weights}: a {spec.arch} backbone has no class tokens per block nor patch "
+                             "tokens to average: its linear head reads its pooled features (head `pooled`); drop "
+                             "--n-last-blocks / --avgpool")
+        return [POOLED]
+    n_last_blocks = n_last_blocks or OFFICIAL_N_LAST_BLOCKS
+    return head_configs(n_last_blocks, AVGPOOL[avgpool or OFFICIAL_AVGPOOL], spec.depth)
+
+
+def run_linear(data: EvalData, weights: str | None, model: str | None, *, n_last_blocks=None,
+               avgpool: str | None = None,
                lrs=None, iterations: int, train_batch_size: int, batch_size: int, seed: int = 0,
                output: str | None = None, export_hf: str | None = None, precision: str = "auto",
                runtime: str = "auto") -> dict:
     """The official linear evaluation on cached features; optionally the best head as a transformers classifier
-    (the caller refuses an existing `export_hf` first, `outputs.refuse_existing`, before the data set-up)."""
+    (the caller refuses an existing `export_hf` first, `outputs.refuse_existing`, before the data set-up).
+    `n_last_blocks` / `avgpool`: None for the official variants (`linear_heads`)."""
     from dinotrain.eval.linear import (OFFICIAL_LRS, best_head, export_best_classifier, extract_linear_features,
-                                       head_configs, linear_eval)
+                                       linear_eval)
     from dinotrain.inference import TorchFeatures, choose
     from dinotrain.models.any_student import AnySpec
     from dinotrain.weights.backbone import open_backbone
@@ -104,18 +124,19 @@ def run_linear(data: EvalData, weights: str | None, model: str | None, *, n_last
                          "use --runtime torch (and torch weights)")
     log.info("features: torch %s on %s (%s)", choice.precision, data.device, choice.why)
     backbone = open_backbone(weights, model).to(data.device)
-    if isinstance(backbone.spec, AnySpec):
-        raise ValueError(f"--weights {weights}: a {backbone.spec.arch} student; the linear evaluation reads a ViT's "
-                         "last blocks' tokens, not implemented for other architectures (use `eval knn`)")
+    configs = linear_heads(backbone.spec, n_last_blocks, avgpool, weights)
+    pooled = isinstance(backbone.spec, AnySpec)
+    if pooled:
+        log.info("%s backbone: one head variant, `pooled` (its pooled features, what its own classifier reads)",
+                 backbone.spec.arch)
     features = TorchFeatures(backbone, choice.precision)
     classes = data.classes
-    configs = head_configs(n_last_blocks, AVGPOOL[avgpool], backbone.spec.depth)
     n_blocks = max(c.n_blocks for c in configs)
     log.info("linear evaluation on %s: resize %d bicubic, centre crop %d", data.device, data.resize, data.crop)
     train = extract_linear_features(features, data.train_root, data.crop, data.resize, n_blocks, batch_size,
-                                    classes=classes)
+                                    classes=classes, pooled=pooled)
     val = extract_linear_features(features, data.val_root, data.crop, data.resize, n_blocks, batch_size,
-                                  classes=classes)
+                                  classes=classes, pooled=pooled)
     lrs = tuple(lrs) if lrs else OFFICIAL_LRS
     results, heads = linear_eval(train, val, len(classes), configs, lrs=lrs, iterations=iterations,
                                  batch_size=train_batch_size, seed=seed, device=data.device)
@@ -133,15 +154,18 @@ def run_linear(data: EvalData, weights: str | None, model: str | None, *, n_last
         from dinotrain.eval.linear_classifier import export_linear_classifier
         from dinotrain.models.dinov3 import Dinov3Spec
 
-        # transformers has no DINOv3 classifier class: our format then (eval/linear_classifier.py)
-        ours = isinstance(backbone.spec, Dinov3Spec)
+        # transformers has no DINOv3 classifier class and none holds a timm / torchvision model: our format then
+        # (eval/linear_classifier.py)
+        ours = isinstance(backbone.spec, (Dinov3Spec, AnySpec))
         export = export_linear_classifier if ours else export_best_classifier
         out, trained, index, hf_acc = export(backbone, heads, val, classes, export_hf, data.resize, data.crop)
         lr = trained.lrs[index]
         summary["hf_classifier"] = {"path": str(out), "head": trained.config.name, "lr": lr, "accuracy": hf_acc,
                                     "format": "dinotrain" if ours else "transformers"}
-        how = ("dinotrain.eval.linear_classifier.read_linear_classifier + backbone.safetensors; transformers has no "
-               "DINOv3 classifier class" if ours else "transformers.AutoModelForImageClassification.from_pretrained")
+        why = (f"no transformers classifier holds a {backbone.spec.arch}" if pooled else
+               "transformers has no DINOv3 classifier class")
+        how = (f"dinotrain.eval.linear_classifier.read_linear_classifier + backbone.safetensors; {why}" if ours
+               else "transformers.AutoModelForImageClassification.from_pretrained")
         print(f"classifier ({trained.config.name}, lr {lr:g}, {hf_acc:.2f}%) -> {out} ({how})")
     write_json(output, summary)
     return summary

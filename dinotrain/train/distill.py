@@ -29,7 +29,7 @@ from dinotrain.config import ConfigError, student_configs
 from dinotrain.data.seeds import mix_seed
 from dinotrain.distributed.checkpoint import Parts, resume_point
 from dinotrain.distributed.env import DistEnv, all_ranks, from_main, gathered
-from dinotrain.models.any_student import AnyStudent
+from dinotrain.models.any_student import AnySpec, AnyStudent
 from dinotrain.train.head_warmup import open_pretrained, reusable, warm_up_heads
 from dinotrain.train.learner import build_learner
 from dinotrain.train.resume import check_resume
@@ -88,8 +88,9 @@ class Distillation:
                               "warm-up would give other heads. Restore it and those settings, or start a new run.")
         for name, scfg in self.student_cfgs.items():
             check_student_fits(tw, name, scfg)
-        log.info("teacher: %s (%s; ViT dim %d, depth %d, patch %d%s); students: %s", tw.source, tw.kind,
-                 tw.spec.embed_dim, tw.spec.depth, tw.spec.patch_size,
+        shape = (f"{tw.spec.arch}, patch grid {tw.spec.patch_size}" if isinstance(tw.spec, AnySpec) else
+                 f"ViT dim {tw.spec.embed_dim}, depth {tw.spec.depth}, patch {tw.spec.patch_size}")
+        log.info("teacher: %s (%s; %s%s); students: %s", tw.source, tw.kind, shape,
                  "; heads from the head warm-up" if tw.heads is None else "", ", ".join(self.student_cfgs))
 
     @classmethod

@@ -183,12 +183,29 @@ class SSLMetaArch(nn.Module):
                 nets[name].load_state_dict(head, strict=True)
 
     def load_any_student(self, path: str) -> None:
-        """Student and teacher from a timm / torchvision model's own weights file (before sharding)."""
-        from dinotrain.weights.state_dict import read_state_dict
+        """Student and teacher from a timm / torchvision model's own weights file, or from the full export of such a
+        student (`dinotrain export --to full`: its backbone with the trained iBOT adapter; heads stay as built)
+        (before sharding)."""
+        from dinotrain.weights.full import is_full_export
+        from dinotrain.weights.state_dict import WeightsError, read_state_dict
 
+        where = f"config key 'student.pretrained_weights' = {path}"
+        if is_full_export(path):
+            from dinotrain.weights.resolve import open_weights
+
+            found = open_weights(path)
+            arch = self.student["backbone"].arch
+            if getattr(found.spec, "arch", None) != arch:
+                raise WeightsError(f"{where}: a full export of {getattr(found.spec, 'arch', 'a ViT')}, not of the "
+                                   f"student's {arch}")
+            for nets in (self.student, self.teacher):
+                nets["backbone"].load_state_dict(found.backbone, strict=True)
+            logging.getLogger("dinotrain.train").info("student %s from the full export %s (with its iBOT adapter)",
+                                                      arch, path)
+            return
         state = read_state_dict(path)
         for nets in (self.student, self.teacher):
-            nets["backbone"].load_model_state(state, f"config key 'student.pretrained_weights' = {path}")
+            nets["backbone"].load_model_state(state, where)
 
     def _check_heads(self, heads: dict) -> None:
         """Pretrained heads must be the heads this config builds (one clear error otherwise)."""

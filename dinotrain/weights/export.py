@@ -22,10 +22,11 @@ def export_run(src: str | Path, dst: str | Path, to: str, which: str | None = No
     if to != "onnx" and (fp16 or opset is not None):
         raise ValueError("--fp16 and --opset apply to --to onnx only")
     found = open_weights(src, which, heads=to == "full", checkpoint=True)
-    if isinstance(found.spec, AnySpec):  # a timm / torchvision student: its library's layout is the one export
+    if isinstance(found.spec, AnySpec) and to != "full":  # a timm / torchvision student: its library's layout
         if to not in ("timm", "safetensors"):
             raise ValueError(f"{found.source}: {found.label} is a {found.spec.arch} student; it exports --to timm (or "
-                             "safetensors): a .safetensors file in its library's layout (weights/any_student.py)")
+                             "safetensors): a .safetensors file in its library's layout (weights/any_student.py), "
+                             "or --to full (with its heads and iBOT adapter)")
         out = Path(dst)
         write_any_student(export_state_dict(found.backbone), found.spec, out)
         print(f"{found.label} backbone ({found.spec.arch}) of {found.source} -> {out}")

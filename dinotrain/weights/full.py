@@ -6,8 +6,12 @@ without its sharded training checkpoint. This file is what they consume instead.
 
 Layout: tensors `backbone.<official name>`, `dino_head.<k>` and optionally `ibot_head.<k>` (the names of
 `DINOHead`'s state dict); metadata `format` = FULL_FORMAT, the backbone's ViTSpec (as every export of
-ours records it) and `config` = the run's recipe config as JSON. The resolver (`resolve.py`) reads all of it
-(`read_full`) or, when no heads are asked for, the backbone alone (`backbone_of_full`).
+ours records it) and `config` = the run's recipe config as JSON. A timm / torchvision student
+(`models/any_student.py`) is stored as its checkpoint holds it: `backbone.model.<its library's name>` and our iBOT
+adapter `backbone.patch_norm.*` (`backbone.patch_proj.*`, `backbone.mask_token`), its `AnySpec` in the metadata
+(`weights/any_student.py`'s keys), so that it distils further as a teacher or continues as a student. The
+resolver (`resolve.py`) reads all of it (`read_full`) or, when no heads are asked for, the backbone alone
+(`backbone_of_full`).
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ from pathlib import Path
 from torch import Tensor
 
 from dinotrain.storage import Resume, replacing
+from dinotrain.models.any_student import AnySpec
 from dinotrain.models.dinov3 import Dinov3Spec
 from dinotrain.models.heads import head_settings
 from dinotrain.models.vision_transformer import ViTSpec
+from dinotrain.weights.any_student import ARCH_KEY, PATCH_KEY
 from dinotrain.weights.dinov3_layouts import infer_dinov3_spec
 from dinotrain.weights.hf import reconcile_spec, spec_from_metadata, spec_to_metadata
 from dinotrain.weights.state_dict import WeightsError, infer_spec
@@ -39,9 +45,23 @@ class FullExport:
     """What a run hands to distillation / continued pretraining (all CPU tensors, official backbone names)."""
 
     backbone: dict[str, Tensor]
-    spec: ViTSpec | Dinov3Spec
+    spec: ViTSpec | Dinov3Spec | AnySpec
     heads: dict[str, dict[str, Tensor]]  # "dino_head" and optionally "ibot_head"
     config: dict = field(default_factory=dict)  # the run's recipe config (plain containers), may be {}
+
+
+def _width(export: FullExport) -> int | None:
+    """The backbone's output width: the spec's, or a timm / torchvision student's iBOT LayerNorm's (None if absent)."""
+    if not isinstance(export.spec, AnySpec):
+        return export.spec.embed_dim
+    norm = export.backbone.get("patch_norm.weight")
+    return None if norm is None else int(norm.shape[0])
+
+
+def _spec_metadata(spec) -> dict[str, str]:
+    if isinstance(spec, AnySpec):
+        return {ARCH_KEY: spec.arch, PATCH_KEY: str(spec.patch_size)}
+    return spec_to_metadata(spec)
 
 
 def _check(export: FullExport, where: str) -> None:
@@ -55,9 +75,9 @@ def _check(export: FullExport, where: str) -> None:
         raise WeightsError(f"{where}: unknown heads {unknown}; a full export holds {list(HEADS)}")
     for name, state in export.heads.items():
         in_dim = head_settings(state, f"{where}: {name}")["in_dim"]
-        if in_dim != export.spec.embed_dim:
-            raise WeightsError(f"{where}: {name} takes {in_dim}-dim inputs but the backbone's width is "
-                               f"{export.spec.embed_dim}")
+        width = _width(export)
+        if width is not None and in_dim != width:
+            raise WeightsError(f"{where}: {name} takes {in_dim}-dim inputs but the backbone's width is {width}")
 
 
 def write_full(dst: str | Path, export: FullExport, resume: Resume | None = None) -> Path:
@@ -74,7 +94,7 @@ def write_full(dst: str | Path, export: FullExport, resume: Resume | None = None
     groups = {BACKBONE: export.backbone, **export.heads}
     tensors = {f"{group}.{k}": v.detach().to("cpu").contiguous() for group, state in groups.items()
                for k, v in state.items()}
-    metadata = {**spec_to_metadata(export.spec), "format": FULL_FORMAT, "config": json.dumps(export.config)}
+    metadata = {**_spec_metadata(export.spec), "format": FULL_FORMAT, "config": json.dumps(export.config)}
     with replacing(dst, "the full export", resume) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return dst
@@ -135,11 +155,20 @@ def _read_groups(path: Path, groups: tuple[str, ...]) -> tuple[dict[str, dict[st
     return out, metadata
 
 
-def _backbone_spec(path: Path, backbone: dict[str, Tensor], metadata: dict) -> ViTSpec | Dinov3Spec:
+def _backbone_spec(path: Path, backbone: dict[str, Tensor], metadata: dict) -> ViTSpec | Dinov3Spec | AnySpec:
     """The recorded spec, checked against the tensors of either family (a DINOv3 backbone stores its RoPE
-    periods, in our = the official layout)."""
+    periods, in our = the official layout); a timm / torchvision student's recorded AnySpec (its library checks
+    the tensors when it loads them)."""
     if not backbone:
         raise WeightsError(f"{path} is not a full export: it has no `{BACKBONE}.*` tensors")
+    if ARCH_KEY in metadata:
+        if not any(k.startswith("model.") for k in backbone):
+            raise WeightsError(f"{path}: a {metadata[ARCH_KEY]} student's full export without `{BACKBONE}.model.*` "
+                               "tensors; export the run again")
+        try:
+            return AnySpec(metadata[ARCH_KEY], int(metadata[PATCH_KEY]))
+        except (KeyError, ValueError) as exc:
+            raise WeightsError(f"{path}: corrupt {PATCH_KEY!r} metadata ({exc}); export the run again") from exc
     infer = infer_dinov3_spec if "rope_embed.periods" in backbone else infer_spec
     try:
         return reconcile_spec(spec_from_metadata(metadata), infer(backbone))

@@ -8,7 +8,7 @@ warm-up, eval, embed, serve, visualize, `dinotrain export` / `convert`, the torc
 | a checkpoint directory (`checkpoints/<it>/`)    | `checkpoint`    | itself                                   |
 | a run directory, training or distillation       | `checkpoint`    | its newest complete checkpoint           |
 |   ... finished, when only a backbone is asked   | `hub`           | `teacher_backbone.pth` / the only student |
-| a full export (backbone + heads + config)       | `full`          | the file                                 |
+| a full export (backbone + heads + config)       | `full`          | the file (a ViT's or a CNN student's)    |
 | a `.safetensors` file                           | `safetensors`   | the file                                 |
 | a Hugging Face directory (or its weights file)  | `hf`            | the directory (the file)                 |
 | timm's Hub directory (`config.json` architecture) | `timm`        | the directory                            |
@@ -106,9 +106,9 @@ def resolve(path: str | Path, which: str | None = None, *, heads: bool = False,
                                     f"directory (it has no {CONFIG_NAME})")
         return path, TIMM if is_timm_config(read_config_json(path)) else HF
     if path.suffix == ".safetensors":
-        if any_student_metadata(path) is not None:
-            return path, ANY
-        return path, FULL if is_full_export(path) else SAFETENSORS
+        if is_full_export(path):  # a timm / torchvision student's full export too (its header names the arch)
+            return path, FULL
+        return path, ANY if any_student_metadata(path) is not None else SAFETENSORS
     return path, HUB
 
 
@@ -193,7 +193,9 @@ def _open(path: str | Path, which: str | None, heads: bool, checkpoint: bool) ->
                          "run or checkpoint directory")
     if kind == ANY:
         if heads:
-            raise WeightsError(f"{source} holds a timm / torchvision student's backbone, without heads")
+            raise WeightsError(f"{source} holds a timm / torchvision student's backbone, without heads (the head "
+                               "warm-up does not take these students yet): give its full export, `dinotrain export RUN "
+                               "OUT.safetensors --to full --which NAME`")
         backbone, spec = read_any_student(source)
         return Weights(source=str(source), kind=kind, backbone=backbone, spec=spec)
     if kind == FULL and heads:
