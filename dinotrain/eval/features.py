@@ -151,5 +151,5 @@ def extract_features(model: torch.nn.Module, root: str | os.PathLike, image_size
         raise ValueError(f"no readable images under {root}")
     joined = tuple(map(torch.cat, zip(*feats))) if isinstance(feats[0], tuple) else torch.cat(feats)
     out = joined, torch.cat(labels)
-    log.info("features of %d images from %s in %.1f s", len(out[0]), root, time.perf_counter() - start)
+    log.info("features of %d images from %s in %.1f s", len(out[1]), root, time.perf_counter() - start)
     return out
