@@ -28,12 +28,13 @@ def _run(*args, timeout=300) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_labels_train_the_backbone_and_pixels_follow_the_eval_protocol(tmp_path):
     out = tmp_path / "sup.json"
-    proc = _run("--iterations", "200", "--output", str(out), *SMALL)
+    proc = _run("--iterations", "100", "--output", str(out), *SMALL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["iterations"] == 200
-    # 10 classes: chance is 10 %, the random init ~13 % (docs/recipes.md); 200 labelled steps of 2 blocks reach ~37 %
-    assert result["supervised"]["20"] > 25.0, result
+    assert result["iterations"] == 100
+    # 10 classes: chance is 10 %, the random init ~13 % (docs/recipes.md); 100 labelled steps of 2 blocks reach 27.6 %
+    # (measured, one thread; 200 steps ~37 %)
+    assert result["supervised"]["20"] > 20.0, result
     # the pixels as `dinotrain eval knn --tiny --baseline-pixels` computes them (77.99 % at k = 20 in docs/recipes.md):
     # the tool evaluates with the same views and protocol
     root = ensure_tiny_dataset()
