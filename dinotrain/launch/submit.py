@@ -88,6 +88,7 @@ def submit_run(command: str, config: str | None, overrides: list[str], output_di
         print(f"stopped following job {job.job_id}; it keeps running (scancel {job.job_id} to stop it)", file=sys.stderr)
         return 130
     metrics = result.get("metrics") or {}
-    loss = f", total_loss {metrics['total_loss']:.4f}" if "total_loss" in metrics else ""
+    # one total_loss, or each student's (`<name>/total_loss`) in a distillation of several
+    loss = "".join(f", {k} {v:.4f}" for k, v in metrics.items() if k == "total_loss" or k.endswith("/total_loss"))
     print(f"job {job.job_id} completed: iteration {result.get('iteration')}{loss}; run directory {result.get('run_dir')}")
     return 0

@@ -200,6 +200,8 @@ def test_preempted_distillation_resumes(slurm_cluster, reference, distill_refere
     assert rc == 0, out
     log = (run / "log.txt").read_text()
     assert re.search(r"stopping at iteration \d+: preemption", log) and "requeued 1 time(s)): resuming" in log, log
+    done = re.search(r"completed: iteration 40(.*); run directory", out)
+    assert done and re.search(r"cnn/total_loss [\d.]+", done[1]) and re.search(r"vit/total_loss [\d.]+", done[1]), out
     # both students (the CNN's export: its EMA with its BatchNorm statistics) end as torchrun's, bit for bit
     ours = torch.load(run / "students" / "vit.pth", weights_only=True)
     theirs = torch.load(distill_reference / "students" / "vit.pth", weights_only=True)
