@@ -24,8 +24,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 RUN = [*FAST, "optim.epochs=20", "checkpoint.period_iterations=1000"]
 # 40 iterations distilling a ViT student and a timm CNN (timm's 0.4M-parameter test ResNet, with BatchNorm) at once:
 # 32-px crops, a ResNet's total stride; batches of 4 per process keep the job about as long as the ViT alone's at 16 px
-DISTILL = [*FAST, "student.depth=2", "optim.epochs=10", "checkpoint.period_iterations=1000", "crops.global_crops_size=32",
-           "crops.local_crops_size=32", "train.batch_size_per_gpu=4",
+DISTILL = [*FAST, "student.depth=2", "optim.epochs=10", "checkpoint.period_iterations=1000",
+           "crops.global_crops_size=32", "crops.local_crops_size=32", "train.batch_size_per_gpu=4",
            "distillation.students={vit: {student: {arch: vit_tiny}}, cnn: {student: {arch: timm/test_resnet}}}"]
 
 
