@@ -21,6 +21,32 @@ REQUEST_FLAGS = ("nodes", "gpus_per_node", "tasks_per_node", "partition", "accou
                  "cpus_per_task", "constraint", "signal_delay_s")
 
 
+def check_any_students(cfg) -> None:
+    """The timm / torchvision students' one-line errors (an unknown model, crops smaller than its total stride, no
+    feature map for iBOT) here rather than minutes later in the job. Built on the meta device (no weights: a big model
+    costs no memory on a login node); an error found there is confirmed on the CPU, so an op the meta device lacks
+    never refuses a job that would run (the job checks again at start-up in any case; other failures are its to
+    report)."""
+    import torch
+
+    from dinotrain.config import student_configs
+    from dinotrain.models.any_student import StudentArchError, build_any_student, is_any_student
+
+    for name, scfg in student_configs(cfg).items():
+        if not is_any_student(scfg.student.arch):
+            continue
+        try:
+            with torch.device("meta"):
+                build_any_student(scfg)
+        except Exception:  # a StudentArchError, or an op the meta device lacks: the CPU decides
+            try:
+                build_any_student(scfg)
+            except StudentArchError as exc:
+                raise ConfigError(f"student {name!r}: {exc}") from None
+            except Exception:  # not a setting's fault: the job reports it
+                pass
+
+
 def submit_run(command: str, config: str | None, overrides: list[str], output_dir: str | None, *,
                cluster: str | None, flags: dict, slurm_extra: list[str] | None = None, dry_run: bool = False,
                no_resume: bool = False, no_wait: bool = False, allow_config_change: bool = False) -> int:
@@ -32,6 +58,8 @@ def submit_run(command: str, config: str | None, overrides: list[str], output_di
         raise ConfigError("give --output-dir DIR: the run directory, on a filesystem the compute nodes share")
     run_dir = Path(output_dir).resolve()
     cfg = load_config(config, [*overrides, f"train.output_dir={run_dir}"])  # checked before submitting
+    if command == "distill":
+        check_any_students(cfg)
     flags = {key: flags.get(key) for key in REQUEST_FLAGS}
     flags["slurm_extra"] = parse_slurm_extra(slurm_extra)
     request = build_request(cluster, flags)
@@ -60,6 +88,7 @@ def submit_run(command: str, config: str | None, overrides: list[str], output_di
         print(f"stopped following job {job.job_id}; it keeps running (scancel {job.job_id} to stop it)", file=sys.stderr)
         return 130
     metrics = result.get("metrics") or {}
-    loss = f", total_loss {metrics['total_loss']:.4f}" if "total_loss" in metrics else ""
+    # one total_loss, or each student's (`<name>/total_loss`) in a distillation of several
+    loss = "".join(f", {k} {v:.4f}" for k, v in metrics.items() if k == "total_loss" or k.endswith("/total_loss"))
     print(f"job {job.job_id} completed: iteration {result.get('iteration')}{loss}; run directory {result.get('run_dir')}")
     return 0

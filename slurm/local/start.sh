@@ -11,7 +11,9 @@ STATE=${DINOTRAIN_SLURM_STATE:-/var/tmp/dinotrain-slurm}
 CONF=/etc/slurm/slurm.conf
 MARK="# written by dinotrain slurm/local/start.sh"
 HOST=$(hostname -s)
-CPUS=$(nproc)
+# nproc honours OMP_NUM_THREADS (tests run with 1): the node's cores without it, or the node gets 1 CPU and a
+# 2-task job pends forever (PartitionConfig)
+CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 MEM_MB=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
 
 if [ "$(id -u)" != 0 ]; then echo "start.sh: run as root" >&2; exit 1; fi

@@ -140,3 +140,23 @@ def test_requeues_are_bounded(monkeypatch):
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
     with pytest.raises(RequeueLimitReached, match="launch.max_requeues=2"):
         job.checkpoint()
+
+
+@pytest.mark.parametrize("students, crops, message", [
+    ("{vit: {student: {arch: vit_tiny}}, cnn: {student: {arch: timm/resnet18}}}", 16,
+     "student 'cnn': config key 'student.arch' = timm/resnet18 cannot take crops.local_crops_size = 16 px crops: "
+     "smaller than its total stride 32"),
+    ("{cnn: {student: {arch: timm/resnet1}}}", 32, "timm has no model of that name; did you mean timm/resnet18"),
+])
+def test_submit_refuses_a_cnn_student_the_job_would_refuse(students, crops, message, tmp_path, capsys):
+    """A timm student's crop sizes and name are checked before submitting (`--dry-run` included), not in the job."""
+    pytest.importorskip("timm")
+    assert main(["submit", "distill", "--config", "smoke/distill_cpu_tiny", "--output-dir", str(tmp_path / "r"),
+                 "--dry-run", f"distillation.students={students}", "crops.global_crops_size=32",
+                 f"crops.local_crops_size={crops}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert main(["submit", "distill", "--config", "smoke/distill_cpu_tiny", "--output-dir", str(tmp_path / "r"),
+                 "--dry-run", "distillation.students={cnn: {student: {arch: timm/resnet18}}}",
+                 "crops.global_crops_size=32", "crops.local_crops_size=32"]) == 0  # what it can take: the script
+    assert "#SBATCH" in capsys.readouterr().out

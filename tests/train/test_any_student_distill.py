@@ -1,26 +1,37 @@
 """A timm CNN student next to a ViT student in one `dinotrain distill` run (in-process, 1 process fp32, seconds):
-the teacher runs once per step, the CNN's weights equal its single-student run's, a run stopped after a checkpoint
-(as by kill -9: the later files removed) resumes bitwise, and the exported CNN loads in timm with our features."""
+the teacher runs once per step, the CNN's weights equal its single-student run's, a run killed with SIGKILL after a
+checkpoint resumes bitwise (weights, BatchNorm statistics, EMA, optimizer), and the exported CNN loads in timm with
+our features."""
 
-import shutil
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from trainruns import CNN_FAST, in_process, succeeded
+from trainruns import CNN_FAST, REPO, env, in_process, metrics, succeeded, wait_for
 
 timm = pytest.importorskip("timm")
 
 FAST = [*CNN_FAST, "train.batch_size_per_gpu=8"]
+# The distillations: schedules of 8 iterations (2 epochs of 4), stopped at 4 (max_iterations caps the run, not its
+# schedules) so that the kill -9 test's run, uncapped, has iterations left after its checkpoint of iteration 2.
+DISTILL = [*FAST, "optim.epochs=2"]
 BOTH = "distillation.students={vit: {student: {arch: vit_tiny}}, cnn: {student: {arch: timm/resnet18}}}"
 CNN = "distillation.students={cnn: {student: {arch: timm/resnet18}}}"
 VIT = "distillation.students={vit: {student: {arch: vit_tiny}}}"
 
 
+def _distill_args(out, teacher, students):
+    return ["distill", "--config", "smoke/distill_cpu_tiny", "--output-dir", str(out), *DISTILL,
+            f"distillation.teacher={teacher}", students]
+
+
 def _distill(out, teacher, students):
-    return succeeded(in_process(["distill", "--config", "smoke/distill_cpu_tiny", "--output-dir", str(out), *FAST,
-                                 f"distillation.teacher={teacher}", students]))
+    return succeeded(in_process([*_distill_args(out, teacher, students), "train.max_iterations=4"]))
 
 
 @pytest.fixture(scope="module")
@@ -68,19 +79,45 @@ def test_each_student_trains_as_it_would_alone(runs):
     assert not torch.equal(both["bn1.running_mean"], torch.zeros_like(both["bn1.running_mean"]))
 
 
-def test_a_run_stopped_after_a_checkpoint_resumes_bitwise(runs, tmp_path):
+def _checkpoint_part(run, iteration, name):
+    """Every tensor of student `name` in a checkpoint: weights, BatchNorm buffers, EMA, heads, optimizer state."""
+    from dinotrain.distributed.checkpoint_files import read_tensors
+
+    return read_tensors(run / "checkpoints" / f"{iteration:08d}" / "students" / name, "")
+
+
+def test_kill_9_after_a_checkpoint_and_resume_is_bitwise(runs, tmp_path):
+    """A real `dinotrain distill` process (ViT + ResNet-18 students) killed with SIGKILL in the iteration after its
+    checkpoint of iteration 2; the same command resumes from it and ends as the uninterrupted run: the same losses,
+    exports and last checkpoint, bit for bit."""
+    from dinotrain.distributed.checkpoint import complete_checkpoints
+
     root, _ = runs
-    run = tmp_path / "cut"
-    shutil.copytree(root / "both", run)
-    ckpts = sorted((run / "checkpoints").iterdir())
-    assert [c.name for c in ckpts][-2:] == ["00000002", "00000004"], ckpts
-    shutil.rmtree(ckpts[-1])  # what a kill -9 between iterations 2 and 4 leaves behind
-    shutil.rmtree(run / "students")
-    proc = _distill(run, root / "teacher", BOTH)
-    assert "(from 2)" in proc.stdout + proc.stderr
+    run = tmp_path / "run"
+    with open(tmp_path / "run.log", "w") as log:  # uncapped: 8 iterations, killed after the checkpoint of 2
+        proc = subprocess.Popen([sys.executable, "-m", "dinotrain", *_distill_args(run, root / "teacher", BOTH)],
+                                env=env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(run / "checkpoints" / "00000002" / "extra.json", proc)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    assert [int(c.name) for c in complete_checkpoints(run)] == [2] and not (run / "students").exists()
+    out = _distill(run, root / "teacher", BOTH)
+    assert "(iteration 2)" in out.stdout + out.stderr and "resumed from" in out.stdout + out.stderr
+    ref, got = ([{k: v for k, v in m.items() if k != "images_per_s"} for m in metrics(r)] for r in (root / "both", run))
+    assert [m["iteration"] for m in got] == [1, 2, 3, 4] and got == ref  # bitwise-equal losses
     for name in ("cnn", "vit"):
         a, b = _student(root / "both", name), _student(run, name)
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        a, b = _checkpoint_part(root / "both", 4, name), _checkpoint_part(run, 4, name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    # what was compared of the CNN includes its BatchNorm statistics, the student's and the EMA's ("teacher")
+    assert {"model.student.backbone.model.bn1.running_mean", "model.teacher.backbone.model.layer4.1.bn2.running_var",
+            "model.teacher.backbone.model.bn1.num_batches_tracked"} <= _checkpoint_part(run, 4, "cnn").keys()
 
 
 def test_the_exported_cnn_loads_in_timm_by_name_with_our_features(runs):
