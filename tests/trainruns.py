@@ -11,8 +11,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A few-second pretraining: smoke/cpu_tiny shrunk to 16-px crops, tiny heads and batches.
+# A few-second pretraining: smoke/cpu_tiny shrunk to 4 blocks, 16-px crops, tiny heads and batches (4 blocks, not
+# the recipe's 12: a run costs half the CPU, 3.2 s instead of 6.5 s for 12 iterations in one warm process).
 FAST = [
+    "student.depth=4",
     "train.batch_size_per_gpu=8", "train.num_workers=0", "train.OFFICIAL_EPOCH_LENGTH=4", "optim.epochs=3",
     "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1", "train.log_every=1",
     "student.patch_size=4", "crops.global_crops_size=16", "crops.local_crops_size=8", "crops.local_crops_number=2",

@@ -19,7 +19,7 @@ from dinotrain.models.vision_transformer import build_vit
 from dinotrain.weights.convert import save_backbone
 from tests.trainruns import REPO, run_cli, train_args
 
-VITS14 = ["student.arch=vit_small", "student.patch_size=14", "crops.global_crops_size=42",
+VITS14 = ["student.arch=vit_small", "student.depth=12", "student.patch_size=14", "crops.global_crops_size=42",
           "crops.local_crops_size=14", "crops.local_crops_number=1", "train.batch_size_per_gpu=2",
           "train.max_iterations=2", "student.drop_path_rate=0.0", "student.layerscale=1.0"]
 
