@@ -20,8 +20,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 # 80 iterations of the few-second smoke run (~40 s on 2 processes alone): long enough to be preempted mid-way and
 # then to meet a 1-minute time limit once (SLURM signals ~45 s into each run of such a job with the signal 10 s
 # before the limit: alone a run does ~60 iterations, beside other tests ~15). Checkpoints only when stopped and at
-# the end.
-RUN = [*FAST, "optim.epochs=20", "checkpoint.period_iterations=1000"]
+# the end. 12 blocks (FAST's 4 would run twice as fast, and a quiet machine could then finish the job in its second
+# run, before its time limit: these iteration counts were measured with 12).
+RUN = [*FAST, "student.depth=12", "optim.epochs=20", "checkpoint.period_iterations=1000"]
 # 40 iterations distilling a ViT student and a timm CNN (timm's 0.4M-parameter test ResNet, with BatchNorm) at once:
 # 32-px crops, a ResNet's total stride; batches of 4 per process keep the job about as long as the ViT alone's at 16 px
 DISTILL = [*FAST, "student.depth=2", "optim.epochs=10", "checkpoint.period_iterations=1000",
