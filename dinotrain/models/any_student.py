@@ -230,6 +230,14 @@ class AnyStudent(nn.Module):
                               f"stride {self.stride} (its last feature map would be under one pixel); use larger "
                               "crops")
 
+    def load_weights(self, state: dict, where: str) -> None:
+        """A checkpoint's or full export's tensors (with our trained iBOT adapter): all of them, strictly; otherwise
+        the wrapped model's own weights (`load_model_state`)."""
+        if "patch_norm.weight" in state and any(k.startswith("model.") for k in state):
+            self.load_state_dict(state, strict=True)
+        else:
+            self.load_model_state(state, where)
+
     def load_model_state(self, state: dict, where: str) -> None:
         """The wrapped model's own weights (its library's names, a `model.` prefix or not; a classifier the
         student does not build is left out): every weight of the student must be there (one line otherwise)."""

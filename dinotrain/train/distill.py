@@ -231,10 +231,8 @@ class Distillation:
     def finish(self) -> None:
         """Each student's EMA backbone as an official hub state dict, or a timm / torchvision student's in its
         library's layout (`weights/any_student.py`): `RunDir.student(name)`."""
-        resume = partial(resume_point, self.run_dir)
+        resume, run = partial(resume_point, self.run_dir), RunDir(self.run_dir)
         for name, learner in zip(self.names, self.learners):  # a failed write on rank 0 stops every rank
-            run = RunDir(self.run_dir)
-            backbone = learner.model.student["backbone"]
-            path = run.any_student(name) if isinstance(backbone, AnyStudent) else run.students / f"{name}.pth"
+            path = run.student_export(name, isinstance(learner.model.student["backbone"], AnyStudent))
             all_ranks(partial(learner.write_ema_backbone, path,
                               f"student {name} (EMA backbone)", self.env.is_main, resume), self.env)

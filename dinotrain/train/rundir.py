@@ -104,13 +104,14 @@ class RunDir:
         return self.root / _STUDENTS
 
     def student(self, name: str) -> Path:
-        """A finished student's export: a ViT's hub `.pth`, or (written instead) a timm / torchvision student's
-        `.safetensors` in its library's layout (`weights/any_student.py`)."""
-        other = self.any_student(name)
-        return other if other.is_file() else self.students / f"{name}.pth"
+        """A finished student's export, whichever `student_export` wrote."""
+        other = self.student_export(name, any_architecture=True)
+        return other if other.is_file() else self.student_export(name, any_architecture=False)
 
-    def any_student(self, name: str) -> Path:
-        return self.students / f"{name}.safetensors"
+    def student_export(self, name: str, any_architecture: bool) -> Path:
+        """Where a student's export is written: a ViT's hub `.pth`, or a timm / torchvision student's `.safetensors`
+        in its library's layout (`weights/any_student.py`)."""
+        return self.students / f"{name}{'.safetensors' if any_architecture else '.pth'}"
 
     def finished_students(self) -> list[str]:
         """Names of the students a finished distillation run exported, sorted."""

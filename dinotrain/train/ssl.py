@@ -198,14 +198,13 @@ class SSLMetaArch(nn.Module):
             if getattr(found.spec, "arch", None) != arch:
                 raise WeightsError(f"{where}: a full export of {getattr(found.spec, 'arch', 'a ViT')}, not of the "
                                    f"student's {arch}")
-            for nets in (self.student, self.teacher):
-                nets["backbone"].load_state_dict(found.backbone, strict=True)
+            state = found.backbone
             logging.getLogger("dinotrain.train").info("student %s from the full export %s (with its iBOT adapter)",
                                                       arch, path)
-            return
-        state = read_state_dict(path)
+        else:
+            state = read_state_dict(path)
         for nets in (self.student, self.teacher):
-            nets["backbone"].load_model_state(state, where)
+            nets["backbone"].load_weights(state, where)
 
     def _check_heads(self, heads: dict) -> None:
         """Pretrained heads must be the heads this config builds (one clear error otherwise)."""

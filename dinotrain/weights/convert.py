@@ -96,10 +96,7 @@ def backbone_from_weights(weights: Weights, strict_pos_embed: bool = False, **kw
     """
     if isinstance(weights.spec, AnySpec):  # a timm / torchvision student: its library builds it
         model = AnyStudent(weights.spec.arch, weights.spec.patch_size)
-        if any(k.startswith("model.") for k in weights.backbone):  # a checkpoint's: with the trained iBOT adapter
-            model.load_state_dict(weights.backbone, strict=True)
-        else:  # an export: the library's layout
-            model.load_model_state(weights.backbone, weights.source)
+        model.load_weights(weights.backbone, weights.source)
         return model.eval()
     spec_class = type(weights.spec)
     spec_fields = {f.name for f in dataclasses.fields(spec_class)}
