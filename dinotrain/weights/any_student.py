@@ -33,11 +33,23 @@ def any_student_metadata(path: Path) -> dict | None:
     return metadata if ARCH_KEY in metadata else None
 
 
+def any_spec_metadata(spec: AnySpec) -> dict[str, str]:
+    """The header entries that name a student's architecture (this export's, and a full export's)."""
+    return {ARCH_KEY: spec.arch, PATCH_KEY: str(spec.patch_size)}
+
+
+def any_spec_from_metadata(metadata: dict, where: str | Path) -> AnySpec:
+    try:
+        return AnySpec(metadata[ARCH_KEY], int(metadata[PATCH_KEY]))
+    except (KeyError, ValueError) as exc:
+        raise WeightsError(f"{where}: corrupt {PATCH_KEY!r} metadata ({exc}); export the run again") from exc
+
+
 def write_any_student(tensors: dict[str, Tensor], spec: AnySpec, path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
-              metadata={ARCH_KEY: spec.arch, PATCH_KEY: str(spec.patch_size), "format": "pt"})
+              metadata={**any_spec_metadata(spec), "format": "pt"})
 
 
 def read_any_student(path: Path) -> tuple[dict[str, Tensor], AnySpec]:
@@ -47,4 +59,4 @@ def read_any_student(path: Path) -> tuple[dict[str, Tensor], AnySpec]:
     if metadata is None:
         raise WeightsError(f"{path} is not a dinotrain export of a timm / torchvision student (no {ARCH_KEY} in its "
                            "header)")
-    return load_file(str(path)), AnySpec(metadata[ARCH_KEY], int(metadata[PATCH_KEY]))
+    return load_file(str(path)), any_spec_from_metadata(metadata, path)

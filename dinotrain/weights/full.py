@@ -27,7 +27,7 @@ from dinotrain.models.any_student import AnySpec
 from dinotrain.models.dinov3 import Dinov3Spec
 from dinotrain.models.heads import head_settings
 from dinotrain.models.vision_transformer import ViTSpec
-from dinotrain.weights.any_student import ARCH_KEY, PATCH_KEY
+from dinotrain.weights.any_student import ARCH_KEY, any_spec_from_metadata, any_spec_metadata
 from dinotrain.weights.dinov3_layouts import infer_dinov3_spec
 from dinotrain.weights.hf import reconcile_spec, spec_from_metadata, spec_to_metadata
 from dinotrain.weights.state_dict import WeightsError, infer_spec
@@ -60,7 +60,7 @@ def _width(export: FullExport) -> int | None:
 
 def _spec_metadata(spec) -> dict[str, str]:
     if isinstance(spec, AnySpec):
-        return {ARCH_KEY: spec.arch, PATCH_KEY: str(spec.patch_size)}
+        return any_spec_metadata(spec)
     return spec_to_metadata(spec)
 
 
@@ -165,10 +165,7 @@ def _backbone_spec(path: Path, backbone: dict[str, Tensor], metadata: dict) -> V
         if not any(k.startswith("model.") for k in backbone):
             raise WeightsError(f"{path}: a {metadata[ARCH_KEY]} student's full export without `{BACKBONE}.model.*` "
                                "tensors; export the run again")
-        try:
-            return AnySpec(metadata[ARCH_KEY], int(metadata[PATCH_KEY]))
-        except (KeyError, ValueError) as exc:
-            raise WeightsError(f"{path}: corrupt {PATCH_KEY!r} metadata ({exc}); export the run again") from exc
+        return any_spec_from_metadata(metadata, path)
     infer = infer_dinov3_spec if "rope_embed.periods" in backbone else infer_spec
     try:
         return reconcile_spec(spec_from_metadata(metadata), infer(backbone))
