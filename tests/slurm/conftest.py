@@ -47,8 +47,8 @@ def slurm_cluster():
         if start.returncode != 0:
             pytest.skip(f"the local SLURM did not start: {start.stderr.strip() or start.stdout.strip()}")
         started = True
-    # Beside another xdist worker the jobs must not starve: these tests time a job against a 1-minute limit, and a
-    # run that spends its time before the signal importing torch requeues without a step. slurmd at nice -5 (root:
+    # Beside another xdist worker the jobs must not starve: a run of the job under a 1-minute limit that spends its
+    # time before the signal importing torch requeues without a step. slurmd at nice -5 (root:
     # CI and the local SLURM run as root): the job steps it starts weigh 3x a test process in the kernel's CPU share.
     slurmd = _slurmd_pids()
     before = [os.getpriority(os.PRIO_PROCESS, pid) for pid in slurmd]
