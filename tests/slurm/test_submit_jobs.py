@@ -41,16 +41,18 @@ class Submission:
     def text(self) -> str:
         return self.out.read_text()
 
-    def wait_job_id(self, timeout: float = 60) -> str:
+    def wait_for(self, pattern: str, what: str, timeout: float) -> re.Match:
+        """Until the submitter, still following its job, has printed `pattern` (`what`, for the failure)."""
         deadline = time.time() + timeout
-        while self.job_id is None:
-            m = re.search(r"submitted job (\d+)", self.text())
-            if m:
-                self.job_id = m.group(1)
-                break
-            assert self.proc.poll() is None, f"submit ended before submitting:\n{self.text()}"
-            assert time.time() < deadline, f"no job id after {timeout} s:\n{self.text()}"
+        while not (m := re.search(pattern, self.text())):
+            assert self.proc.poll() is None, f"submit ended before {what}:\n{self.text()}"
+            assert time.time() < deadline, f"no {what} after {timeout} s:\n{self.text()}"
             time.sleep(0.2)
+        return m
+
+    def wait_job_id(self, timeout: float = 60) -> str:
+        if self.job_id is None:
+            self.job_id = self.wait_for(r"submitted job (\d+)", "job id", timeout)[1]
         return self.job_id
 
     def wait(self, timeout: float = 300) -> tuple[int, str]:
@@ -189,10 +191,7 @@ def test_time_limited_job_checkpoints_requeues_and_goes_on(slurm_cluster, submis
     wait_for_iteration(run, stopped + 1, sub)  # the next run resumed from the checkpoint and took a step
     log = (run / "log.txt").read_text()
     assert re.search(rf"requeued \d+ time\(s\)\): resuming from iteration {stopped}\n", log), log
-    deadline = time.time() + 60  # the submitter polls the job's state: it shows the requeue
-    while not re.search(r"RUNNING, requeued \d+ time\(s\)", sub.text()):
-        assert time.time() < deadline, f"the submitter did not show the requeue:\n{sub.text()}"
-        time.sleep(0.5)
+    sub.wait_for(r"RUNNING, requeued \d+ time\(s\)", "requeue shown", timeout=60)  # it polls the job's state
     iterations = [m["iteration"] for m in metrics(run)]
     assert iterations == list(range(1, len(iterations) + 1)), "the resumed run goes on from the checkpoint"
 
